@@ -1,0 +1,517 @@
+//! NAR archives: a strict streaming reader that unpacks into a directory, and a writer.
+//!
+//! The reader never trusts its input: every tag is checked, names and targets are
+//! validated, directory entries must be strictly sorted, padding must be zero, nesting
+//! is bounded, and nothing is written outside the destination (names cannot contain
+//! `/` or be `..`, and each directory is freshly created by us). The caller bounds the
+//! total size by wrapping the input (see `fetch`).
+
+use super::listing::{invalid_name, invalid_target, Entry, MAX_DEPTH};
+use std::fs::{self, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{symlink, DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8] = b"nix-archive-1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum NarError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("not a NAR (bad magic)")]
+    Magic,
+    #[error("at NAR offset {offset}: expected {expected}, found {found}")]
+    Tag {
+        offset: u64,
+        expected: &'static str,
+        found: String,
+    },
+    #[error("at NAR offset {offset}: {what}")]
+    Invalid { offset: u64, what: String },
+    #[error("NAR nests deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+}
+
+struct Reader<'a, R> {
+    r: &'a mut R,
+    pos: u64,
+    buf: Vec<u8>,
+}
+
+fn show(b: &[u8]) -> String {
+    let s = String::from_utf8_lossy(&b[..b.len().min(64)]);
+    format!("{s:?}")
+}
+
+impl<R: Read> Reader<'_, R> {
+    fn exact(&mut self, n: usize) -> Result<(), NarError> {
+        self.buf.resize(n, 0);
+        self.r.read_exact(&mut self.buf).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                NarError::Invalid {
+                    offset: self.pos,
+                    what: "archive is truncated".into(),
+                }
+            } else {
+                NarError::Io(e)
+            }
+        })?;
+        self.pos += n as u64;
+        Ok(())
+    }
+
+    fn u64(&mut self) -> Result<u64, NarError> {
+        self.exact(8)?;
+        Ok(u64::from_le_bytes(self.buf[..8].try_into().unwrap()))
+    }
+
+    fn padding(&mut self, len: u64) -> Result<(), NarError> {
+        let pad = ((8 - len % 8) % 8) as usize;
+        if pad > 0 {
+            let at = self.pos;
+            self.exact(pad)?;
+            if self.buf.iter().any(|&b| b != 0) {
+                return Err(NarError::Invalid {
+                    offset: at,
+                    what: "non-zero padding".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// A string of at most `max` bytes, left in `self.buf`.
+    fn string(&mut self, max: usize, what: &'static str) -> Result<(), NarError> {
+        let at = self.pos;
+        let len = self.u64()?;
+        if len > max as u64 {
+            return Err(NarError::Invalid {
+                offset: at,
+                what: format!("{what} of {len} bytes is longer than {max}"),
+            });
+        }
+        self.exact(len as usize)?;
+        let s = std::mem::take(&mut self.buf);
+        self.padding(len)?;
+        self.buf = s;
+        Ok(())
+    }
+
+    fn tag(&mut self, expected: &'static str) -> Result<(), NarError> {
+        let at = self.pos;
+        self.string(32, "tag").map_err(|e| match e {
+            NarError::Invalid { .. } => NarError::Tag {
+                offset: at,
+                expected,
+                found: "an over-long string".into(),
+            },
+            e => e,
+        })?;
+        if self.buf != expected.as_bytes() {
+            return Err(NarError::Tag {
+                offset: at,
+                expected,
+                found: show(&self.buf),
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads the next tag, which must be one of `choices`.
+    fn choice(&mut self, choices: &[&'static str], expected: &'static str) -> Result<&'static str, NarError> {
+        let at = self.pos;
+        self.string(32, "tag").map_err(|_| NarError::Tag {
+            offset: at,
+            expected,
+            found: "an over-long string".into(),
+        })?;
+        choices
+            .iter()
+            .find(|c| c.as_bytes() == self.buf.as_slice())
+            .copied()
+            .ok_or_else(|| NarError::Tag {
+                offset: at,
+                expected,
+                found: show(&self.buf),
+            })
+    }
+}
+
+/// Unpacks a NAR read from `r` into `dest` (which must not exist) and returns its tree.
+/// Regular files get mode 0444 (0555 if executable), directories 0755 so the disk cache
+/// can remove them. On error, `dest` may hold a partial tree: the caller owns cleanup
+/// (it unpacks into a temporary directory).
+pub fn unpack<R: Read>(r: &mut R, dest: &Path) -> Result<Entry, NarError> {
+    let mut rd = Reader {
+        r,
+        pos: 0,
+        buf: Vec::with_capacity(64),
+    };
+    rd.string(MAGIC.len(), "magic").map_err(|_| NarError::Magic)?;
+    if rd.buf != MAGIC {
+        return Err(NarError::Magic);
+    }
+    let mut copy_buf = vec![0u8; 256 * 1024];
+    let entry = node(&mut rd, dest, 0, &mut copy_buf)?;
+    // Nothing may follow the root node.
+    let mut probe = [0u8; 1];
+    loop {
+        match rd.r.read(&mut probe) {
+            Ok(0) => break,
+            Ok(_) => {
+                return Err(NarError::Invalid {
+                    offset: rd.pos,
+                    what: "trailing data after the archive".into(),
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(entry)
+}
+
+fn node<R: Read>(rd: &mut Reader<'_, R>, path: &Path, depth: usize, copy_buf: &mut [u8]) -> Result<Entry, NarError> {
+    if depth > MAX_DEPTH {
+        return Err(NarError::TooDeep);
+    }
+    rd.tag("(")?;
+    rd.tag("type")?;
+    match rd.choice(&["regular", "symlink", "directory"], "a node type")? {
+        "regular" => {
+            let mut executable = false;
+            if rd.choice(&["executable", "contents"], "'executable' or 'contents'")? == "executable" {
+                rd.tag("")?;
+                rd.tag("contents")?;
+                executable = true;
+            }
+            let size = rd.u64()?;
+            let nar_offset = rd.pos;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(if executable { 0o555 } else { 0o444 })
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(path)?;
+            let mut left = size;
+            while left > 0 {
+                let n = left.min(copy_buf.len() as u64) as usize;
+                rd.r.read_exact(&mut copy_buf[..n]).map_err(|e| {
+                    if e.kind() == io::ErrorKind::UnexpectedEof {
+                        NarError::Invalid {
+                            offset: rd.pos,
+                            what: "archive is truncated inside a file".into(),
+                        }
+                    } else {
+                        NarError::Io(e)
+                    }
+                })?;
+                f.write_all(&copy_buf[..n])?;
+                rd.pos += n as u64;
+                left -= n as u64;
+            }
+            rd.padding(size)?;
+            rd.tag(")")?;
+            Ok(Entry::Regular {
+                size,
+                executable,
+                nar_offset: Some(nar_offset),
+            })
+        }
+        "symlink" => {
+            rd.tag("target")?;
+            let at = rd.pos;
+            rd.string(super::listing::MAX_TARGET_LEN, "symlink target")?;
+            if let Some(what) = invalid_target(&rd.buf) {
+                return Err(NarError::Invalid {
+                    offset: at,
+                    what: what.into(),
+                });
+            }
+            let target: Box<[u8]> = rd.buf.as_slice().into();
+            use std::os::unix::ffi::OsStrExt;
+            symlink(std::ffi::OsStr::from_bytes(&target), path)?;
+            rd.tag(")")?;
+            Ok(Entry::Symlink { target })
+        }
+        _ => {
+            fs::DirBuilder::new().mode(0o755).create(path)?;
+            let mut entries: Vec<(Box<[u8]>, Entry)> = Vec::new();
+            let mut child = PathBuf::from(path);
+            loop {
+                if rd.choice(&["entry", ")"], "'entry' or ')'")? == ")" {
+                    break;
+                }
+                rd.tag("(")?;
+                rd.tag("name")?;
+                let at = rd.pos;
+                rd.string(super::listing::MAX_NAME_LEN, "entry name")?;
+                if let Some(what) = invalid_name(&rd.buf) {
+                    return Err(NarError::Invalid {
+                        offset: at,
+                        what: format!("{what}: {}", show(&rd.buf)),
+                    });
+                }
+                let name: Box<[u8]> = rd.buf.as_slice().into();
+                if let Some((prev, _)) = entries.last() {
+                    if **prev >= *name {
+                        return Err(NarError::Invalid {
+                            offset: at,
+                            what: format!(
+                                "entry {} is not after {} (unsorted or duplicate)",
+                                show(&name),
+                                show(prev)
+                            ),
+                        });
+                    }
+                }
+                rd.tag("node")?;
+                use std::os::unix::ffi::OsStrExt;
+                child.push(std::ffi::OsStr::from_bytes(&name));
+                let e = node(rd, &child, depth + 1, copy_buf)?;
+                child.pop();
+                rd.tag(")")?;
+                entries.push((name, e));
+            }
+            Ok(Entry::Directory { entries })
+        }
+    }
+}
+
+/// Writes NARs; used to build test caches and by `narfs push`.
+pub struct Writer<W: Write> {
+    w: W,
+}
+
+impl<W: Write> Writer<W> {
+    pub fn new(w: W) -> Self {
+        Writer { w }
+    }
+
+    fn bytes(&mut self, b: &[u8]) -> io::Result<()> {
+        self.w.write_all(&(b.len() as u64).to_le_bytes())?;
+        self.w.write_all(b)?;
+        self.w.write_all(&[0u8; 8][..(8 - b.len() % 8) % 8])
+    }
+
+    /// Serializes a filesystem tree the way `nix-store --dump` does.
+    pub fn dump_path(mut self, path: &Path) -> io::Result<W> {
+        self.bytes(MAGIC)?;
+        self.dump_node(path)?;
+        Ok(self.w)
+    }
+
+    fn dump_node(&mut self, path: &Path) -> io::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::PermissionsExt;
+        let meta = fs::symlink_metadata(path)?;
+        self.bytes(b"(")?;
+        self.bytes(b"type")?;
+        if meta.file_type().is_symlink() {
+            self.bytes(b"symlink")?;
+            self.bytes(b"target")?;
+            self.bytes(fs::read_link(path)?.as_os_str().as_bytes())?;
+        } else if meta.is_dir() {
+            self.bytes(b"directory")?;
+            let mut names: Vec<_> = fs::read_dir(path)?
+                .map(|e| e.map(|e| e.file_name()))
+                .collect::<io::Result<_>>()?;
+            names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+            for n in names {
+                self.bytes(b"entry")?;
+                self.bytes(b"(")?;
+                self.bytes(b"name")?;
+                self.bytes(n.as_bytes())?;
+                self.bytes(b"node")?;
+                self.dump_node(&path.join(&n))?;
+                self.bytes(b")")?;
+            }
+        } else if meta.is_file() {
+            self.bytes(b"regular")?;
+            if meta.permissions().mode() & 0o100 != 0 {
+                self.bytes(b"executable")?;
+                self.bytes(b"")?;
+            }
+            self.bytes(b"contents")?;
+            let len = meta.len();
+            self.w.write_all(&len.to_le_bytes())?;
+            let copied = io::copy(&mut fs::File::open(path)?.take(len), &mut self.w)?;
+            if copied != len {
+                return Err(io::Error::other(format!("{} changed while being archived", path.display())));
+            }
+            self.w.write_all(&[0u8; 8][..((8 - len % 8) % 8) as usize])?;
+        } else {
+            return Err(io::Error::other(format!(
+                "{} is not a regular file, directory or symlink",
+                path.display()
+            )));
+        }
+        self.bytes(b")")
+    }
+
+    /// Low-level pieces, so tests can build hostile archives.
+    pub fn raw_string(&mut self, b: &[u8]) -> io::Result<()> {
+        self.bytes(b)
+    }
+    pub fn into_inner(self) -> W {
+        self.w
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn s(out: &mut Vec<u8>, b: &[u8]) {
+        let mut w = Writer::new(std::mem::take(out));
+        w.raw_string(b).unwrap();
+        *out = w.into_inner();
+    }
+
+    fn nar(parts: &[&[u8]]) -> Vec<u8> {
+        let mut v = Vec::new();
+        for p in parts {
+            s(&mut v, p);
+        }
+        v
+    }
+
+    fn try_unpack(data: &[u8]) -> Result<Entry, NarError> {
+        let d = tempfile::tempdir().unwrap();
+        unpack(&mut &data[..], &d.path().join("out"))
+    }
+
+    fn sample_tree(root: &Path) {
+        fs::create_dir_all(root.join("bin")).unwrap();
+        fs::create_dir_all(root.join("share/empty-dir")).unwrap();
+        fs::write(root.join("bin/app"), b"#!/bin/sh\necho hi\n").unwrap();
+        fs::set_permissions(root.join("bin/app"), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(root.join("share/empty"), b"").unwrap();
+        fs::write(root.join("share/ünï cödé.txt"), vec![7u8; 3000]).unwrap();
+        symlink("app", root.join("bin/link")).unwrap();
+        symlink("/nonexistent", root.join("dangling")).unwrap();
+    }
+
+    #[test]
+    fn round_trip_through_writer_and_reader() {
+        let d = tempfile::tempdir().unwrap();
+        sample_tree(&d.path().join("src"));
+        let bytes = Writer::new(Vec::new()).dump_path(&d.path().join("src")).unwrap();
+        let tree = unpack(&mut &bytes[..], &d.path().join("dst")).unwrap();
+        let again = Writer::new(Vec::new()).dump_path(&d.path().join("dst")).unwrap();
+        assert_eq!(bytes, again);
+        assert_eq!(tree.count(), 9);
+        let meta = fs::metadata(d.path().join("dst/bin/app")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o555);
+        let meta = fs::metadata(d.path().join("dst/share/empty")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o444);
+    }
+
+    #[test]
+    fn top_level_file_and_symlink() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join("f"), b"asdf").unwrap();
+        let bytes = Writer::new(Vec::new()).dump_path(&d.path().join("f")).unwrap();
+        let t = unpack(&mut &bytes[..], &d.path().join("g")).unwrap();
+        assert!(matches!(t, Entry::Regular { size: 4, executable: false, nar_offset: Some(96) }));
+        assert_eq!(fs::read(d.path().join("g")).unwrap(), b"asdf");
+        symlink("x", d.path().join("l")).unwrap();
+        let bytes = Writer::new(Vec::new()).dump_path(&d.path().join("l")).unwrap();
+        assert!(matches!(try_unpack(&bytes).unwrap(), Entry::Symlink { .. }));
+    }
+
+    fn dir_with(names: &[&[u8]]) -> Vec<u8> {
+        let mut v = nar(&[b"nix-archive-1", b"(", b"type", b"directory"]);
+        for n in names {
+            for p in [&b"entry"[..], b"(", b"name", n, b"node", b"(", b"type", b"regular", b"contents"] {
+                s(&mut v, p);
+            }
+            s(&mut v, b"x");
+            s(&mut v, b")");
+            s(&mut v, b")");
+        }
+        s(&mut v, b")");
+        v
+    }
+
+    #[test]
+    fn rejects_hostile_archives() {
+        assert!(try_unpack(&dir_with(&[b"a", b"b"])).is_ok());
+        let bad_names: &[&[u8]] = &[b"", b".", b"..", b"a/b", b"a\0b", &[b'n'; 256]];
+        for name in bad_names {
+            let e = try_unpack(&dir_with(&[name])).unwrap_err();
+            assert!(matches!(e, NarError::Invalid { .. }), "{name:?}: {e}");
+        }
+        for order in [&[&b"b"[..], b"a"][..], &[b"a", b"a"]] {
+            let e = try_unpack(&dir_with(order)).unwrap_err();
+            assert!(e.to_string().contains("unsorted or duplicate"), "{e}");
+        }
+        // magic
+        assert!(matches!(try_unpack(&nar(&[b"nix-archive-2"])), Err(NarError::Magic)));
+        assert!(matches!(try_unpack(b""), Err(NarError::Magic)));
+        // unknown tags and types
+        let e = try_unpack(&nar(&[b"nix-archive-1", b"(", b"type", b"fifo"])).unwrap_err();
+        assert!(matches!(e, NarError::Tag { .. }), "{e}");
+        let e = try_unpack(&nar(&[b"nix-archive-1", b"(", b"kind"])).unwrap_err();
+        assert!(matches!(e, NarError::Tag { .. }), "{e}");
+        // symlink targets
+        for t in [&b""[..], b"a\0b", &[b'a'; 4096]] {
+            let e = try_unpack(&nar(&[b"nix-archive-1", b"(", b"type", b"symlink", b"target", t, b")"])).unwrap_err();
+            assert!(matches!(e, NarError::Invalid { .. }), "{e}");
+        }
+        // truncated everywhere
+        let good = dir_with(&[b"a", b"b"]);
+        for cut in 0..good.len() {
+            assert!(try_unpack(&good[..cut]).is_err(), "cut at {cut}");
+        }
+        // trailing garbage
+        let mut t = good.clone();
+        t.extend_from_slice(b"junk");
+        assert!(try_unpack(&t).unwrap_err().to_string().contains("trailing"));
+        // non-zero padding
+        let mut p = nar(&[b"nix-archive-1", b"(", b"type", b"regular", b"contents"]);
+        p.extend_from_slice(&1u64.to_le_bytes());
+        p.extend_from_slice(b"x\x01\0\0\0\0\0\0");
+        s(&mut p, b")");
+        assert!(try_unpack(&p).unwrap_err().to_string().contains("padding"));
+        // a huge length prefix must not allocate
+        let mut h = nar(&[b"nix-archive-1", b"("]);
+        h.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(try_unpack(&h).is_err());
+    }
+
+    #[test]
+    fn bounded_nesting() {
+        let mut v = nar(&[b"nix-archive-1"]);
+        let depth = MAX_DEPTH + 5;
+        for _ in 0..depth {
+            for p in [&b"("[..], b"type", b"directory", b"entry", b"(", b"name", b"d", b"node"] {
+                s(&mut v, p);
+            }
+        }
+        assert!(matches!(try_unpack(&v), Err(NarError::TooDeep)));
+    }
+
+    #[test]
+    fn never_panics_or_escapes_on_mutations() {
+        let d = tempfile::tempdir().unwrap();
+        sample_tree(&d.path().join("src"));
+        let bytes = Writer::new(Vec::new()).dump_path(&d.path().join("src")).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let mut n = 0;
+        for i in (0..bytes.len()).step_by(7) {
+            for b in [0u8, 1, b'.', b'/', 0xff] {
+                let mut m = bytes.clone();
+                m[i] = b;
+                n += 1;
+                let dest = out.path().join(format!("t{n}"));
+                let _ = unpack(&mut &m[..], &dest);
+            }
+        }
+        // nothing was created next to the destinations
+        for e in fs::read_dir(out.path()).unwrap() {
+            assert!(e.unwrap().file_name().to_string_lossy().starts_with('t'));
+        }
+    }
+}

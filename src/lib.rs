@@ -4,4 +4,13 @@
 //! → [`disk_cache`] → [`index`] → [`fs`] → [`fuse`]. Only `storage` knows S3 and files,
 //! only `fuse` knows fuser.
 
+pub mod cache_url;
+pub mod disk_cache;
+pub mod fetch;
 pub mod formats;
+pub mod fs;
+pub mod fuse;
+pub mod index;
+pub mod mount;
+pub mod singleflight;
+pub mod storage;

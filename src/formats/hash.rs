@@ -133,7 +133,10 @@ mod tests {
 
     #[test]
     fn rejects_other_algorithms_and_lengths() {
-        assert!(matches!(Sha256::parse("md5:abc"), Err(HashError::Algorithm(_))));
+        assert!(matches!(
+            Sha256::parse("md5:abc"),
+            Err(HashError::Algorithm(_))
+        ));
         assert!(matches!(
             Sha256::parse("1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s"),
             Err(HashError::Algorithm(_))
@@ -145,7 +148,10 @@ mod tests {
             "sha256:zz7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
             "sha256:ungWv48Bz+pBQUDeXa4iI7ADYaOWF3qctBD/YfIAFa!=",
         ] {
-            assert!(matches!(Sha256::parse(bad), Err(HashError::Digest(_))), "{bad}");
+            assert!(
+                matches!(Sha256::parse(bad), Err(HashError::Digest(_))),
+                "{bad}"
+            );
         }
     }
 

@@ -219,10 +219,16 @@ mod tests {
 
     #[test]
     fn rejects_malformed_keys() {
-        assert!(matches!(PublicKey::parse("nocolon"), Err(KeyError::Form(_))));
+        assert!(matches!(
+            PublicKey::parse("nocolon"),
+            Err(KeyError::Form(_))
+        ));
         assert!(matches!(PublicKey::parse(":abc"), Err(KeyError::Form(_))));
         assert!(matches!(PublicKey::parse("n:"), Err(KeyError::Form(_))));
-        assert!(matches!(PublicKey::parse("n:!!!"), Err(KeyError::Base64 { .. })));
+        assert!(matches!(
+            PublicKey::parse("n:!!!"),
+            Err(KeyError::Base64 { .. })
+        ));
         assert!(matches!(
             PublicKey::parse("n:AAAA"),
             Err(KeyError::Length { got: 3, .. })
@@ -235,7 +241,10 @@ mod tests {
         ));
         // 64 bytes whose second half is not the matching public key
         let bad = format!("k:{}", B64.encode([1u8; 64]));
-        assert!(matches!(SecretKey::parse(&bad), Err(KeyError::Invalid { .. })));
+        assert!(matches!(
+            SecretKey::parse(&bad),
+            Err(KeyError::Invalid { .. })
+        ));
     }
 
     #[test]
@@ -256,7 +265,10 @@ mod tests {
 
     #[test]
     fn parse_list_like_nix_conf() {
-        let two = format!("  {NIX_PUBLIC}\t{} ", SecretKey::from_seed("b", [2; 32]).public().to_nix_string());
+        let two = format!(
+            "  {NIX_PUBLIC}\t{} ",
+            SecretKey::from_seed("b", [2; 32]).public().to_nix_string()
+        );
         assert_eq!(TrustedKeys::parse_list(&two).unwrap().len(), 2);
         assert!(TrustedKeys::parse_list("a:b c").is_err());
     }

@@ -62,7 +62,9 @@ impl Entry {
     /// Number of nodes, this one included.
     pub fn count(&self) -> usize {
         match self {
-            Entry::Directory { entries } => 1 + entries.iter().map(|(_, e)| e.count()).sum::<usize>(),
+            Entry::Directory { entries } => {
+                1 + entries.iter().map(|(_, e)| e.count()).sum::<usize>()
+            }
             _ => 1,
         }
     }
@@ -71,13 +73,23 @@ impl Entry {
     pub fn same_shape(&self, other: &Entry) -> bool {
         match (self, other) {
             (
-                Entry::Regular { size: a, executable: x, .. },
-                Entry::Regular { size: b, executable: y, .. },
+                Entry::Regular {
+                    size: a,
+                    executable: x,
+                    ..
+                },
+                Entry::Regular {
+                    size: b,
+                    executable: y,
+                    ..
+                },
             ) => a == b && x == y,
             (Entry::Symlink { target: a }, Entry::Symlink { target: b }) => a == b,
             (Entry::Directory { entries: a }, Entry::Directory { entries: b }) => {
                 a.len() == b.len()
-                    && a.iter().zip(b).all(|((n, e), (m, f))| n == m && e.same_shape(f))
+                    && a.iter()
+                        .zip(b)
+                        .all(|((n, e), (m, f))| n == m && e.same_shape(f))
             }
             _ => false,
         }
@@ -93,7 +105,13 @@ mod tests {
         for bad in [&b""[..], b".", b"..", b"a/b", b"a\0", &[b'x'; 256]] {
             assert!(invalid_name(bad).is_some(), "{bad:?}");
         }
-        for good in [&b"a"[..], b"...", b".hidden", "ünï cödé".as_bytes(), &[b'x'; 255]] {
+        for good in [
+            &b"a"[..],
+            b"...",
+            b".hidden",
+            "ünï cödé".as_bytes(),
+            &[b'x'; 255],
+        ] {
             assert!(invalid_name(good).is_none());
         }
         assert!(invalid_target(b"").is_some());

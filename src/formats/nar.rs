@@ -118,7 +118,11 @@ impl<R: Read> Reader<'_, R> {
     }
 
     /// Reads the next tag, which must be one of `choices`.
-    fn choice(&mut self, choices: &[&'static str], expected: &'static str) -> Result<&'static str, NarError> {
+    fn choice(
+        &mut self,
+        choices: &[&'static str],
+        expected: &'static str,
+    ) -> Result<&'static str, NarError> {
         let at = self.pos;
         self.string(32, "tag").map_err(|_| NarError::Tag {
             offset: at,
@@ -147,7 +151,8 @@ pub fn unpack<R: Read>(r: &mut R, dest: &Path) -> Result<Entry, NarError> {
         pos: 0,
         buf: Vec::with_capacity(64),
     };
-    rd.string(MAGIC.len(), "magic").map_err(|_| NarError::Magic)?;
+    rd.string(MAGIC.len(), "magic")
+        .map_err(|_| NarError::Magic)?;
     if rd.buf != MAGIC {
         return Err(NarError::Magic);
     }
@@ -171,7 +176,12 @@ pub fn unpack<R: Read>(r: &mut R, dest: &Path) -> Result<Entry, NarError> {
     Ok(entry)
 }
 
-fn node<R: Read>(rd: &mut Reader<'_, R>, path: &Path, depth: usize, copy_buf: &mut [u8]) -> Result<Entry, NarError> {
+fn node<R: Read>(
+    rd: &mut Reader<'_, R>,
+    path: &Path,
+    depth: usize,
+    copy_buf: &mut [u8],
+) -> Result<Entry, NarError> {
     if depth > MAX_DEPTH {
         return Err(NarError::TooDeep);
     }
@@ -180,7 +190,8 @@ fn node<R: Read>(rd: &mut Reader<'_, R>, path: &Path, depth: usize, copy_buf: &m
     match rd.choice(&["regular", "symlink", "directory"], "a node type")? {
         "regular" => {
             let mut executable = false;
-            if rd.choice(&["executable", "contents"], "'executable' or 'contents'")? == "executable" {
+            if rd.choice(&["executable", "contents"], "'executable' or 'contents'")? == "executable"
+            {
                 rd.tag("")?;
                 rd.tag("contents")?;
                 executable = true;
@@ -337,9 +348,13 @@ impl<W: Write> Writer<W> {
             self.w.write_all(&len.to_le_bytes())?;
             let copied = io::copy(&mut fs::File::open(path)?.take(len), &mut self.w)?;
             if copied != len {
-                return Err(io::Error::other(format!("{} changed while being archived", path.display())));
+                return Err(io::Error::other(format!(
+                    "{} changed while being archived",
+                    path.display()
+                )));
             }
-            self.w.write_all(&[0u8; 8][..((8 - len % 8) % 8) as usize])?;
+            self.w
+                .write_all(&[0u8; 8][..((8 - len % 8) % 8) as usize])?;
         } else {
             return Err(io::Error::other(format!(
                 "{} is not a regular file, directory or symlink",
@@ -397,9 +412,13 @@ mod tests {
     fn round_trip_through_writer_and_reader() {
         let d = tempfile::tempdir().unwrap();
         sample_tree(&d.path().join("src"));
-        let bytes = Writer::new(Vec::new()).dump_path(&d.path().join("src")).unwrap();
+        let bytes = Writer::new(Vec::new())
+            .dump_path(&d.path().join("src"))
+            .unwrap();
         let tree = unpack(&mut &bytes[..], &d.path().join("dst")).unwrap();
-        let again = Writer::new(Vec::new()).dump_path(&d.path().join("dst")).unwrap();
+        let again = Writer::new(Vec::new())
+            .dump_path(&d.path().join("dst"))
+            .unwrap();
         assert_eq!(bytes, again);
         assert_eq!(tree.count(), 9);
         let meta = fs::metadata(d.path().join("dst/bin/app")).unwrap();
@@ -412,19 +431,40 @@ mod tests {
     fn top_level_file_and_symlink() {
         let d = tempfile::tempdir().unwrap();
         fs::write(d.path().join("f"), b"asdf").unwrap();
-        let bytes = Writer::new(Vec::new()).dump_path(&d.path().join("f")).unwrap();
+        let bytes = Writer::new(Vec::new())
+            .dump_path(&d.path().join("f"))
+            .unwrap();
         let t = unpack(&mut &bytes[..], &d.path().join("g")).unwrap();
-        assert!(matches!(t, Entry::Regular { size: 4, executable: false, nar_offset: Some(96) }));
+        assert!(matches!(
+            t,
+            Entry::Regular {
+                size: 4,
+                executable: false,
+                nar_offset: Some(96)
+            }
+        ));
         assert_eq!(fs::read(d.path().join("g")).unwrap(), b"asdf");
         symlink("x", d.path().join("l")).unwrap();
-        let bytes = Writer::new(Vec::new()).dump_path(&d.path().join("l")).unwrap();
+        let bytes = Writer::new(Vec::new())
+            .dump_path(&d.path().join("l"))
+            .unwrap();
         assert!(matches!(try_unpack(&bytes).unwrap(), Entry::Symlink { .. }));
     }
 
     fn dir_with(names: &[&[u8]]) -> Vec<u8> {
         let mut v = nar(&[b"nix-archive-1", b"(", b"type", b"directory"]);
         for n in names {
-            for p in [&b"entry"[..], b"(", b"name", n, b"node", b"(", b"type", b"regular", b"contents"] {
+            for p in [
+                &b"entry"[..],
+                b"(",
+                b"name",
+                n,
+                b"node",
+                b"(",
+                b"type",
+                b"regular",
+                b"contents",
+            ] {
                 s(&mut v, p);
             }
             s(&mut v, b"x");
@@ -448,7 +488,10 @@ mod tests {
             assert!(e.to_string().contains("unsorted or duplicate"), "{e}");
         }
         // magic
-        assert!(matches!(try_unpack(&nar(&[b"nix-archive-2"])), Err(NarError::Magic)));
+        assert!(matches!(
+            try_unpack(&nar(&[b"nix-archive-2"])),
+            Err(NarError::Magic)
+        ));
         assert!(matches!(try_unpack(b""), Err(NarError::Magic)));
         // unknown tags and types
         let e = try_unpack(&nar(&[b"nix-archive-1", b"(", b"type", b"fifo"])).unwrap_err();
@@ -457,7 +500,16 @@ mod tests {
         assert!(matches!(e, NarError::Tag { .. }), "{e}");
         // symlink targets
         for t in [&b""[..], b"a\0b", &[b'a'; 4096]] {
-            let e = try_unpack(&nar(&[b"nix-archive-1", b"(", b"type", b"symlink", b"target", t, b")"])).unwrap_err();
+            let e = try_unpack(&nar(&[
+                b"nix-archive-1",
+                b"(",
+                b"type",
+                b"symlink",
+                b"target",
+                t,
+                b")",
+            ]))
+            .unwrap_err();
             assert!(matches!(e, NarError::Invalid { .. }), "{e}");
         }
         // truncated everywhere
@@ -486,7 +538,16 @@ mod tests {
         let mut v = nar(&[b"nix-archive-1"]);
         let depth = MAX_DEPTH + 5;
         for _ in 0..depth {
-            for p in [&b"("[..], b"type", b"directory", b"entry", b"(", b"name", b"d", b"node"] {
+            for p in [
+                &b"("[..],
+                b"type",
+                b"directory",
+                b"entry",
+                b"(",
+                b"name",
+                b"d",
+                b"node",
+            ] {
                 s(&mut v, p);
             }
         }
@@ -497,7 +558,9 @@ mod tests {
     fn never_panics_or_escapes_on_mutations() {
         let d = tempfile::tempdir().unwrap();
         sample_tree(&d.path().join("src"));
-        let bytes = Writer::new(Vec::new()).dump_path(&d.path().join("src")).unwrap();
+        let bytes = Writer::new(Vec::new())
+            .dump_path(&d.path().join("src"))
+            .unwrap();
         let out = tempfile::tempdir().unwrap();
         let mut n = 0;
         for i in (0..bytes.len()).step_by(7) {

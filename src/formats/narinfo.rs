@@ -154,7 +154,8 @@ impl NarInfo {
             if key.is_empty() || key.contains(' ') {
                 return Err(NarInfoError::Line(i + 1));
             }
-            let hash = |field| Sha256::parse(value).map_err(|source| NarInfoError::Hash { field, source });
+            let hash =
+                |field| Sha256::parse(value).map_err(|source| NarInfoError::Hash { field, source });
             match key {
                 "StorePath" => set(
                     &mut store_path,
@@ -168,7 +169,9 @@ impl NarInfo {
                     let ok = !value.is_empty()
                         && !value.starts_with('/')
                         && !value.contains("://")
-                        && !value.split('/').any(|c| c == ".." || c == "." || c.is_empty())
+                        && !value
+                            .split('/')
+                            .any(|c| c == ".." || c == "." || c.is_empty())
                         && !value.bytes().any(|c| c < 0x20);
                     if !ok {
                         return Err(NarInfoError::Url(truncate(value)));
@@ -241,11 +244,14 @@ impl NarInfo {
                 found: self.store_path.to_string(),
             });
         }
-        keys.verify(self.fingerprint().as_bytes(), self.sigs.iter().map(String::as_str))
-            .map_err(|source| VerifyError::Untrusted {
-                path: self.store_path.to_string(),
-                source,
-            })
+        keys.verify(
+            self.fingerprint().as_bytes(),
+            self.sigs.iter().map(String::as_str),
+        )
+        .map_err(|source| VerifyError::Untrusted {
+            path: self.store_path.to_string(),
+            source,
+        })
     }
 
     /// Nix's text form; used by `push` and by tests that generate caches.
@@ -347,10 +353,7 @@ Sig: test-key:8puYvU71X4PBW4oQ+yIyQ29ebw6W5/Bp46N3fK7wGZZBZ9rk5jTfzFaiziaiHCXz9I
     fn any_signed_field_changed_breaks_the_signature() {
         let edits = [
             ("NarSize: 1224", "NarSize: 1225"),
-            (
-                "NarHash: sha256:02d1",
-                "NarHash: sha256:12d1",
-            ),
+            ("NarHash: sha256:02d1", "NarHash: sha256:12d1"),
             ("References: 01i3", "References: 11i3"),
             ("narfs-test-app\nURL", "narfs-test-apq\nURL"),
         ];
@@ -363,7 +366,9 @@ Sig: test-key:8puYvU71X4PBW4oQ+yIyQ29ebw6W5/Bp46N3fK7wGZZBZ9rk5jTfzFaiziaiHCXz9I
         }
         // Unsigned fields may change (the NAR hash check catches a bad NAR).
         let n = NarInfo::parse(&APP.replace("Compression: xz", "Compression: zstd")).unwrap();
-        assert!(n.verify("qh5gghmcfn07hvgw6vhzgpili0mwicn5", &trusted()).is_ok());
+        assert!(n
+            .verify("qh5gghmcfn07hvgw6vhzgpili0mwicn5", &trusted())
+            .is_ok());
     }
 
     #[test]
@@ -371,32 +376,60 @@ Sig: test-key:8puYvU71X4PBW4oQ+yIyQ29ebw6W5/Bp46N3fK7wGZZBZ9rk5jTfzFaiziaiHCXz9I
         let n = NarInfo::parse(APP).unwrap();
         let mut other = TrustedKeys::default();
         other.add(SecretKey::from_seed("other", [1; 32]).public());
-        let e = n.verify("qh5gghmcfn07hvgw6vhzgpili0mwicn5", &other).unwrap_err();
+        let e = n
+            .verify("qh5gghmcfn07hvgw6vhzgpili0mwicn5", &other)
+            .unwrap_err();
         assert!(e.to_string().contains("signed by: test-key"), "{e}");
-        let unsigned = NarInfo::parse(&APP.lines().filter(|l| !l.starts_with("Sig")).collect::<Vec<_>>().join("\n")).unwrap();
-        let e = unsigned.verify("qh5gghmcfn07hvgw6vhzgpili0mwicn5", &trusted()).unwrap_err();
+        let unsigned = NarInfo::parse(
+            &APP.lines()
+                .filter(|l| !l.starts_with("Sig"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        )
+        .unwrap();
+        let e = unsigned
+            .verify("qh5gghmcfn07hvgw6vhzgpili0mwicn5", &trusted())
+            .unwrap_err();
         assert!(e.to_string().contains("no signatures"), "{e}");
     }
 
     #[test]
     fn store_path_must_match_the_key_it_was_read_from() {
         let n = NarInfo::parse(APP).unwrap();
-        let e = n.verify("01i3s2rvgbyv8zgcga77aa80qdgg4lx5", &trusted()).unwrap_err();
+        let e = n
+            .verify("01i3s2rvgbyv8zgcga77aa80qdgg4lx5", &trusted())
+            .unwrap_err();
         assert!(matches!(e, VerifyError::WrongPath { .. }));
-        assert!(e.to_string().contains("01i3s2rvgbyv8zgcga77aa80qdgg4lx5.narinfo"));
+        assert!(e
+            .to_string()
+            .contains("01i3s2rvgbyv8zgcga77aa80qdgg4lx5.narinfo"));
     }
 
     #[test]
     fn rejects_malformed_narinfos() {
-        let drop = |k: &str| APP.lines().filter(|l| !l.starts_with(k)).collect::<Vec<_>>().join("\n");
+        let drop = |k: &str| {
+            APP.lines()
+                .filter(|l| !l.starts_with(k))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
         let cases: Vec<(String, NarInfoError)> = vec![
             (drop("StorePath"), NarInfoError::Missing("StorePath")),
             (drop("URL"), NarInfoError::Missing("URL")),
             (drop("NarHash"), NarInfoError::Missing("NarHash")),
             (drop("NarSize"), NarInfoError::Missing("NarSize")),
-            (format!("{APP}NarSize: 1\n"), NarInfoError::Duplicate("NarSize")),
-            (format!("{APP}StorePath: /nix/store/01i3s2rvgbyv8zgcga77aa80qdgg4lx5-x\n"), NarInfoError::Duplicate("StorePath")),
-            (format!("{APP}References: \n"), NarInfoError::Duplicate("References")),
+            (
+                format!("{APP}NarSize: 1\n"),
+                NarInfoError::Duplicate("NarSize"),
+            ),
+            (
+                format!("{APP}StorePath: /nix/store/01i3s2rvgbyv8zgcga77aa80qdgg4lx5-x\n"),
+                NarInfoError::Duplicate("StorePath"),
+            ),
+            (
+                format!("{APP}References: \n"),
+                NarInfoError::Duplicate("References"),
+            ),
             (format!("{APP}garbage line\n"), NarInfoError::Line(11)),
         ];
         for (text, want) in cases {
@@ -412,7 +445,10 @@ Sig: test-key:8puYvU71X4PBW4oQ+yIyQ29ebw6W5/Bp46N3fK7wGZZBZ9rk5jTfzFaiziaiHCXz9I
             APP.replace("NarHash: sha256:", "NarHash: md5:"),
             APP.replace("FileHash: sha256:1n7n", "FileHash: sha256:1n7"),
             APP.replace("References: 01i3", "References: ../etc"),
-            APP.replace("References: 01i3s2rvgbyv8zgcga77aa80qdgg4lx5-narfs-test-lib", "References: /nix/store/01i3s2rvgbyv8zgcga77aa80qdgg4lx5-narfs-test-lib"),
+            APP.replace(
+                "References: 01i3s2rvgbyv8zgcga77aa80qdgg4lx5-narfs-test-lib",
+                "References: /nix/store/01i3s2rvgbyv8zgcga77aa80qdgg4lx5-narfs-test-lib",
+            ),
             APP.replace("StorePath: /nix/store/", "StorePath: /tmp/"),
             APP.replace("URL: nar/", "URL: /nar/"),
             APP.replace("URL: nar/", "URL: ../nar/"),
@@ -421,7 +457,10 @@ Sig: test-key:8puYvU71X4PBW4oQ+yIyQ29ebw6W5/Bp46N3fK7wGZZBZ9rk5jTfzFaiziaiHCXz9I
         for text in bad {
             assert!(NarInfo::parse(&text).is_err(), "{text}");
         }
-        assert_eq!(NarInfo::parse_bytes(&[0xff, 0xfe, 0]).unwrap_err(), NarInfoError::NotText);
+        assert_eq!(
+            NarInfo::parse_bytes(&[0xff, 0xfe, 0]).unwrap_err(),
+            NarInfoError::NotText
+        );
         let big = "X: y\n".repeat(MAX_NARINFO_BYTES / 5 + 1);
         assert_eq!(NarInfo::parse(&big).unwrap_err(), NarInfoError::TooLarge);
     }

@@ -58,9 +58,7 @@ impl StorePath {
                 "has a character outside [A-Za-z0-9+-._?=]",
             ));
         }
-        Ok(StorePath {
-            basename: s.into(),
-        })
+        Ok(StorePath { basename: s.into() })
     }
 
     /// Parses `/nix/store/<hash>-<name>` (narinfo StorePath lines).
@@ -131,12 +129,18 @@ mod tests {
         let h = "s20n2999afk451sa4s4gyx4q7x9vsx8x";
         let cases: Vec<(String, fn(&StorePathError) -> bool)> = vec![
             (format!("/nix/stor/{h}-x"), |e| matches!(e, NotInStore(_))),
-            (format!("/nix/store/{h}-x/sub"), |e| matches!(e, NotInStore(_))),
+            (format!("/nix/store/{h}-x/sub"), |e| {
+                matches!(e, NotInStore(_))
+            }),
             (format!("/nix/store/{h}"), |e| matches!(e, TooShort(_))),
             (format!("/nix/store/{h}-"), |e| matches!(e, TooShort(_))),
-            (format!("/nix/store/e{}-x", &h[1..]), |e| matches!(e, BadHash(_))),
+            (format!("/nix/store/e{}-x", &h[1..]), |e| {
+                matches!(e, BadHash(_))
+            }),
             (format!("/nix/store/{h}_x"), |e| matches!(e, BadHash(_))),
-            (format!("/nix/store/{h}-.hidden"), |e| matches!(e, BadName(..))),
+            (format!("/nix/store/{h}-.hidden"), |e| {
+                matches!(e, BadName(..))
+            }),
             (format!("/nix/store/{h}-a b"), |e| matches!(e, BadName(..))),
             (format!("/nix/store/{h}-ü"), |e| matches!(e, BadName(..))),
             (format!("/nix/store/{h}-a\0"), |e| matches!(e, BadName(..))),

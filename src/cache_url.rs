@@ -1,0 +1,291 @@
+//! Cache URLs exactly as Nix reads them, so users paste what they already use:
+//! `s3://BUCKET[/PREFIX]?endpoint=HOST[:PORT]&scheme=https|http&region=R&profile=P`
+//! and `file:///DIR`.
+
+use std::fmt;
+use std::path::PathBuf;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CacheUrl {
+    S3(S3Url),
+    File { root: PathBuf },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct S3Url {
+    pub bucket: String,
+    /// Key prefix without leading or trailing `/` (empty for the bucket root).
+    pub prefix: String,
+    /// `HOST[:PORT]` or a full URL; when set, requests are path-style (as in Nix).
+    pub endpoint: Option<String>,
+    pub scheme: String,
+    pub region: String,
+    pub profile: Option<String>,
+}
+
+impl S3Url {
+    /// The endpoint URL handed to the SDK, if one was given.
+    pub fn endpoint_url(&self) -> Option<String> {
+        self.endpoint.as_ref().map(|e| {
+            if e.contains("://") {
+                e.clone()
+            } else {
+                format!("{}://{}", self.scheme, e)
+            }
+        })
+    }
+
+    /// Full object key for a key relative to the cache root.
+    pub fn key(&self, rel: &str) -> String {
+        if self.prefix.is_empty() {
+            rel.to_owned()
+        } else {
+            format!("{}/{}", self.prefix, rel)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid cache URL '{url}': {why}")]
+pub struct UrlError {
+    pub url: String,
+    pub why: String,
+}
+
+/// A parsed URL plus the warnings (unknown parameters) a user should see.
+#[derive(Debug)]
+pub struct Parsed {
+    pub url: CacheUrl,
+    pub warnings: Vec<String>,
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let h = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(h, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Parameters Nix's binary cache stores accept that only matter when writing, or that
+/// narfs has no use for; they are accepted silently.
+const KNOWN_IGNORED: &[&str] = &[
+    "compression",
+    "write-nar-listing",
+    "write-debug-info",
+    "parallel-compression",
+    "compression-level",
+    "secret-key",
+    "want-mass-query",
+    "priority",
+    "trusted",
+    "multipart-upload",
+    "buffer-size",
+    "narinfo-compression",
+    "ls-compression",
+    "log-compression",
+    "index-debug-info",
+    "local-nar-cache",
+];
+
+pub fn parse(input: &str) -> Result<Parsed, UrlError> {
+    let err = |why: &str| UrlError {
+        url: input.to_owned(),
+        why: why.to_owned(),
+    };
+    let (scheme, rest) = input
+        .split_once("://")
+        .ok_or_else(|| err("expected s3://BUCKET[/PREFIX]?... or file:///DIR"))?;
+    let (path, query) = match rest.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (rest, None),
+    };
+    let mut params = Vec::new();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v).ok_or_else(|| {
+            err(&format!(
+                "parameter '{k}' is not valid percent-encoded UTF-8"
+            ))
+        })?;
+        params.push((k.to_owned(), v));
+    }
+    let mut warnings = Vec::new();
+    match scheme {
+        "s3" => {
+            let (bucket, prefix) = path.split_once('/').unwrap_or((path, ""));
+            if bucket.is_empty() {
+                return Err(err("missing bucket name after s3://"));
+            }
+            if !bucket
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b".-_".contains(&c))
+            {
+                return Err(err(&format!("'{bucket}' is not a valid bucket name")));
+            }
+            let mut u = S3Url {
+                bucket: bucket.to_owned(),
+                prefix: prefix.trim_matches('/').to_owned(),
+                endpoint: None,
+                scheme: "https".into(),
+                region: "us-east-1".into(),
+                profile: None,
+            };
+            for (k, v) in params {
+                match k.as_str() {
+                    "endpoint" if !v.is_empty() => u.endpoint = Some(v),
+                    "scheme" => match v.as_str() {
+                        "http" | "https" => u.scheme = v,
+                        _ => return Err(err(&format!("scheme must be http or https, not '{v}'"))),
+                    },
+                    "region" if !v.is_empty() => u.region = v,
+                    "profile" => u.profile = Some(v).filter(|p| !p.is_empty()),
+                    k if KNOWN_IGNORED.contains(&k) => {}
+                    _ => warnings.push(format!("ignoring unknown cache URL parameter '{k}'")),
+                }
+            }
+            Ok(Parsed {
+                url: CacheUrl::S3(u),
+                warnings,
+            })
+        }
+        "file" => {
+            if !path.starts_with('/') {
+                return Err(err(
+                    "file:// URLs need an absolute path, e.g. file:///var/cache/nix",
+                ));
+            }
+            let root = percent_decode(path)
+                .ok_or_else(|| err("path is not valid percent-encoded UTF-8"))?;
+            for (k, _) in params {
+                if !KNOWN_IGNORED.contains(&k.as_str()) {
+                    warnings.push(format!("ignoring unknown cache URL parameter '{k}'"));
+                }
+            }
+            Ok(Parsed {
+                url: CacheUrl::File { root: root.into() },
+                warnings,
+            })
+        }
+        other => Err(err(&format!(
+            "unsupported scheme '{other}://' (narfs reads s3:// and file:// caches)"
+        ))),
+    }
+}
+
+impl fmt::Display for CacheUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CacheUrl::S3(u) => {
+                write!(f, "s3://{}", u.bucket)?;
+                if !u.prefix.is_empty() {
+                    write!(f, "/{}", u.prefix)?;
+                }
+                if let Some(e) = u.endpoint_url() {
+                    write!(
+                        f,
+                        " (endpoint {e}, bucket '{}', region {})",
+                        u.bucket, u.region
+                    )?;
+                } else {
+                    write!(f, " (AWS S3, bucket '{}', region {})", u.bucket, u.region)?;
+                }
+                Ok(())
+            }
+            CacheUrl::File { root } => write!(f, "file://{}", root.display()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s3(s: &str) -> S3Url {
+        match parse(s).unwrap().url {
+            CacheUrl::S3(u) => u,
+            _ => panic!(),
+        }
+    }
+
+    #[test]
+    fn seed_backblaze_form() {
+        let u = s3("s3://demo-store/cache?endpoint=s3.eu-central-003.backblazeb2.com");
+        assert_eq!(u.bucket, "demo-store");
+        assert_eq!(u.prefix, "cache");
+        assert_eq!(u.key("nix-cache-info"), "cache/nix-cache-info");
+        assert_eq!(
+            u.endpoint_url().unwrap(),
+            "https://s3.eu-central-003.backblazeb2.com"
+        );
+        assert_eq!(u.region, "us-east-1");
+    }
+
+    #[test]
+    fn seed_digitalocean_form() {
+        // path-style: https://demo-store.ams3.digitaloceanspaces.com/cache/KEY
+        let u = s3("s3://cache?endpoint=demo-store.ams3.digitaloceanspaces.com");
+        assert_eq!(u.bucket, "cache");
+        assert_eq!(u.prefix, "");
+        assert_eq!(u.key("x.narinfo"), "x.narinfo");
+        assert_eq!(
+            u.endpoint_url().unwrap(),
+            "https://demo-store.ams3.digitaloceanspaces.com"
+        );
+    }
+
+    #[test]
+    fn all_parameters() {
+        let p = parse("s3://b/a/b/?endpoint=127.0.0.1:9000&scheme=http&region=eu-west-1&profile=dev&compression=xz&foo=1").unwrap();
+        let CacheUrl::S3(u) = p.url else { panic!() };
+        assert_eq!(u.prefix, "a/b");
+        assert_eq!(u.endpoint_url().unwrap(), "http://127.0.0.1:9000");
+        assert_eq!(u.region, "eu-west-1");
+        assert_eq!(u.profile.as_deref(), Some("dev"));
+        assert_eq!(
+            p.warnings,
+            vec!["ignoring unknown cache URL parameter 'foo'"]
+        );
+        let u = s3("s3://bucket");
+        assert_eq!((u.endpoint, u.scheme.as_str()), (None, "https"));
+    }
+
+    #[test]
+    fn file_urls() {
+        let p = parse("file:///tmp/my%20cache?compression=xz&write-nar-listing=1").unwrap();
+        assert_eq!(
+            p.url,
+            CacheUrl::File {
+                root: "/tmp/my cache".into()
+            }
+        );
+        assert!(p.warnings.is_empty());
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        for (bad, why) in [
+            ("demo-store", "expected s3://"),
+            ("s3://", "missing bucket"),
+            ("s3://?endpoint=x", "missing bucket"),
+            ("s3://b?scheme=ftp", "scheme must be"),
+            ("s3://b a", "not a valid bucket"),
+            ("gs://b", "unsupported scheme"),
+            ("file://relative", "absolute path"),
+            ("s3://b?endpoint=%zz", "percent"),
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.to_string().contains(why), "{bad}: {e}");
+            assert!(e.to_string().contains(bad), "{bad}: {e}");
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! Fetch and verify: narinfos (signature and StorePath) and NARs (stream → decompress →
+//! NarHash/NarSize check ∥ unpack into a temp dir → rename). Nothing reaches the disk
+//! cache's `store/` unless every check passed; each object is fetched once however many
+//! callers wait for it.
+
+use crate::disk_cache::{remove_any, DiskCache};
+use crate::formats::hash::{Hasher, Sha256};
+use crate::formats::keys::TrustedKeys;
+use crate::formats::listing::Entry;
+use crate::formats::nar;
+use crate::formats::narinfo::{Compression, NarInfo, MAX_NARINFO_BYTES};
+use crate::singleflight::SingleFlight;
+use crate::storage::{get_small, Storage, StorageError};
+use std::collections::HashMap;
+use std::io::{self, BufReader, Read};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<String> for FetchError {
+    fn from(s: String) -> Self {
+        FetchError::Other(s)
+    }
+}
+
+/// The answer to "does the cache hold this store path?".
+#[derive(Clone, Debug)]
+pub enum Lookup {
+    Found(Arc<NarInfo>),
+    /// No narinfo, or one that must not be served (the reason was logged).
+    Missing,
+}
+
+pub struct Fetcher {
+    storage: Arc<dyn Storage>,
+    keys: TrustedKeys,
+    disk: Arc<DiskCache>,
+    narinfos: SingleFlight<String, Lookup, FetchError>,
+    nars: SingleFlight<String, Arc<Entry>, FetchError>,
+    negative: Mutex<HashMap<String, Instant>>,
+    negative_ttl: Duration,
+}
+
+impl Fetcher {
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        keys: TrustedKeys,
+        disk: Arc<DiskCache>,
+        negative_ttl: Duration,
+    ) -> Self {
+        Fetcher {
+            storage,
+            keys,
+            disk,
+            narinfos: SingleFlight::default(),
+            nars: SingleFlight::default(),
+            negative: Mutex::default(),
+            negative_ttl,
+        }
+    }
+
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    pub fn disk(&self) -> &Arc<DiskCache> {
+        &self.disk
+    }
+
+    /// Looks up `<hash>.narinfo`: from the disk cache if verified before, else from the
+    /// cache (once, however many callers). `Missing` answers are remembered for the
+    /// negative TTL; errors are not remembered.
+    pub async fn narinfo(self: &Arc<Self>, hash: &str) -> Result<Lookup, Arc<FetchError>> {
+        if let Some(text) = self.disk.load_narinfo(hash) {
+            if let Ok(info) = NarInfo::parse(&text) {
+                if info.verify(hash, &self.keys).is_ok() {
+                    return Ok(Lookup::Found(Arc::new(info)));
+                }
+            }
+        }
+        if let Some(t) = self.negative.lock().unwrap().get(hash) {
+            if t.elapsed() < self.negative_ttl {
+                return Ok(Lookup::Missing);
+            }
+        }
+        let me = self.clone();
+        let h = hash.to_owned();
+        let r = self
+            .narinfos
+            .run(hash.to_owned(), move || async move {
+                me.fetch_narinfo(&h).await
+            })
+            .await;
+        if let Ok(Lookup::Missing) = r {
+            self.negative
+                .lock()
+                .unwrap()
+                .insert(hash.to_owned(), Instant::now());
+        }
+        r
+    }
+
+    async fn fetch_narinfo(&self, hash: &str) -> Result<Lookup, FetchError> {
+        let key = format!("{hash}.narinfo");
+        let t0 = Instant::now();
+        let Some(bytes) = get_small(&*self.storage, &key, MAX_NARINFO_BYTES).await? else {
+            tracing::debug!(key, "no such narinfo");
+            return Ok(Lookup::Missing);
+        };
+        let location = self.storage.location(&key);
+        let info = match NarInfo::parse_bytes(&bytes) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!("rejecting {location}: invalid narinfo: {e}");
+                return Ok(Lookup::Missing);
+            }
+        };
+        match info.verify(hash, &self.keys) {
+            Ok(signer) => {
+                tracing::debug!(path = %info.store_path, signer, ms = t0.elapsed().as_millis() as u64, "narinfo verified");
+                if let Err(e) = self.disk.save_narinfo(hash, &info.to_text()) {
+                    tracing::warn!(
+                        "cannot keep verified narinfo of {} in the cache directory: {e}",
+                        info.store_path
+                    );
+                }
+                Ok(Lookup::Found(Arc::new(info)))
+            }
+            Err(e) => {
+                tracing::warn!("rejecting {location}: {e}");
+                Ok(Lookup::Missing)
+            }
+        }
+    }
+
+    /// Makes the path's contents available in the disk cache and returns its tree.
+    pub async fn content(
+        self: &Arc<Self>,
+        info: Arc<NarInfo>,
+    ) -> Result<Arc<Entry>, Arc<FetchError>> {
+        let me = self.clone();
+        self.nars
+            .run(info.store_path.hash_part().to_owned(), move || async move {
+                me.fetch_content(info).await.map(Arc::new)
+            })
+            .await
+    }
+
+    async fn fetch_content(&self, info: Arc<NarInfo>) -> Result<Entry, FetchError> {
+        let basename = info.store_path.basename().to_owned();
+        if self.disk.has_path(&basename) {
+            let disk = self.disk.clone();
+            let b = basename.clone();
+            return tokio::task::spawn_blocking(move || disk.load_tree(&b))
+                .await
+                .map_err(|e| FetchError::Other(e.to_string()))?
+                .map_err(|e| {
+                    FetchError::Other(format!(
+                        "cannot read {} from the cache directory: {e}",
+                        info.store_path
+                    ))
+                });
+        }
+        let t0 = Instant::now();
+        let location = self.storage.location(&info.url);
+        let Some(body) = self.storage.get(&info.url).await? else {
+            return Err(format!("{}: NAR {location} does not exist", info.store_path).into());
+        };
+        let tmp = self.disk.temp_path(&basename);
+        let rt = tokio::runtime::Handle::current();
+        let info2 = info.clone();
+        let tmp2 = tmp.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let reader = tokio_util::io::SyncIoBridge::new_with_handle(body, rt);
+            unpack_verified(reader, &info2, &tmp2)
+        })
+        .await
+        .map_err(|e| FetchError::Other(e.to_string()))?;
+        match res {
+            Ok(tree) => {
+                self.disk.commit(&tmp, &basename).map_err(|e| {
+                    let _ = remove_any(&tmp);
+                    format!(
+                        "{}: cannot move the unpacked path into the cache directory: {e}",
+                        info.store_path
+                    )
+                })?;
+                tracing::info!(
+                    path = %info.store_path,
+                    key = %info.url,
+                    nar_size = info.nar_size,
+                    ms = t0.elapsed().as_millis() as u64,
+                    "fetched, verified and unpacked"
+                );
+                Ok(tree)
+            }
+            Err(e) => {
+                let _ = remove_any(&tmp);
+                let msg = format!("{} (NAR {location}): {e}", info.store_path);
+                tracing::error!("{msg}");
+                Err(msg.into())
+            }
+        }
+    }
+}
+
+/// Counts and hashes what passes through, and refuses to pass more than `limit` bytes:
+/// the NarSize bound that stops decompression bombs and over-long archives.
+struct Checked<R> {
+    inner: R,
+    hasher: Hasher,
+    limit: u64,
+    what: &'static str,
+}
+
+impl<R: Read> Read for Checked<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if self.hasher.len() + n as u64 > self.limit {
+            return Err(io::Error::other(format!(
+                "{} is longer than the {} bytes its narinfo states",
+                self.what, self.limit
+            )));
+        }
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// The streaming pipeline: compressed bytes → FileHash check → decompressor → NarHash/
+/// NarSize check → NAR unpacker writing into `dest`. Returns the tree only if every
+/// check passed; the caller removes `dest` otherwise.
+pub fn unpack_verified<R: Read>(
+    reader: R,
+    info: &NarInfo,
+    dest: &std::path::Path,
+) -> Result<Entry, String> {
+    let mut file = Checked {
+        inner: reader,
+        hasher: Hasher::default(),
+        limit: info.file_size.unwrap_or(u64::MAX),
+        what: "compressed NAR",
+    };
+    let (tree, nar_hasher) = {
+        let decoder: Box<dyn Read + '_> = match &info.compression {
+            Compression::None => Box::new(&mut file),
+            Compression::Xz => Box::new(liblzma::read::XzDecoder::new_multi_decoder(&mut file)),
+            Compression::Zstd => {
+                Box::new(zstd::stream::read::Decoder::new(&mut file).map_err(|e| e.to_string())?)
+            }
+            Compression::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(&mut file)),
+            Compression::Unknown(c) => return Err(format!("unsupported compression '{c}'")),
+        };
+        let mut nar_stream = Checked {
+            inner: BufReader::with_capacity(256 * 1024, decoder),
+            hasher: Hasher::default(),
+            limit: info.nar_size,
+            what: "NAR",
+        };
+        let tree = nar::unpack(&mut nar_stream, dest).map_err(|e| format!("bad NAR: {e}"))?;
+        (tree, nar_stream.hasher)
+    };
+    if nar_hasher.len() != info.nar_size {
+        return Err(format!(
+            "NarSize mismatch: expected {}, got {}",
+            info.nar_size,
+            nar_hasher.len()
+        ));
+    }
+    let got = nar_hasher.finish();
+    if got != info.nar_hash {
+        return Err(format!(
+            "NarHash mismatch: expected {}, got {got}",
+            info.nar_hash
+        ));
+    }
+    // The compressed stream may carry bytes after the end of the compressed data;
+    // FileHash covers them too.
+    io::copy(&mut file, &mut io::sink()).map_err(|e| e.to_string())?;
+    if let Some(size) = info.file_size {
+        if file.hasher.len() != size {
+            return Err(format!(
+                "FileSize mismatch: expected {size}, got {}",
+                file.hasher.len()
+            ));
+        }
+    }
+    if let Some(expected) = info.file_hash {
+        let got: Sha256 = file.hasher.finish();
+        if got != expected {
+            return Err(format!("FileHash mismatch: expected {expected}, got {got}"));
+        }
+    }
+    Ok(tree)
+}

@@ -1,0 +1,382 @@
+//! The file system as plain methods, testable without FUSE.
+//!
+//! Every operation first tries to answer from what is already known. When it needs the
+//! network (a narinfo not yet seen, a store path whose tree is not loaded) it returns
+//! `Outcome::Need`; the caller satisfies that need off the request loop and asks again.
+//! That is how the FUSE loop never waits on the network.
+
+use crate::fetch::{Fetcher, Lookup};
+use crate::formats::store_path::StorePath;
+use crate::index::{Index, Kind, PathId, ROOT};
+use futures::StreamExt;
+use std::ffi::CString;
+use std::os::unix::ffi::OsStringExt;
+use std::sync::Arc;
+
+/// An errno value; the FUSE adapter is the one place that turns it into a reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+impl Errno {
+    pub const ENOENT: Errno = Errno(libc::ENOENT);
+    pub const EIO: Errno = Errno(libc::EIO);
+    pub const ENOTDIR: Errno = Errno(libc::ENOTDIR);
+    pub const EISDIR: Errno = Errno(libc::EISDIR);
+    pub const EINVAL: Errno = Errno(libc::EINVAL);
+    pub const EROFS: Errno = Errno(libc::EROFS);
+    pub const EBADF: Errno = Errno(libc::EBADF);
+}
+
+/// What an operation must wait for before it can answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// The narinfo of a root entry name that is not known yet.
+    NarInfo(String),
+    /// The tree (and, for now, contents) of a store path.
+    Content(PathId),
+}
+
+#[derive(Debug)]
+pub enum Outcome<T> {
+    Ready(Result<T, Errno>),
+    Need(Need),
+}
+
+use Outcome::{Need as Wait, Ready};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileKind {
+    Dir,
+    File,
+    Symlink,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: FileKind,
+    pub size: u64,
+    pub perm: u16,
+    pub nlink: u32,
+}
+
+impl Attr {
+    pub fn blocks(&self) -> u64 {
+        self.size.div_ceil(512)
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    pub ino: u64,
+    /// Offset to resume after this entry.
+    pub next: u64,
+    pub kind: FileKind,
+    pub name: Vec<u8>,
+}
+
+pub struct StatFs {
+    pub blocks: u64,
+    pub files: u64,
+}
+
+pub struct Fs {
+    index: Arc<Index>,
+    fetcher: Arc<Fetcher>,
+    list_jobs: usize,
+}
+
+const DIR_SIZE: u64 = 4096;
+
+impl Fs {
+    pub fn new(index: Arc<Index>, fetcher: Arc<Fetcher>) -> Self {
+        Fs {
+            index,
+            fetcher,
+            list_jobs: 16,
+        }
+    }
+
+    pub fn index(&self) -> &Arc<Index> {
+        &self.index
+    }
+
+    fn attr_of(&self, ino: u64, kind: &Kind) -> Outcome<Attr> {
+        let (kind, size, perm, nlink) = match kind {
+            Kind::Root => (FileKind::Dir, DIR_SIZE, 0o555, 2),
+            Kind::Unloaded => {
+                let Some(n) = self.index.node(ino) else {
+                    return Ready(Err(Errno::ENOENT));
+                };
+                return Wait(Need::Content(n.path));
+            }
+            Kind::Dir { .. } => (
+                FileKind::Dir,
+                DIR_SIZE,
+                0o555,
+                2 + self.index.subdir_count(ino),
+            ),
+            Kind::File { size, executable } => (
+                FileKind::File,
+                *size,
+                if *executable { 0o555 } else { 0o444 },
+                1,
+            ),
+            Kind::Symlink { target } => (FileKind::Symlink, target.len() as u64, 0o777, 1),
+        };
+        Ready(Ok(Attr {
+            ino,
+            kind,
+            size,
+            perm,
+            nlink,
+        }))
+    }
+
+    pub fn getattr(&self, ino: u64) -> Outcome<Attr> {
+        match self.index.node(ino) {
+            Some(n) => self.attr_of(ino, &n.kind),
+            None => Ready(Err(Errno::ENOENT)),
+        }
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Outcome<Attr> {
+        if parent == ROOT {
+            let Ok(name) = std::str::from_utf8(name) else {
+                return Ready(Err(Errno::ENOENT));
+            };
+            return match self.index.path_by_basename(name) {
+                Some(id) => self.getattr(self.index.path_ino(id)),
+                None if StorePath::from_basename(name).is_ok() => {
+                    Wait(Need::NarInfo(name.to_owned()))
+                }
+                None => Ready(Err(Errno::ENOENT)),
+            };
+        }
+        let Some(n) = self.index.node(parent) else {
+            return Ready(Err(Errno::ENOENT));
+        };
+        match n.kind {
+            Kind::Unloaded => Wait(Need::Content(n.path)),
+            Kind::Dir { .. } => match self.index.child(parent, name) {
+                Some(c) => self.getattr(c),
+                None => Ready(Err(Errno::ENOENT)),
+            },
+            _ => Ready(Err(Errno::ENOTDIR)),
+        }
+    }
+
+    pub fn readlink(&self, ino: u64) -> Outcome<Vec<u8>> {
+        match self.index.node(ino).map(|n| n.kind) {
+            Some(Kind::Symlink { target }) => Ready(Ok(target.into_vec())),
+            Some(Kind::Unloaded) => Wait(Need::Content(self.index.node(ino).unwrap().path)),
+            Some(_) => Ready(Err(Errno::EINVAL)),
+            None => Ready(Err(Errno::ENOENT)),
+        }
+    }
+
+    /// Entries from `offset` on (0 = start; "." and ".." first), at most `max`.
+    pub fn readdir(&self, ino: u64, offset: u64, max: usize) -> Outcome<Vec<DirEntry>> {
+        let Some(n) = self.index.node(ino) else {
+            return Ready(Err(Errno::ENOENT));
+        };
+        match n.kind {
+            Kind::Unloaded => return Wait(Need::Content(n.path)),
+            Kind::Root | Kind::Dir { .. } => {}
+            _ => return Ready(Err(Errno::ENOTDIR)),
+        }
+        let mut out = Vec::new();
+        for (i, name) in [&b"."[..], b".."].iter().enumerate() {
+            if offset <= i as u64 {
+                out.push(DirEntry {
+                    ino: if i == 0 { ino } else { n.parent },
+                    next: i as u64 + 1,
+                    kind: FileKind::Dir,
+                    name: name.to_vec(),
+                });
+            }
+        }
+        let from = offset.saturating_sub(2) as usize;
+        for (i, (cino, name, kind)) in self.index.entries(ino, from, max).into_iter().enumerate() {
+            out.push(DirEntry {
+                ino: cino,
+                next: (from + i) as u64 + 3,
+                kind: match kind {
+                    Kind::File { .. } => FileKind::File,
+                    Kind::Symlink { .. } => FileKind::Symlink,
+                    // not loaded yet: almost every store path is a directory
+                    _ => FileKind::Dir,
+                },
+                name: name.into_vec(),
+            });
+        }
+        Ready(Ok(out))
+    }
+
+    /// Opens a file's verified contents in the disk cache; returns the descriptor.
+    pub fn open(&self, ino: u64) -> Outcome<i32> {
+        let Some(n) = self.index.node(ino) else {
+            return Ready(Err(Errno::ENOENT));
+        };
+        match n.kind {
+            Kind::File { .. } => {}
+            Kind::Unloaded => return Wait(Need::Content(n.path)),
+            Kind::Dir { .. } | Kind::Root => return Ready(Err(Errno::EISDIR)),
+            Kind::Symlink { .. } => return Ready(Err(Errno::EINVAL)),
+        }
+        let Some((path, rel)) = self.index.relative_path(ino) else {
+            return Ready(Err(Errno::ENOENT));
+        };
+        let info = self.index.path_info(path);
+        let mut p = self
+            .fetcher
+            .disk()
+            .path_dir(info.store_path.basename())
+            .into_os_string()
+            .into_vec();
+        if !rel.is_empty() {
+            p.push(b'/');
+            p.extend_from_slice(&rel);
+        }
+        let Ok(c) = CString::new(p) else {
+            return Ready(Err(Errno::EIO));
+        };
+        let fd = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+            )
+        };
+        if fd >= 0 {
+            return Ready(Ok(fd));
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() == std::io::ErrorKind::NotFound
+            && !self.fetcher.disk().has_path(info.store_path.basename())
+        {
+            // The unpacked copy went away (evicted or removed by hand): fetch again.
+            return Wait(Need::Content(path));
+        }
+        tracing::error!(
+            "cannot open {} in the cache directory: {err}",
+            String::from_utf8_lossy(c.as_bytes())
+        );
+        Ready(Err(Errno::EIO))
+    }
+
+    pub fn read(&self, fd: i32, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            let n = unsafe {
+                libc::pread(
+                    fd,
+                    buf[done..].as_mut_ptr().cast(),
+                    buf.len() - done,
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Errno(e.raw_os_error().unwrap_or(libc::EIO)));
+            }
+            if n == 0 {
+                break;
+            }
+            done += n as usize;
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    pub fn release(&self, fd: i32) {
+        unsafe { libc::close(fd) };
+    }
+
+    pub fn statfs(&self) -> StatFs {
+        StatFs {
+            blocks: 0,
+            files: self.index.path_count() as u64,
+        }
+    }
+
+    /// Does the network part of an operation; afterwards the operation is asked again.
+    pub async fn satisfy(&self, need: Need) -> Result<(), Errno> {
+        match need {
+            Need::NarInfo(name) => {
+                let sp = StorePath::from_basename(&name).map_err(|_| Errno::ENOENT)?;
+                match self.fetcher.narinfo(sp.hash_part()).await {
+                    Ok(Lookup::Found(info)) => {
+                        if info.store_path != sp {
+                            tracing::warn!(
+                                "{name}: the cache has {} under that hash, not this name",
+                                info.store_path
+                            );
+                            return Err(Errno::ENOENT);
+                        }
+                        self.index.add_path(info);
+                        Ok(())
+                    }
+                    Ok(Lookup::Missing) => Err(Errno::ENOENT),
+                    Err(e) => {
+                        tracing::error!("looking up {name}: {e}");
+                        Err(Errno::EIO)
+                    }
+                }
+            }
+            Need::Content(id) => {
+                let info = self.index.path_info(id);
+                match self.fetcher.content(info).await {
+                    Ok(tree) => {
+                        self.index.attach_tree(id, &tree);
+                        Ok(())
+                    }
+                    Err(_) => Err(Errno::EIO),
+                }
+            }
+        }
+    }
+
+    /// Lists `*.narinfo` keys at the cache root and adds every path whose narinfo
+    /// verifies. Runs in the background: readdir serves what is known meanwhile.
+    pub async fn scan_bucket(&self) -> Result<usize, crate::storage::StorageError> {
+        let storage = self.fetcher.storage().clone();
+        let mut token = None;
+        let mut added = 0usize;
+        loop {
+            let page = storage.list_page(token.take()).await?;
+            let hashes: Vec<String> = page
+                .keys
+                .iter()
+                .filter_map(|k| k.strip_suffix(".narinfo"))
+                .filter(|h| crate::formats::store_path::is_hash_part(h) && !self.index.has_hash(h))
+                .map(str::to_owned)
+                .collect();
+            let results: Vec<_> = futures::stream::iter(hashes)
+                .map(|h| {
+                    let f = self.fetcher.clone();
+                    async move { f.narinfo(&h).await }
+                })
+                .buffer_unordered(self.list_jobs)
+                .collect()
+                .await;
+            for r in results {
+                match r {
+                    Ok(Lookup::Found(info)) => {
+                        self.index.add_path(info);
+                        added += 1;
+                    }
+                    Ok(Lookup::Missing) => {}
+                    Err(e) => tracing::warn!("listing: {e}"),
+                }
+            }
+            match page.next {
+                Some(t) => token = Some(t),
+                None => return Ok(added),
+            }
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! The fuser adapter: a thin wrapper that turns kernel requests into `fs` calls and
+//! their results into replies. Operations that need the network run as tasks on the
+//! tokio runtime and reply from there, so the request loop keeps serving others.
+
+use crate::fs::{Attr, Errno, FileKind, Fs, Outcome};
+use fuser::{
+    FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
+};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+/// Store paths are immutable: entries and attributes inside them never change.
+const TTL: Duration = Duration::from_secs(3600);
+/// The root grows as paths are pushed.
+const ROOT_TTL: Duration = Duration::from_secs(1);
+
+pub struct NarFuse {
+    fs: Arc<Fs>,
+    rt: tokio::runtime::Handle,
+}
+
+impl NarFuse {
+    pub fn new(fs: Arc<Fs>, rt: tokio::runtime::Handle) -> Self {
+        NarFuse { fs, rt }
+    }
+
+    /// Answers at once when possible; otherwise satisfies the need on the runtime and
+    /// retries (a path may need its narinfo, then its tree).
+    fn run<T: Send + 'static>(
+        &self,
+        op: impl Fn(&Fs) -> Outcome<T> + Send + 'static,
+        done: impl FnOnce(Result<T, Errno>) + Send + 'static,
+    ) {
+        match op(&self.fs) {
+            Outcome::Ready(r) => done(r),
+            Outcome::Need(need) => {
+                let fs = self.fs.clone();
+                self.rt.spawn(async move {
+                    let mut need = need;
+                    for _ in 0..4 {
+                        if let Err(e) = fs.satisfy(need).await {
+                            return done(Err(e));
+                        }
+                        match op(&fs) {
+                            Outcome::Ready(r) => return done(r),
+                            Outcome::Need(n) => need = n,
+                        }
+                    }
+                    done(Err(Errno::EIO))
+                });
+            }
+        }
+    }
+}
+
+fn errno(e: Errno) -> fuser::Errno {
+    fuser::Errno::from_i32(e.0)
+}
+
+fn file_type(k: FileKind) -> FileType {
+    match k {
+        FileKind::Dir => FileType::Directory,
+        FileKind::File => FileType::RegularFile,
+        FileKind::Symlink => FileType::Symlink,
+    }
+}
+
+fn to_attr(a: &Attr) -> FileAttr {
+    // mtime 1, as in /nix/store
+    let t = UNIX_EPOCH + Duration::from_secs(1);
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.blocks(),
+        atime: t,
+        mtime: t,
+        ctime: t,
+        crtime: t,
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn ttl_for(ino: u64) -> Duration {
+    if ino == crate::index::ROOT {
+        ROOT_TTL
+    } else {
+        TTL
+    }
+}
+
+impl fuser::Filesystem for NarFuse {
+    fn init(&mut self, _req: &Request, _config: &mut KernelConfig) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let name = name.as_bytes().to_vec();
+        tracing::trace!(parent = parent.0, name = %String::from_utf8_lossy(&name), "lookup");
+        self.run(
+            move |fs| fs.lookup(parent.0, &name),
+            move |r| match r {
+                Ok(a) => reply.entry(&TTL, &to_attr(&a), Generation(0)),
+                Err(e) => reply.error(errno(e)),
+            },
+        );
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        tracing::trace!(ino = ino.0, "getattr");
+        self.run(
+            move |fs| fs.getattr(ino.0),
+            move |r| match r {
+                Ok(a) => reply.attr(&ttl_for(a.ino), &to_attr(&a)),
+                Err(e) => reply.error(errno(e)),
+            },
+        );
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        tracing::trace!(ino = ino.0, "readlink");
+        self.run(
+            move |fs| fs.readlink(ino.0),
+            move |r| match r {
+                Ok(t) => reply.data(&t),
+                Err(e) => reply.error(errno(e)),
+            },
+        );
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        tracing::trace!(ino = ino.0, "open");
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            return reply.error(fuser::Errno::EROFS);
+        }
+        self.run(
+            move |fs| fs.open(ino.0),
+            move |r| match r {
+                Ok(fd) => reply.opened(FileHandle(fd as u64), FopenFlags::FOPEN_KEEP_CACHE),
+                Err(e) => reply.error(errno(e)),
+            },
+        );
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        tracing::trace!(ino = ino.0, offset, size, "read");
+        match self.fs.read(fh.0 as i32, offset, size) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: fuser::ReplyEmpty,
+    ) {
+        self.fs.release(fh.0 as i32);
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.opened(FileHandle(0), FopenFlags::empty());
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        tracing::trace!(ino = ino.0, offset, "readdir");
+        self.run(
+            move |fs| fs.readdir(ino.0, offset, 512),
+            move |r| match r {
+                Ok(entries) => {
+                    for e in entries {
+                        if reply.add(
+                            INodeNo(e.ino),
+                            e.next,
+                            file_type(e.kind),
+                            OsStr::from_bytes(&e.name),
+                        ) {
+                            break;
+                        }
+                    }
+                    reply.ok()
+                }
+                Err(e) => reply.error(errno(e)),
+            },
+        );
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let s = self.fs.statfs();
+        reply.statfs(s.blocks, 0, 0, s.files, 0, 4096, 255, 4096);
+    }
+
+    fn access(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        mask: fuser::AccessFlags,
+        reply: fuser::ReplyEmpty,
+    ) {
+        if mask.bits() & libc::W_OK != 0 {
+            reply.error(fuser::Errno::EROFS)
+        } else {
+            reply.ok()
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! The superblock: owns every inode of the mount.
+//!
+//! Inode 1 is the root. Each verified store path gets one inode when its narinfo is
+//! accepted; the nodes inside it get inodes when its tree is attached. Inode numbers are
+//! never reused during a mount, so they are stable for its life.
+
+use crate::formats::listing::Entry;
+use crate::formats::narinfo::NarInfo;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+pub const ROOT: u64 = 1;
+
+pub type PathId = u32;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Root,
+    /// A store path whose tree is not known yet.
+    Unloaded,
+    Dir {
+        children: Vec<u64>,
+    },
+    File {
+        size: u64,
+        executable: bool,
+    },
+    Symlink {
+        target: Box<[u8]>,
+    },
+}
+
+#[derive(Debug)]
+pub struct Node {
+    pub parent: u64,
+    pub path: PathId,
+    pub name: Box<[u8]>,
+    pub kind: Kind,
+}
+
+#[derive(Debug)]
+pub struct StorePathEntry {
+    pub info: Arc<NarInfo>,
+    pub ino: u64,
+    pub loaded: bool,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// `nodes[ino - 2]`; the root has no slot.
+    nodes: Vec<Node>,
+    paths: Vec<StorePathEntry>,
+    by_basename: HashMap<Box<str>, PathId>,
+    by_hash: HashMap<Box<str>, PathId>,
+    /// Root entries in the order they appeared, so readdir offsets stay valid while
+    /// the listing grows.
+    root_order: Vec<u64>,
+}
+
+#[derive(Default)]
+pub struct Index {
+    inner: RwLock<Inner>,
+}
+
+/// A copy of what a FUSE reply needs about one inode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeView {
+    pub ino: u64,
+    pub parent: u64,
+    pub path: PathId,
+    pub kind: Kind,
+}
+
+impl Index {
+    /// Adds a verified store path (idempotent); returns its id.
+    pub fn add_path(&self, info: Arc<NarInfo>) -> PathId {
+        let mut g = self.inner.write().unwrap();
+        if let Some(&id) = g.by_hash.get(info.store_path.hash_part()) {
+            return id;
+        }
+        let id = g.paths.len() as PathId;
+        let ino = g.nodes.len() as u64 + 2;
+        g.nodes.push(Node {
+            parent: ROOT,
+            path: id,
+            name: info.store_path.basename().as_bytes().into(),
+            kind: Kind::Unloaded,
+        });
+        g.by_basename.insert(info.store_path.basename().into(), id);
+        g.by_hash.insert(info.store_path.hash_part().into(), id);
+        g.paths.push(StorePathEntry {
+            info,
+            ino,
+            loaded: false,
+        });
+        g.root_order.push(ino);
+        id
+    }
+
+    pub fn path_count(&self) -> usize {
+        self.inner.read().unwrap().paths.len()
+    }
+
+    pub fn has_hash(&self, hash: &str) -> bool {
+        self.inner.read().unwrap().by_hash.contains_key(hash)
+    }
+
+    pub fn path_by_basename(&self, name: &str) -> Option<PathId> {
+        self.inner.read().unwrap().by_basename.get(name).copied()
+    }
+
+    pub fn path_info(&self, id: PathId) -> Arc<NarInfo> {
+        self.inner.read().unwrap().paths[id as usize].info.clone()
+    }
+
+    pub fn path_ino(&self, id: PathId) -> u64 {
+        self.inner.read().unwrap().paths[id as usize].ino
+    }
+
+    pub fn is_loaded(&self, id: PathId) -> bool {
+        self.inner.read().unwrap().paths[id as usize].loaded
+    }
+
+    /// Gives a store path its tree (idempotent: the first tree wins).
+    pub fn attach_tree(&self, id: PathId, tree: &Entry) {
+        let mut g = self.inner.write().unwrap();
+        if g.paths[id as usize].loaded {
+            return;
+        }
+        let ino = g.paths[id as usize].ino;
+        let kind = g.build(id, ino, tree);
+        g.nodes[(ino - 2) as usize].kind = kind;
+        g.paths[id as usize].loaded = true;
+    }
+
+    pub fn node(&self, ino: u64) -> Option<NodeView> {
+        let g = self.inner.read().unwrap();
+        if ino == ROOT {
+            return Some(NodeView {
+                ino,
+                parent: ROOT,
+                path: PathId::MAX,
+                kind: Kind::Root,
+            });
+        }
+        let n = g.nodes.get(ino.checked_sub(2)? as usize)?;
+        Some(NodeView {
+            ino,
+            parent: n.parent,
+            path: n.path,
+            kind: n.kind.clone(),
+        })
+    }
+
+    /// Child `name` of directory `parent` (not the root).
+    pub fn child(&self, parent: u64, name: &[u8]) -> Option<u64> {
+        let g = self.inner.read().unwrap();
+        let Kind::Dir { children } = &g.nodes.get(parent.checked_sub(2)? as usize)?.kind else {
+            return None;
+        };
+        children
+            .binary_search_by(|&c| (*g.nodes[(c - 2) as usize].name).cmp(name))
+            .ok()
+            .map(|i| children[i])
+    }
+
+    /// `(ino, name, kind)` of the entries of `dir` from position `from` on, at most `max`.
+    pub fn entries(&self, dir: u64, from: usize, max: usize) -> Vec<(u64, Box<[u8]>, Kind)> {
+        let g = self.inner.read().unwrap();
+        let list: &[u64] = if dir == ROOT {
+            &g.root_order
+        } else {
+            match g.nodes.get((dir - 2) as usize).map(|n| &n.kind) {
+                Some(Kind::Dir { children }) => children,
+                _ => &[],
+            }
+        };
+        list.iter()
+            .skip(from)
+            .take(max)
+            .map(|&c| {
+                let n = &g.nodes[(c - 2) as usize];
+                let kind = match &n.kind {
+                    Kind::Dir { .. } => Kind::Dir {
+                        children: Vec::new(),
+                    },
+                    Kind::Symlink { .. } => Kind::Symlink {
+                        target: Box::new([]),
+                    },
+                    k => k.clone(),
+                };
+                (c, n.name.clone(), kind)
+            })
+            .collect()
+    }
+
+    /// Path of `ino` relative to its store path's directory (empty for the top).
+    pub fn relative_path(&self, ino: u64) -> Option<(PathId, Vec<u8>)> {
+        let g = self.inner.read().unwrap();
+        let mut parts = Vec::new();
+        let mut cur = ino;
+        let path = g.nodes.get(ino.checked_sub(2)? as usize)?.path;
+        loop {
+            let n = &g.nodes[(cur - 2) as usize];
+            if n.parent == ROOT {
+                break;
+            }
+            parts.push(n.name.clone());
+            cur = n.parent;
+        }
+        let mut rel = Vec::new();
+        for (i, p) in parts.iter().rev().enumerate() {
+            if i > 0 {
+                rel.push(b'/');
+            }
+            rel.extend_from_slice(p);
+        }
+        Some((path, rel))
+    }
+
+    pub fn subdir_count(&self, ino: u64) -> u32 {
+        let g = self.inner.read().unwrap();
+        match g.nodes.get((ino.wrapping_sub(2)) as usize).map(|n| &n.kind) {
+            Some(Kind::Dir { children }) => children
+                .iter()
+                .filter(|&&c| matches!(g.nodes[(c - 2) as usize].kind, Kind::Dir { .. }))
+                .count() as u32,
+            _ => 0,
+        }
+    }
+}
+
+impl Inner {
+    fn build(&mut self, path: PathId, ino: u64, e: &Entry) -> Kind {
+        match e {
+            Entry::Regular {
+                size, executable, ..
+            } => Kind::File {
+                size: *size,
+                executable: *executable,
+            },
+            Entry::Symlink { target } => Kind::Symlink {
+                target: target.clone(),
+            },
+            Entry::Directory { entries } => {
+                let first = self.nodes.len() as u64 + 2;
+                for (name, _) in entries {
+                    self.nodes.push(Node {
+                        parent: ino,
+                        path,
+                        name: name.clone(),
+                        kind: Kind::Unloaded,
+                    });
+                }
+                for (i, (_, child)) in entries.iter().enumerate() {
+                    let cino = first + i as u64;
+                    let k = self.build(path, cino, child);
+                    self.nodes[(cino - 2) as usize].kind = k;
+                }
+                Kind::Dir {
+                    children: (first..first + entries.len() as u64).collect(),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! `narfs mount`: check the cache answers, then serve it until unmounted or signalled.
+
+use crate::cache_url;
+use crate::disk_cache::DiskCache;
+use crate::fetch::Fetcher;
+use crate::formats::keys::TrustedKeys;
+use crate::fs::Fs;
+use crate::index::Index;
+use crate::storage::{self, get_small, Storage};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub struct MountOptions {
+    pub cache_url: String,
+    pub mountpoint: PathBuf,
+    pub trusted_public_keys: Vec<String>,
+    pub cache_dir: PathBuf,
+    pub allow_other: bool,
+    pub negative_ttl: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    /// Malformed input: exit status 2.
+    #[error("{0}")]
+    Usage(String),
+    /// Everything else: exit status 1.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl MountError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            MountError::Usage(_) => 2,
+            MountError::Failed(_) => 1,
+        }
+    }
+}
+
+fn parse_keys(keys: &[String]) -> Result<TrustedKeys, MountError> {
+    let mut t = TrustedKeys::default();
+    for k in keys {
+        let pk = crate::formats::keys::PublicKey::parse(k)
+            .map_err(|e| MountError::Usage(format!("invalid trusted public key: {e}")))?;
+        t.add(pk);
+    }
+    if t.is_empty() {
+        return Err(MountError::Usage(
+            "no trusted public key given: pass --trusted-public-key NAME:BASE64 (or set \
+             NARFS_TRUSTED_PUBLIC_KEYS); narfs never serves unverified store paths"
+                .into(),
+        ));
+    }
+    Ok(t)
+}
+
+/// Fetches `nix-cache-info` and checks the store directory: a wrong URL, bucket or
+/// endpoint fails here, before anything is mounted.
+pub async fn check_cache(
+    storage: &dyn Storage,
+    url: &cache_url::CacheUrl,
+) -> Result<(), MountError> {
+    let info = get_small(storage, "nix-cache-info", 64 * 1024)
+        .await
+        .map_err(|e| MountError::Failed(format!("cannot reach the cache {url}: {e}")))?
+        .ok_or_else(|| {
+            MountError::Failed(format!(
+                "{url} is not a Nix binary cache: {} does not exist (check the bucket, prefix and endpoint)",
+                storage.location("nix-cache-info")
+            ))
+        })?;
+    let text = String::from_utf8_lossy(&info);
+    let store_dir = text
+        .lines()
+        .find_map(|l| l.strip_prefix("StoreDir:"))
+        .map(str::trim);
+    match store_dir {
+        Some("/nix/store") => Ok(()),
+        Some(other) => Err(MountError::Failed(format!(
+            "{url} is a cache for store directory {other}, not /nix/store"
+        ))),
+        None => Err(MountError::Failed(format!(
+            "{} has no StoreDir line",
+            storage.location("nix-cache-info")
+        ))),
+    }
+}
+
+pub fn run(opts: MountOptions) -> Result<(), MountError> {
+    let parsed = cache_url::parse(&opts.cache_url).map_err(|e| MountError::Usage(e.to_string()))?;
+    for w in &parsed.warnings {
+        tracing::warn!("{w}");
+    }
+    let keys = parse_keys(&opts.trusted_public_keys)?;
+    match std::fs::metadata(&opts.mountpoint) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(MountError::Failed(format!(
+                "mount point {} is not a directory",
+                opts.mountpoint.display()
+            )))
+        }
+        Err(e) => {
+            return Err(MountError::Failed(format!(
+                "mount point {}: {e}",
+                opts.mountpoint.display()
+            )))
+        }
+    }
+    let disk =
+        Arc::new(DiskCache::open(&opts.cache_dir).map_err(|e| MountError::Failed(e.to_string()))?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .thread_name("narfs-rt")
+        .build()
+        .map_err(|e| MountError::Failed(format!("cannot start the runtime: {e}")))?;
+    let t0 = Instant::now();
+    let storage = rt.block_on(storage::open(&parsed.url));
+    rt.block_on(check_cache(&*storage, &parsed.url))?;
+    tracing::info!(url = %parsed.url, ms = t0.elapsed().as_millis() as u64, "cache answered");
+
+    let fetcher = Arc::new(Fetcher::new(storage, keys, disk, opts.negative_ttl));
+    let index = Arc::new(Index::default());
+    let fs = Arc::new(Fs::new(index, fetcher));
+    {
+        let fs = fs.clone();
+        rt.spawn(async move {
+            let t = Instant::now();
+            match fs.scan_bucket().await {
+                Ok(n) => tracing::info!(
+                    paths = n,
+                    ms = t.elapsed().as_millis() as u64,
+                    "listed the cache"
+                ),
+                Err(e) => tracing::warn!("cannot list the cache (lookups by name still work): {e}"),
+            }
+        });
+    }
+
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::RO,
+        fuser::MountOption::FSName("narfs".into()),
+        fuser::MountOption::Subtype("narfs".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+        fuser::MountOption::Exec,
+    ];
+    if opts.allow_other {
+        config.acl = fuser::SessionACL::All;
+    }
+    config.n_threads = Some(4);
+    config.clone_fd = true;
+    let session = fuser::Session::new(
+        crate::fuse::NarFuse::new(fs, rt.handle().clone()),
+        &opts.mountpoint,
+        &config,
+    )
+    .map_err(|e| {
+        MountError::Failed(format!(
+            "cannot mount at {}: {e}",
+            opts.mountpoint.display()
+        ))
+    })?;
+    let bg = session
+        .spawn()
+        .map_err(|e| MountError::Failed(format!("cannot start the FUSE session: {e}")))?;
+    tracing::info!(mountpoint = %opts.mountpoint.display(), ms = t0.elapsed().as_millis() as u64, "mounted");
+
+    let signalled = rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        loop {
+            tokio::select! {
+                _ = int.recv() => return true,
+                _ = term.recv() => return true,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                    if bg.guard.is_finished() {
+                        return false;
+                    }
+                }
+            }
+        }
+    });
+    if signalled {
+        tracing::info!("signal received: unmounting");
+        bg.umount_and_join().map_err(|e| {
+            MountError::Failed(format!("unmounting {}: {e}", opts.mountpoint.display()))
+        })?;
+    } else {
+        tracing::info!("unmounted from outside");
+        let _ = bg.join();
+    }
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}

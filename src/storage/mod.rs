@@ -1,0 +1,79 @@
+//! Where a binary cache's objects live. The only module that knows S3 or files: the
+//! rest of narfs sees keys relative to the cache root and byte streams.
+
+mod file;
+mod s3;
+
+pub use file::FileStorage;
+pub use s3::S3Storage;
+
+use crate::cache_url::CacheUrl;
+use async_trait::async_trait;
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+pub type Body = Pin<Box<dyn AsyncRead + Send>>;
+
+/// One page of a listing of the cache root (no recursion into `nar/`).
+#[derive(Debug, Default)]
+pub struct ListPage {
+    pub keys: Vec<String>,
+    pub next: Option<String>,
+}
+
+/// A failure to talk to the cache. The message names the object and where it was
+/// asked for; it never contains credentials.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {location}: {detail}")]
+pub struct StorageError {
+    pub op: &'static str,
+    pub location: String,
+    pub detail: String,
+}
+
+#[async_trait]
+pub trait Storage: Send + Sync + 'static {
+    /// `Ok(None)` when the object does not exist.
+    async fn get(&self, key: &str) -> Result<Option<Body>, StorageError>;
+    /// Lists keys at the cache root, one page at a time.
+    async fn list_page(&self, token: Option<String>) -> Result<ListPage, StorageError>;
+    /// Human-readable location of a key, for logs and errors.
+    fn location(&self, key: &str) -> String;
+}
+
+/// Reads a small object whole, refusing more than `max` bytes (a hostile cache must
+/// not make narfs buffer a multi-gigabyte "narinfo").
+pub async fn get_small(
+    s: &dyn Storage,
+    key: &str,
+    max: usize,
+) -> Result<Option<Vec<u8>>, StorageError> {
+    let Some(body) = s.get(key).await? else {
+        return Ok(None);
+    };
+    let mut buf = Vec::new();
+    body.take(max as u64 + 1)
+        .read_to_end(&mut buf)
+        .await
+        .map_err(|e| StorageError {
+            op: "GET",
+            location: s.location(key),
+            detail: e.to_string(),
+        })?;
+    if buf.len() > max {
+        return Err(StorageError {
+            op: "GET",
+            location: s.location(key),
+            detail: format!("object is larger than {max} bytes"),
+        });
+    }
+    Ok(Some(buf))
+}
+
+pub async fn open(url: &CacheUrl) -> Arc<dyn Storage> {
+    match url {
+        CacheUrl::S3(u) => Arc::new(S3Storage::new(u).await),
+        CacheUrl::File { root } => Arc::new(FileStorage::new(root.clone())),
+    }
+}

@@ -1,0 +1,129 @@
+//! S3-compatible buckets through the AWS SDK: the same credential chain as Nix
+//! (environment, `profile=` from the shared files, instance metadata) and path-style
+//! requests whenever an endpoint is given.
+
+use super::{Body, ListPage, Storage, StorageError};
+use crate::cache_url::S3Url;
+use async_trait::async_trait;
+use aws_sdk_s3::config::Region;
+use std::time::Duration;
+
+pub struct S3Storage {
+    client: aws_sdk_s3::Client,
+    url: S3Url,
+    endpoint: String,
+}
+
+impl S3Storage {
+    pub async fn new(url: &S3Url) -> Self {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(Region::new(url.region.clone()))
+            .timeout_config(
+                aws_config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .read_timeout(Duration::from_secs(30))
+                    .build(),
+            );
+        if let Some(p) = &url.profile {
+            loader = loader.profile_name(p);
+        }
+        let shared = loader.load().await;
+        let mut conf = aws_sdk_s3::config::Builder::from(&shared);
+        if let Some(e) = url.endpoint_url() {
+            conf = conf.endpoint_url(e).force_path_style(true);
+        }
+        S3Storage {
+            client: aws_sdk_s3::Client::from_conf(conf.build()),
+            endpoint: url
+                .endpoint_url()
+                .unwrap_or_else(|| format!("AWS S3 {}", url.region)),
+            url: url.clone(),
+        }
+    }
+
+    fn error(&self, op: &'static str, key: &str, e: impl std::error::Error) -> StorageError {
+        StorageError {
+            op,
+            location: self.location(key),
+            detail: error_chain(&e),
+        }
+    }
+}
+
+#[async_trait]
+impl Storage for S3Storage {
+    async fn get(&self, key: &str) -> Result<Option<Body>, StorageError> {
+        let res = self
+            .client
+            .get_object()
+            .bucket(&self.url.bucket)
+            .key(self.url.key(key))
+            .send()
+            .await;
+        match res {
+            Ok(out) => Ok(Some(Box::pin(out.body.into_async_read()))),
+            Err(e) => {
+                let missing = e.as_service_error().is_some_and(|s| s.is_no_such_key())
+                    || e.raw_response().is_some_and(|r| r.status().as_u16() == 404);
+                if missing {
+                    Ok(None)
+                } else {
+                    Err(self.error("GET", key, e))
+                }
+            }
+        }
+    }
+
+    async fn list_page(&self, token: Option<String>) -> Result<ListPage, StorageError> {
+        let prefix = self.url.key("");
+        let out = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.url.bucket)
+            .prefix(&prefix)
+            .delimiter("/")
+            .set_continuation_token(token)
+            .send()
+            .await
+            .map_err(|e| self.error("LIST", "", e))?;
+        let keys = out
+            .contents()
+            .iter()
+            .filter_map(|o| o.key())
+            .filter_map(|k| k.strip_prefix(&prefix))
+            .map(str::to_owned)
+            .collect();
+        Ok(ListPage {
+            keys,
+            next: out.next_continuation_token().map(str::to_owned),
+        })
+    }
+
+    fn location(&self, key: &str) -> String {
+        format!(
+            "s3://{}/{} (endpoint {})",
+            self.url.bucket,
+            self.url.key(key),
+            self.endpoint
+        )
+    }
+}
+
+/// `outer: cause: root cause`, without the SDK's debug dump (which can hold request
+/// details) and without repeating a message its wrapper already says.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let s = err.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+        cur = err.source();
+    }
+    let mut out = parts.join(": ");
+    if out.contains("credentials") {
+        out.push_str(" (no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, add profile= to the URL, or run with an instance role)");
+    }
+    out
+}

@@ -90,6 +90,15 @@ impl Fetcher {
                 return Ok(Lookup::Missing);
             }
         }
+        self.narinfo_from_cache(hash).await
+    }
+
+    /// Asks the cache itself, ignoring what was verified before: after a NAR failed its
+    /// checks, the narinfo may have been repaired (a new URL or FileHash).
+    pub async fn narinfo_from_cache(
+        self: &Arc<Self>,
+        hash: &str,
+    ) -> Result<Lookup, Arc<FetchError>> {
         let me = self.clone();
         let h = hash.to_owned();
         let r = self

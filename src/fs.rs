@@ -328,13 +328,28 @@ impl Fs {
                 }
             }
             Need::Content(id) => {
-                let info = self.index.path_info(id);
+                let mut info = self.index.path_info(id);
+                if self.index.has_failed(id) {
+                    // The cache may have been repaired since: re-read the narinfo.
+                    if let Ok(Lookup::Found(fresh)) = self
+                        .fetcher
+                        .narinfo_from_cache(info.store_path.hash_part())
+                        .await
+                    {
+                        self.index.replace_info(id, fresh);
+                        info = self.index.path_info(id);
+                    }
+                }
                 match self.fetcher.content(info).await {
                     Ok(tree) => {
+                        self.index.set_failed(id, false);
                         self.index.attach_tree(id, &tree);
                         Ok(())
                     }
-                    Err(_) => Err(Errno::EIO),
+                    Err(_) => {
+                        self.index.set_failed(id, true);
+                        Err(Errno::EIO)
+                    }
                 }
             }
         }

@@ -43,6 +43,8 @@ pub struct StorePathEntry {
     pub info: Arc<NarInfo>,
     pub ino: u64,
     pub loaded: bool,
+    /// The last fetch of its contents failed: check the narinfo again before retrying.
+    pub failed: bool,
 }
 
 #[derive(Default)]
@@ -92,6 +94,7 @@ impl Index {
             info,
             ino,
             loaded: false,
+            failed: false,
         });
         g.root_order.push(ino);
         id
@@ -119,6 +122,23 @@ impl Index {
 
     pub fn is_loaded(&self, id: PathId) -> bool {
         self.inner.read().unwrap().paths[id as usize].loaded
+    }
+
+    pub fn set_failed(&self, id: PathId, failed: bool) {
+        self.inner.write().unwrap().paths[id as usize].failed = failed;
+    }
+
+    pub fn has_failed(&self, id: PathId) -> bool {
+        self.inner.read().unwrap().paths[id as usize].failed
+    }
+
+    /// Swaps in a newer verified narinfo for the same store path.
+    pub fn replace_info(&self, id: PathId, info: Arc<NarInfo>) {
+        let mut g = self.inner.write().unwrap();
+        let e = &mut g.paths[id as usize];
+        if e.info.store_path == info.store_path {
+            e.info = info;
+        }
     }
 
     /// Gives a store path its tree (idempotent: the first tree wins).

@@ -1,0 +1,373 @@
+//! Real parts for the end-to-end tests: the real nix builds and signs a closure into a
+//! chroot store and writes a `file://` cache; a real `s3s-fs` serves it on 127.0.0.1
+//! behind a counting proxy; the real `narfs` binary mounts it over FUSE.
+#![allow(dead_code)]
+
+pub mod proxy;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub const ACCESS_KEY: &str = "narfs-test-access";
+pub const SECRET_KEY: &str = "narfs-test-secret-0123456789";
+pub const BUCKET: &str = "narfs-bucket";
+
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn nix(args: &[&str]) -> Command {
+    let mut c = Command::new("nix");
+    c.args(["--experimental-features", "nix-command"])
+        .args(args)
+        .env("PATH", "/usr/bin:/bin")
+        .env_remove("NIX_REMOTE");
+    c
+}
+
+/// A closure built and pushed to a `file://` cache by the real nix.
+pub struct Fixture {
+    pub dir: PathBuf,
+    /// `local?root=...` store URL of the chroot store that holds the closure.
+    pub store: String,
+    /// Where the chroot store's `/nix/store` really is.
+    pub real_store: PathBuf,
+    /// The `file://` cache nix wrote (xz, with `.ls` listings).
+    pub cache: PathBuf,
+    pub public_key: String,
+    pub secret_key_file: PathBuf,
+    /// Basenames by name (`narfs-test-app` → `<hash>-narfs-test-app`).
+    pub paths: BTreeMap<String, String>,
+}
+
+impl Fixture {
+    pub fn path(&self, name: &str) -> &str {
+        &self.paths[name]
+    }
+    pub fn hash(&self, name: &str) -> &str {
+        &self.paths[name][..32]
+    }
+    pub fn real(&self, name: &str) -> PathBuf {
+        self.real_store.join(self.path(name))
+    }
+    pub fn narinfo(&self, name: &str) -> String {
+        std::fs::read_to_string(self.cache.join(format!("{}.narinfo", self.hash(name)))).unwrap()
+    }
+    pub fn narinfo_field(&self, name: &str, field: &str) -> String {
+        self.narinfo(name)
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{field}: ")))
+            .unwrap()
+            .to_owned()
+    }
+}
+
+pub fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(build_fixture)
+}
+
+fn build_fixture() -> Fixture {
+    let dir = std::env::temp_dir().join(format!("narfs-fixture-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let root = dir.join("root");
+    let store = format!("local?root={}", root.display());
+    let nix_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/closure.nix");
+    let out = run(Command::new("nix-build")
+        .args(["--store", &store, "--no-out-link"])
+        .args(["--option", "sandbox", "true"])
+        .args(["--option", "sandbox-paths", "/bin /usr /lib /lib64"])
+        .args(["--option", "substituters", ""])
+        .arg(&nix_file)
+        .env("PATH", "/usr/bin:/bin")
+        .env_remove("NIX_REMOTE"));
+    let top = out.trim().to_owned();
+    let (sk, pk) = (dir.join("secret-key"), dir.join("public-key"));
+    run(Command::new("nix-store")
+        .args(["--generate-binary-cache-key", "narfs-test-1"])
+        .args([&sk, &pk]));
+    run(
+        nix(&["store", "sign", "--store", &store, "-r", "--key-file"])
+            .arg(&sk)
+            .arg(&top),
+    );
+    let cache = dir.join("cache");
+    run(
+        nix(&["copy", "--store", &store, "--option", "substituters", ""])
+            .arg("--to")
+            .arg(format!(
+                "file://{}?compression=xz&write-nar-listing=1",
+                cache.display()
+            ))
+            .arg(&top),
+    );
+    let closure = run(nix(&["path-info", "--store", &store, "-r"]).arg(&top));
+    let mut paths = BTreeMap::new();
+    for p in closure.lines() {
+        let base = p.strip_prefix("/nix/store/").unwrap().to_owned();
+        paths.insert(base[33..].to_owned(), base);
+    }
+    Fixture {
+        store,
+        real_store: root.join("nix/store"),
+        cache,
+        public_key: std::fs::read_to_string(&pk).unwrap().trim().to_owned(),
+        secret_key_file: sk,
+        paths,
+        dir,
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_port(port: u16) {
+    let t = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "port {port} never opened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A real s3s-fs server on 127.0.0.1; objects are files under `root/<bucket>/`.
+pub struct S3Server {
+    pub root: PathBuf,
+    pub port: u16,
+    child: Child,
+}
+
+impl S3Server {
+    pub fn start() -> Self {
+        let root = tempfile::tempdir().unwrap().keep();
+        std::fs::create_dir_all(root.join(BUCKET)).unwrap();
+        let port = free_port();
+        let child = Command::new("s3s-fs")
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+            .arg(&root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("s3s-fs must be installed (see README)");
+        wait_port(port);
+        S3Server { root, port, child }
+    }
+
+    /// Puts a whole `file://` cache under `prefix` in the bucket.
+    pub fn upload_cache(&self, cache: &Path, prefix: &str) -> PathBuf {
+        let dest = self.root.join(BUCKET).join(prefix);
+        std::fs::create_dir_all(&dest).unwrap();
+        run(Command::new("cp")
+            .arg("-r")
+            .arg(format!("{}/.", cache.display()))
+            .arg(&dest));
+        dest
+    }
+
+    pub fn url(&self, port: u16, prefix: &str) -> String {
+        format!("s3://{BUCKET}/{prefix}?endpoint=127.0.0.1:{port}&scheme=http&region=us-east-1")
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// A running `narfs mount`.
+pub struct Mounted {
+    pub mnt: PathBuf,
+    pub cache_dir: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+pub fn narfs() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_narfs"));
+    c.env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("NARFS_TRUSTED_PUBLIC_KEYS")
+        .env_remove("AWS_PROFILE")
+        .env("RUST_LOG", "narfs=debug");
+    c
+}
+
+fn is_mounted(mnt: &Path) -> bool {
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let m = mnt.to_str().unwrap();
+    mi.lines().any(|l| l.split(' ').nth(4) == Some(m))
+}
+
+impl Mounted {
+    pub fn start(url: &str, keys: &[&str], cache_dir: Option<&Path>, extra: &[&str]) -> Self {
+        Self::try_start(url, keys, cache_dir, extra)
+            .unwrap_or_else(|(st, log)| panic!("narfs exited {st:?}:\n{log}"))
+    }
+
+    pub fn try_start(
+        url: &str,
+        keys: &[&str],
+        cache_dir: Option<&Path>,
+        extra: &[&str],
+    ) -> Result<Self, (ExitStatus, String)> {
+        let base = tempfile::tempdir().unwrap().keep();
+        let mnt = base.join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let cache_dir = cache_dir
+            .map(Path::to_owned)
+            .unwrap_or_else(|| base.join("cache"));
+        let log = base.join("narfs.log");
+        let mut cmd = narfs();
+        cmd.arg("mount").arg("--cache-dir").arg(&cache_dir);
+        for k in keys {
+            cmd.args(["--trusted-public-key", k]);
+        }
+        cmd.args(extra).arg(url).arg(&mnt);
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut m = Mounted {
+            mnt,
+            cache_dir,
+            log,
+            child: Some(child),
+        };
+        let t = Instant::now();
+        loop {
+            if is_mounted(&m.mnt) {
+                return Ok(m);
+            }
+            if let Some(st) = m.child.as_mut().unwrap().try_wait().unwrap() {
+                m.child = None;
+                return Err((st, m.log_text()));
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "narfs did not mount:\n{}",
+                m.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn p(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    /// Waits until the root lists `n` entries (the listing runs in the background).
+    pub fn wait_root(&self, n: usize) -> Vec<String> {
+        let t = Instant::now();
+        loop {
+            let mut names: Vec<String> = std::fs::read_dir(&self.mnt)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            if names.len() >= n || t.elapsed() > Duration::from_secs(20) {
+                return names;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn stop(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let st = wait_timeout(&mut child, Duration::from_secs(10));
+        assert!(!is_mounted(&self.mnt), "still mounted after SIGTERM");
+        st
+    }
+}
+
+pub fn wait_timeout(child: &mut Child, d: Duration) -> ExitStatus {
+    let t = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if t.elapsed() > d {
+            let _ = child.kill();
+            panic!("process did not exit within {d:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let t = Instant::now();
+            while child.try_wait().ok().flatten().is_none() && t.elapsed() < Duration::from_secs(5)
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if is_mounted(&self.mnt) {
+            let _ = Command::new("fusermount3")
+                .arg("-uz")
+                .arg(&self.mnt)
+                .status();
+        }
+    }
+}
+
+/// `find -printf` of a tree: type, mode, size, link target and path of every entry.
+pub fn shape(root: &Path) -> String {
+    run(Command::new("find")
+        .arg(root)
+        .args(["-printf", "%y %m %s %l %P\n"])
+        .env("LC_ALL", "C"))
+    .lines()
+    .map(str::to_owned)
+    .collect::<std::collections::BTreeSet<_>>()
+    .into_iter()
+    .collect::<Vec<_>>()
+    .join("\n")
+}
+
+pub fn read_err(p: &Path) -> Option<i32> {
+    let mut s = Vec::new();
+    match std::fs::File::open(p).and_then(|mut f| f.read_to_end(&mut s)) {
+        Ok(_) => None,
+        Err(e) => e.raw_os_error(),
+    }
+}
+
+pub fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}

@@ -1,0 +1,545 @@
+//! End to end: a closure built by the real nix, served by a real S3 server, mounted by
+//! the real narfs binary over FUSE.
+
+mod common;
+
+use common::proxy::Proxy;
+use common::*;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+struct Env {
+    s3: S3Server,
+    proxy: Proxy,
+    url: String,
+}
+
+fn env() -> Env {
+    let f = fixture();
+    let s3 = S3Server::start();
+    s3.upload_cache(&f.cache, "cache");
+    let proxy = Proxy::start(s3.port);
+    let url = s3.url(proxy.port, "cache");
+    Env { s3, proxy, url }
+}
+
+impl Env {
+    fn object(&self, key: &str) -> std::path::PathBuf {
+        self.s3.root.join(BUCKET).join("cache").join(key)
+    }
+}
+
+fn nar_hash_of(path: &Path) -> String {
+    let out = run(Command::new("nix")
+        .args([
+            "--experimental-features",
+            "nix-command",
+            "hash",
+            "path",
+            "--base32",
+            "--type",
+            "sha256",
+        ])
+        .arg(path));
+    format!("sha256:{}", out.trim())
+}
+
+#[test]
+fn serves_the_closure_exactly_as_nix_built_it() {
+    let f = fixture();
+    let e = env();
+    let t0 = Instant::now();
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &[]);
+    let mount_ms = t0.elapsed().as_millis();
+    let mut expected: Vec<&String> = f.paths.values().collect();
+    expected.sort();
+    assert_eq!(
+        m.wait_root(f.paths.len()),
+        expected.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    );
+
+    for (name, base) in &f.paths {
+        let mounted = m.p(base);
+        // types, modes, sizes and link targets identical to the real store path
+        assert_eq!(shape(&mounted), shape(&f.real(name)), "{name}");
+        run(Command::new("diff")
+            .arg("-r")
+            .arg("--no-dereference")
+            .arg(&mounted)
+            .arg(f.real(name)));
+        // and the NAR of what the mount shows is the signed NarHash
+        assert_eq!(
+            nar_hash_of(&mounted),
+            f.narinfo_field(name, "NarHash"),
+            "{name}"
+        );
+    }
+    // every NAR was fetched exactly once
+    for name in f.paths.keys() {
+        let url = f.narinfo_field(name, "URL");
+        assert_eq!(e.proxy.gets(&url), 1, "{url}");
+    }
+
+    let app = m.p(f.path("narfs-test-app"));
+    let lib = m.p(f.path("narfs-test-lib"));
+    // a script executed straight from the mount
+    let out = run(&mut Command::new(app.join("bin/app")));
+    assert_eq!(out, "hello from lib\n");
+    // a shared library mapped by the dynamic loader
+    let py = format!(
+        "import ctypes; print(ctypes.CDLL('{}').narfs_answer())",
+        lib.join("lib/libanswer.so").display()
+    );
+    assert_eq!(run(Command::new("python3").args(["-c", &py])), "42\n");
+    // details
+    assert_eq!(
+        std::fs::read_link(app.join("bin/dangling")).unwrap(),
+        Path::new("/nonexistent/dangling")
+    );
+    assert_eq!(std::fs::read(lib.join("share/empty-file")).unwrap(), b"");
+    assert_eq!(
+        std::fs::read_to_string(lib.join("share/ünïcödé name.txt")).unwrap(),
+        "ünïcödé\n"
+    );
+    assert_eq!(
+        std::fs::read(m.p(f.path("narfs-test-single.txt"))).unwrap(),
+        b"asdf"
+    );
+    use std::os::unix::fs::MetadataExt;
+    let a = std::fs::metadata(app.join("bin/app")).unwrap();
+    let b = std::fs::metadata(app.join("bin/app")).unwrap();
+    assert_eq!(a.ino(), b.ino());
+    assert_eq!(a.mtime(), 1);
+    assert_eq!(a.mode() & 0o7777, 0o555);
+    assert_eq!(a.blocks(), a.size().div_ceil(512));
+    // read-only
+    for target in [m.p("new-file"), app.join("bin/new"), app.join("bin/app")] {
+        let err = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .open(&target)
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{target:?}");
+    }
+    assert_eq!(
+        std::fs::create_dir(app.join("d"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EROFS)
+    );
+    assert_eq!(
+        std::fs::remove_file(app.join("bin/app"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EROFS)
+    );
+    run(Command::new("stat").arg("-f").arg(&m.mnt));
+    // unknown names: ENOENT, and junk names never reach the network
+    let before = e.proxy.requests().len();
+    assert_eq!(read_err(&m.p("not-a-store-path")), Some(libc::ENOENT));
+    assert_eq!(e.proxy.requests().len(), before);
+    assert_eq!(
+        read_err(&m.p("00000000000000000000000000000000-missing")),
+        Some(libc::ENOENT)
+    );
+    assert_eq!(read_err(&app.join("no-such-file")), Some(libc::ENOENT));
+
+    eprintln!("mount ready in {mount_ms} ms");
+    assert!(m.stop().success());
+}
+
+#[test]
+fn one_download_per_nar_and_other_paths_served_meanwhile() {
+    let f = fixture();
+    let e = env();
+    let big_url = f.narinfo_field("narfs-test-big", "URL");
+    e.proxy.delay(&big_url, Duration::from_secs(2));
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &[]);
+    m.wait_root(f.paths.len());
+    let numbers = m.p(f.path("narfs-test-big")).join("data/numbers.txt");
+    let expected_len = std::fs::metadata(f.real("narfs-test-big").join("data/numbers.txt"))
+        .unwrap()
+        .len();
+    let readers: Vec<_> = (0..20)
+        .map(|_| {
+            let p = numbers.clone();
+            std::thread::spawn(move || std::fs::read(p).unwrap().len() as u64)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // the big NAR is still held back by the proxy; another path answers at once
+    let t = Instant::now();
+    assert_eq!(
+        std::fs::read(m.p(f.path("narfs-test-single.txt"))).unwrap(),
+        b"asdf"
+    );
+    let other_ms = t.elapsed().as_millis();
+    assert!(
+        !readers.iter().all(|r| r.is_finished()),
+        "the delayed readers finished too early"
+    );
+    assert!(
+        other_ms < 1500,
+        "another path took {other_ms} ms while a NAR downloaded:\n{}\n{:?}",
+        m.log_text(),
+        e.proxy.requests()
+    );
+    for r in readers {
+        assert_eq!(r.join().unwrap(), expected_len);
+    }
+    assert_eq!(
+        e.proxy.gets(&big_url),
+        1,
+        "20 cold readers must cause one GET"
+    );
+    eprintln!("other path served in {other_ms} ms during a held download");
+}
+
+#[test]
+fn first_read_of_a_file_in_a_20mb_nar() {
+    let f = fixture();
+    let e = env();
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &[]);
+    let big = m.p(f.path("narfs-test-big"));
+    let t = Instant::now();
+    assert_eq!(
+        std::fs::read_to_string(big.join("data/small.txt")).unwrap(),
+        "small\n"
+    );
+    let first = t.elapsed();
+    let t = Instant::now();
+    std::fs::read_to_string(big.join("data/small.txt")).unwrap();
+    let second = t.elapsed();
+    eprintln!(
+        "first read in a {} byte NAR: {} ms; again: {} µs",
+        f.narinfo_field("narfs-test-big", "NarSize"),
+        first.as_millis(),
+        second.as_micros()
+    );
+}
+
+#[test]
+fn untrusted_key_hides_everything() {
+    let f = fixture();
+    let e = env();
+    let other = "someone-else:Y0WaH1THk0KGJ1fKhNry+2UA2Y8ZRWVgN6aFARhAJAc=";
+    let m = Mounted::start(&e.url, &[other], None, &[]);
+    wait_log(&m, "listed the cache");
+    assert!(m.wait_root(0).is_empty());
+    assert_eq!(read_err(&m.p(f.path("narfs-test-app"))), Some(libc::ENOENT));
+    let log = m.log_text();
+    assert!(
+        log.contains("lacks a signature by a trusted key (it is signed by: narfs-test-1)"),
+        "{log}"
+    );
+    assert!(log.contains(f.path("narfs-test-app")), "{log}");
+    assert_eq!(e.proxy.gets(".nar.xz"), 0);
+}
+
+fn wait_log(m: &Mounted, needle: &str) {
+    let t = Instant::now();
+    while !m.log_text().contains(needle) {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no '{needle}' in log:\n{}",
+            m.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn unsigned_narinfo_is_not_served_and_neighbours_are() {
+    let f = fixture();
+    let e = env();
+    let key = e.object(&format!("{}.narinfo", f.hash("narfs-test-single.txt")));
+    let text = std::fs::read_to_string(&key).unwrap();
+    let unsigned: String = text
+        .lines()
+        .filter(|l| !l.starts_with("Sig:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&key, unsigned).unwrap();
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &[]);
+    wait_log(&m, "listed the cache");
+    let names = m.wait_root(f.paths.len() - 1);
+    assert_eq!(names.len(), f.paths.len() - 1);
+    assert!(!names.contains(&f.path("narfs-test-single.txt").to_owned()));
+    assert_eq!(
+        read_err(&m.p(f.path("narfs-test-single.txt"))),
+        Some(libc::ENOENT)
+    );
+    assert!(m.log_text().contains("it has no signatures"));
+    assert_eq!(
+        read_err(&m.p(f.path("narfs-test-app")).join("bin/app")),
+        None
+    );
+}
+
+#[test]
+fn narinfo_for_another_path_is_rejected() {
+    let f = fixture();
+    let e = env();
+    // the app's (validly signed) narinfo stored under the single file's key
+    std::fs::copy(
+        e.object(&format!("{}.narinfo", f.hash("narfs-test-app"))),
+        e.object(&format!("{}.narinfo", f.hash("narfs-test-single.txt"))),
+    )
+    .unwrap();
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &[]);
+    wait_log(&m, "listed the cache");
+    assert_eq!(
+        read_err(&m.p(f.path("narfs-test-single.txt"))),
+        Some(libc::ENOENT)
+    );
+    let log = m.log_text();
+    assert!(
+        log.contains(&format!(
+            "narinfo {}.narinfo describes /nix/store/{}",
+            f.hash("narfs-test-single.txt"),
+            f.path("narfs-test-app")
+        )),
+        "{log}"
+    );
+    assert_eq!(m.wait_root(f.paths.len()).len(), f.paths.len() - 1);
+}
+
+fn nix32_sha256(data: &[u8]) -> String {
+    narfs::formats::hash::Sha256::digest(data).to_nix_string()
+}
+
+/// Replaces `name`'s NAR by one with a single content byte changed; URL, FileHash and
+/// FileSize are fixed up (they are not signed), so only the signed NarHash can tell.
+fn flip_one_byte(e: &Env, name: &str, needle: &[u8]) -> String {
+    let f = fixture();
+    let url = f.narinfo_field(name, "URL");
+    let xz = std::fs::read(f.cache.join(&url)).unwrap();
+    let mut nar = Vec::new();
+    std::io::Read::read_to_end(&mut liblzma::read::XzDecoder::new(&xz[..]), &mut nar).unwrap();
+    let at = nar
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("needle in NAR");
+    nar[at] ^= 0x01;
+    let mut bad = Vec::new();
+    std::io::Write::write_all(&mut liblzma::write::XzEncoder::new(&mut bad, 6), &nar).unwrap();
+    let file_hash = nix32_sha256(&bad);
+    let new_url = format!("nar/{}.nar.xz", &file_hash[7..]);
+    std::fs::write(e.object(&new_url), &bad).unwrap();
+    let info = f
+        .narinfo(name)
+        .replace(&url, &new_url)
+        .replace(&f.narinfo_field(name, "FileHash"), &file_hash)
+        .replace(
+            &format!("FileSize: {}", f.narinfo_field(name, "FileSize")),
+            &format!("FileSize: {}", bad.len()),
+        );
+    std::fs::write(e.object(&format!("{}.narinfo", f.hash(name))), info).unwrap();
+    new_url
+}
+
+#[test]
+fn nar_with_one_byte_flipped_is_never_served() {
+    let f = fixture();
+    let e = env();
+    flip_one_byte(&e, "narfs-test-lib", b"hello from lib");
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &[]);
+    let lib = m.p(f.path("narfs-test-lib"));
+    assert_eq!(read_err(&lib.join("lib/greet.sh")), Some(libc::EIO));
+    assert_eq!(read_err(&lib.join("share/empty-file")), Some(libc::EIO));
+    assert_eq!(
+        std::fs::read_dir(&lib).unwrap_err().raw_os_error(),
+        Some(libc::EIO)
+    );
+    // neighbours are served
+    assert_eq!(
+        std::fs::read(m.p(f.path("narfs-test-single.txt"))).unwrap(),
+        b"asdf"
+    );
+    let log = m.log_text();
+    let expected = f.narinfo_field("narfs-test-lib", "NarHash");
+    assert!(
+        log.contains(&format!(
+            "NarHash mismatch: expected {expected}, got sha256:"
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("/nix/store/{}", f.path("narfs-test-lib"))),
+        "{log}"
+    );
+    // nothing of it is on disk
+    assert!(!m
+        .cache_dir
+        .join("store")
+        .join(f.path("narfs-test-lib"))
+        .exists());
+    assert_eq!(
+        std::fs::read_dir(m.cache_dir.join("tmp")).unwrap().count(),
+        0
+    );
+    // a later access tries again: once the cache is repaired, the path is served
+    std::fs::copy(
+        f.cache
+            .join(format!("{}.narinfo", f.hash("narfs-test-lib"))),
+        e.object(&format!("{}.narinfo", f.hash("narfs-test-lib"))),
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(lib.join("lib/greet.sh")).unwrap(),
+        "greet() { echo \"hello from lib\"; }\n"
+    );
+}
+
+#[test]
+fn remount_reuses_the_cache_dir() {
+    let f = fixture();
+    let e = env();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let app = f.path("narfs-test-app").to_owned();
+    {
+        let m = Mounted::start(&e.url, &[&f.public_key], Some(cache_dir.path()), &[]);
+        assert_eq!(
+            run(&mut Command::new(m.p(&app).join("bin/app"))),
+            "hello from lib\n"
+        );
+        assert!(m.stop().success());
+    }
+    e.proxy.clear();
+    let m = Mounted::start(&e.url, &[&f.public_key], Some(cache_dir.path()), &[]);
+    assert_eq!(
+        run(&mut Command::new(m.p(&app).join("bin/app"))),
+        "hello from lib\n"
+    );
+    assert_eq!(e.proxy.gets(".nar"), 0, "{:?}", e.proxy.requests());
+    assert_eq!(
+        e.proxy.gets(&format!("{}.narinfo", &app[..32])),
+        0,
+        "{:?}",
+        e.proxy.requests()
+    );
+}
+
+#[test]
+fn mount_fails_clearly_when_the_cache_does_not_answer() {
+    let f = fixture();
+    let port = free_port();
+    let url = format!("s3://some-bucket/pre?endpoint=127.0.0.1:{port}&scheme=http");
+    let Err((st, log)) = Mounted::try_start(&url, &[&f.public_key], None, &[]) else {
+        panic!("mounted an unreachable cache");
+    };
+    assert_eq!(st.code(), Some(1), "{log}");
+    for needle in [
+        &format!("http://127.0.0.1:{port}")[..],
+        "some-bucket",
+        "s3://some-bucket/pre",
+        "Connection refused",
+    ] {
+        assert!(log.contains(needle), "missing {needle}: {log}");
+    }
+    // a reachable server with no cache under that prefix
+    let e = env();
+    let Err((st, log)) = Mounted::try_start(
+        &e.s3.url(e.proxy.port, "wrong-prefix"),
+        &[&f.public_key],
+        None,
+        &[],
+    ) else {
+        panic!("mounted a prefix without nix-cache-info");
+    };
+    assert_eq!(st.code(), Some(1));
+    assert!(
+        log.contains("is not a Nix binary cache") && log.contains("wrong-prefix/nix-cache-info"),
+        "{log}"
+    );
+}
+
+#[test]
+fn malformed_input_exits_2_with_a_message() {
+    let f = fixture();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "--trusted-public-key".into(),
+                "nonsense".into(),
+                "file:///tmp".into(),
+                "/tmp".into(),
+            ],
+            "not of the form NAME:BASE64",
+        ),
+        (
+            vec![
+                "--trusted-public-key".into(),
+                "k:AAAA".into(),
+                "file:///tmp".into(),
+                "/tmp".into(),
+            ],
+            "expected 32 bytes",
+        ),
+        (
+            vec![
+                "--trusted-public-key".into(),
+                f.public_key.clone(),
+                "http:/x".into(),
+                "/tmp".into(),
+            ],
+            "invalid cache URL 'http:/x'",
+        ),
+        (
+            vec![
+                "--trusted-public-key".into(),
+                f.public_key.clone(),
+                "s3://b?scheme=gopher".into(),
+                "/tmp".into(),
+            ],
+            "scheme must be",
+        ),
+        (
+            vec!["file:///tmp".into(), "/tmp".into()],
+            "no trusted public key",
+        ),
+        (vec!["--bogus".into()], "--bogus"),
+    ];
+    for (args, needle) in cases {
+        let out = narfs().arg("mount").args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // keys from the environment, as nix.conf's trusted-public-keys
+    let out = narfs()
+        .env("NARFS_TRUSTED_PUBLIC_KEYS", format!("{} bad", f.public_key))
+        .args(["mount", "file:///tmp", "/tmp"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("key 'bad'"));
+}
+
+#[test]
+fn exits_0_when_unmounted_from_outside_and_keys_from_env_work() {
+    let f = fixture();
+    let base = tempfile::tempdir().unwrap();
+    let mnt = base.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mut child = narfs()
+        .env("NARFS_TRUSTED_PUBLIC_KEYS", &f.public_key)
+        .arg("mount")
+        .arg("--cache-dir")
+        .arg(base.path().join("c"))
+        .arg(format!("file://{}", f.cache.display()))
+        .arg(&mnt)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let p = mnt.join(f.path("narfs-test-single.txt"));
+    let t = Instant::now();
+    while std::fs::read(&p).ok().as_deref() != Some(b"asdf") {
+        assert!(t.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    run(Command::new("fusermount3").arg("-u").arg(&mnt));
+    assert!(wait_timeout(&mut child, Duration::from_secs(10)).success());
+}

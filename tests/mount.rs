@@ -118,6 +118,7 @@ fn serves_the_closure_exactly_as_nix_built_it() {
         let err = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
+            .truncate(false)
             .open(&target)
             .unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{target:?}");
@@ -412,7 +413,7 @@ fn remount_reuses_the_cache_dir() {
         run(&mut Command::new(m.p(&app).join("bin/app"))),
         "hello from lib\n"
     );
-    assert_eq!(e.proxy.gets(".nar"), 0, "{:?}", e.proxy.requests());
+    assert_eq!(e.proxy.gets(".nar.xz"), 0, "{:?}", e.proxy.requests());
     assert_eq!(
         e.proxy.gets(&format!("{}.narinfo", &app[..32])),
         0,

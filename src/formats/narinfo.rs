@@ -196,10 +196,8 @@ impl NarInfo {
                     refs.dedup();
                     set(&mut references, "References", refs)?
                 }
-                "Deriver" => {
-                    if value != "unknown-deriver" && !value.is_empty() {
-                        set(&mut deriver, "Deriver", value.to_owned())?
-                    }
+                "Deriver" if value != "unknown-deriver" && !value.is_empty() => {
+                    set(&mut deriver, "Deriver", value.to_owned())?
                 }
                 "Sig" => sigs.push(value.to_owned()),
                 "CA" => set(&mut ca, "CA", value.to_owned())?,

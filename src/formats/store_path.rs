@@ -127,7 +127,8 @@ mod tests {
     fn rejects_every_malformation() {
         use StorePathError::*;
         let h = "s20n2999afk451sa4s4gyx4q7x9vsx8x";
-        let cases: Vec<(String, fn(&StorePathError) -> bool)> = vec![
+        type Check = fn(&StorePathError) -> bool;
+        let cases: Vec<(String, Check)> = vec![
             (format!("/nix/stor/{h}-x"), |e| matches!(e, NotInStore(_))),
             (format!("/nix/store/{h}-x/sub"), |e| {
                 matches!(e, NotInStore(_))

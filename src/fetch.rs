@@ -309,3 +309,138 @@ pub fn unpack_verified<R: Read>(
     }
     Ok(tree)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::formats::store_path::StorePath;
+    use std::io::Write;
+
+    fn sample_nar() -> Vec<u8> {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("p")).unwrap();
+        std::fs::write(d.path().join("p/f"), "hello ".repeat(1000)).unwrap();
+        nar::Writer::new(Vec::new())
+            .dump_path(&d.path().join("p"))
+            .unwrap()
+    }
+
+    fn compress(c: &Compression, data: &[u8]) -> Vec<u8> {
+        match c {
+            Compression::None => data.to_vec(),
+            Compression::Xz => {
+                let mut w = liblzma::write::XzEncoder::new(Vec::new(), 6);
+                w.write_all(data).unwrap();
+                w.finish().unwrap()
+            }
+            Compression::Zstd => zstd::encode_all(data, 3).unwrap(),
+            Compression::Bzip2 => {
+                let mut w = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::default());
+                w.write_all(data).unwrap();
+                w.finish().unwrap()
+            }
+            Compression::Unknown(_) => data.to_vec(),
+        }
+    }
+
+    fn info_for(c: Compression, nar: &[u8], file: &[u8]) -> NarInfo {
+        NarInfo {
+            store_path: StorePath::from_basename("00000000000000000000000000000000-p").unwrap(),
+            url: "nar/x".into(),
+            compression: c,
+            file_hash: Some(Sha256::digest(file)),
+            file_size: Some(file.len() as u64),
+            nar_hash: Sha256::digest(nar),
+            nar_size: nar.len() as u64,
+            references: vec![],
+            deriver: None,
+            sigs: vec![],
+            ca: None,
+        }
+    }
+
+    fn attempt(info: &NarInfo, file: &[u8]) -> Result<Entry, String> {
+        let d = tempfile::tempdir().unwrap();
+        unpack_verified(file, info, &d.path().join("out"))
+    }
+
+    #[test]
+    fn every_compression_round_trips() {
+        let nar = sample_nar();
+        for c in [
+            Compression::None,
+            Compression::Xz,
+            Compression::Zstd,
+            Compression::Bzip2,
+        ] {
+            let file = compress(&c, &nar);
+            let info = info_for(c.clone(), &nar, &file);
+            assert!(attempt(&info, &file).is_ok(), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn each_check_catches_its_fault() {
+        let nar = sample_nar();
+        let file = compress(&Compression::Xz, &nar);
+        let good = info_for(Compression::Xz, &nar, &file);
+
+        let mut i = good.clone();
+        i.nar_size -= 1;
+        let e = attempt(&i, &file).unwrap_err();
+        assert!(e.contains("longer than"), "short NarSize: {e}");
+        let mut i = good.clone();
+        i.nar_size += 1;
+        assert!(attempt(&i, &file).unwrap_err().contains("NarSize mismatch"));
+        let mut i = good.clone();
+        i.nar_hash = Sha256::digest(b"x");
+        assert!(attempt(&i, &file).unwrap_err().contains("NarHash mismatch"));
+        let mut i = good.clone();
+        i.file_hash = Some(Sha256::digest(b"x"));
+        assert!(attempt(&i, &file)
+            .unwrap_err()
+            .contains("FileHash mismatch"));
+        let mut i = good.clone();
+        i.compression = Compression::Unknown("lz4".into());
+        assert!(attempt(&i, &file)
+            .unwrap_err()
+            .contains("unsupported compression 'lz4'"));
+        let mut i = good.clone();
+        i.compression = Compression::Zstd;
+        assert!(attempt(&i, &file).is_err(), "wrong decompressor");
+        // truncated compressed stream
+        assert!(attempt(&good, &file[..file.len() / 2]).is_err());
+        // extra bytes after the compressed stream change FileSize
+        let mut longer = file.clone();
+        longer.extend_from_slice(b"junk");
+        assert!(attempt(&good, &longer).is_err());
+        // one content byte flipped, FileHash and FileSize fixed up
+        let mut bad = nar.clone();
+        let at = bad.windows(5).position(|w| w == b"hello").unwrap();
+        bad[at] ^= 1;
+        let bad_file = compress(&Compression::Xz, &bad);
+        let mut i = good.clone();
+        i.file_hash = Some(Sha256::digest(&bad_file));
+        i.file_size = Some(bad_file.len() as u64);
+        assert!(attempt(&i, &bad_file)
+            .unwrap_err()
+            .contains("NarHash mismatch"));
+    }
+
+    #[test]
+    fn decompression_bomb_stops_at_nar_size() {
+        // 1 GiB of zeros compresses to ~150 KiB of xz; the claim is a 1 KiB NAR
+        let mut w = liblzma::write::XzEncoder::new(Vec::new(), 1);
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..1024 {
+            w.write_all(&zeros).unwrap();
+        }
+        let file = w.finish().unwrap();
+        let mut info = info_for(Compression::Xz, b"", &file);
+        info.nar_size = 1024;
+        let t = Instant::now();
+        let e = attempt(&info, &file).unwrap_err();
+        assert!(e.contains("bad NAR") || e.contains("longer than"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
+}

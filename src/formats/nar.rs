@@ -97,16 +97,27 @@ impl<R: Read> Reader<'_, R> {
         Ok(())
     }
 
-    fn tag(&mut self, expected: &'static str) -> Result<(), NarError> {
+    /// A tag string (at most 32 bytes), left in `self.buf`.
+    fn tag_string(&mut self, expected: &'static str) -> Result<(), NarError> {
         let at = self.pos;
-        self.string(32, "tag").map_err(|e| match e {
-            NarError::Invalid { .. } => NarError::Tag {
+        let len = self.u64()?;
+        if len > 32 {
+            return Err(NarError::Tag {
                 offset: at,
                 expected,
-                found: "an over-long string".into(),
-            },
-            e => e,
-        })?;
+                found: format!("a string of {len} bytes"),
+            });
+        }
+        self.exact(len as usize)?;
+        let s = std::mem::take(&mut self.buf);
+        self.padding(len)?;
+        self.buf = s;
+        Ok(())
+    }
+
+    fn tag(&mut self, expected: &'static str) -> Result<(), NarError> {
+        let at = self.pos;
+        self.tag_string(expected)?;
         if self.buf != expected.as_bytes() {
             return Err(NarError::Tag {
                 offset: at,
@@ -124,11 +135,7 @@ impl<R: Read> Reader<'_, R> {
         expected: &'static str,
     ) -> Result<&'static str, NarError> {
         let at = self.pos;
-        self.string(32, "tag").map_err(|_| NarError::Tag {
-            offset: at,
-            expected,
-            found: "an over-long string".into(),
-        })?;
+        self.tag_string(expected)?;
         choices
             .iter()
             .find(|c| c.as_bytes() == self.buf.as_slice())

@@ -79,19 +79,44 @@ pub fn fixture() -> &'static Fixture {
     F.get_or_init(build_fixture)
 }
 
+/// The fixture is built once and shared by every test binary and run, under the
+/// target directory: keyed by the closure's source, built in a temp dir and renamed into
+/// place under a lock, so parallel test binaries never see half of it.
 fn build_fixture() -> Fixture {
-    let dir = std::env::temp_dir().join(format!("narfs-fixture-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let nix_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/closure.nix");
+    let src = std::fs::read(&nix_file).unwrap();
+    let key = &narfs::formats::hash::Sha256::digest(&src).to_nix_string()[7..19];
+    let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(base).unwrap();
+    let dir = base.join(format!("fixture-{key}"));
+    let lock = std::fs::File::create(base.join("fixture.lock")).unwrap();
+    use std::os::fd::AsRawFd;
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    if !dir.join("done").exists() {
+        let tmp = base.join(format!("fixture-{key}.tmp"));
+        let _ = Command::new("chmod")
+            .arg("-R")
+            .arg("u+w")
+            .arg(&tmp)
+            .status();
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).unwrap();
+        build_fixture_in(&tmp, &nix_file);
+        std::fs::write(tmp.join("done"), b"").unwrap();
+        std::fs::rename(&tmp, &dir).unwrap();
+    }
+    load_fixture(&dir)
+}
+
+fn build_fixture_in(dir: &Path, nix_file: &Path) {
     let root = dir.join("root");
     let store = format!("local?root={}", root.display());
-    let nix_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/closure.nix");
     let out = run(Command::new("nix-build")
         .args(["--store", &store, "--no-out-link"])
         .args(["--option", "sandbox", "true"])
         .args(["--option", "sandbox-paths", "/bin /usr /lib /lib64"])
         .args(["--option", "substituters", ""])
-        .arg(&nix_file)
+        .arg(nix_file)
         .env("PATH", "/usr/bin:/bin")
         .env_remove("NIX_REMOTE"));
     let top = out.trim().to_owned();
@@ -115,19 +140,29 @@ fn build_fixture() -> Fixture {
             .arg(&top),
     );
     let closure = run(nix(&["path-info", "--store", &store, "-r"]).arg(&top));
+    std::fs::write(dir.join("closure"), closure).unwrap();
+}
+
+fn load_fixture(dir: &Path) -> Fixture {
+    let root = dir.join("root");
+    let store = format!("local?root={}", root.display());
+    let (sk, pk) = (dir.join("secret-key"), dir.join("public-key"));
     let mut paths = BTreeMap::new();
-    for p in closure.lines() {
+    for p in std::fs::read_to_string(dir.join("closure"))
+        .unwrap()
+        .lines()
+    {
         let base = p.strip_prefix("/nix/store/").unwrap().to_owned();
         paths.insert(base[33..].to_owned(), base);
     }
     Fixture {
         store,
         real_store: root.join("nix/store"),
-        cache,
+        cache: dir.join("cache"),
         public_key: std::fs::read_to_string(&pk).unwrap().trim().to_owned(),
         secret_key_file: sk,
         paths,
-        dir,
+        dir: dir.to_owned(),
     }
 }
 
@@ -200,6 +235,7 @@ impl Drop for S3Server {
 
 /// A running `narfs mount`.
 pub struct Mounted {
+    base: PathBuf,
     pub mnt: PathBuf,
     pub cache_dir: PathBuf,
     pub log: PathBuf,
@@ -254,6 +290,7 @@ impl Mounted {
             .spawn()
             .unwrap();
         let mut m = Mounted {
+            base: base.clone(),
             mnt,
             cache_dir,
             log,

@@ -101,22 +101,42 @@ impl DiskCache {
         walk(&self.path_dir(basename), 0)
     }
 
-    pub fn narinfo_path(&self, hash_part: &str) -> PathBuf {
+    /// Verified narinfos are filed under the id of the key that verified them, so a
+    /// remount trusts exactly what its own keys verified, without checking again.
+    fn narinfo_path(&self, key_id: &str, hash_part: &str) -> PathBuf {
         self.root
             .join("narinfo")
+            .join(key_id)
             .join(format!("{hash_part}.narinfo"))
     }
 
     /// Keeps a verified narinfo so a remount needs no GET for it. Written to a temp
     /// file and renamed, so a crash never leaves half a record.
-    pub fn save_narinfo(&self, hash_part: &str, text: &str) -> io::Result<()> {
+    pub fn save_narinfo(&self, key_id: &str, hash_part: &str, text: &str) -> io::Result<()> {
+        let dest = self.narinfo_path(key_id, hash_part);
+        fs::create_dir_all(dest.parent().unwrap())?;
         let tmp = self.temp_path(&format!("{hash_part}.narinfo"));
         fs::write(&tmp, text)?;
-        fs::rename(&tmp, self.narinfo_path(hash_part))
+        fs::rename(&tmp, dest)
     }
 
-    pub fn load_narinfo(&self, hash_part: &str) -> Option<String> {
-        fs::read_to_string(self.narinfo_path(hash_part)).ok()
+    pub fn load_narinfo(&self, key_id: &str, hash_part: &str) -> Option<String> {
+        fs::read_to_string(self.narinfo_path(key_id, hash_part)).ok()
+    }
+
+    /// Every narinfo verified by key `key_id`, as (hash part, text).
+    pub fn all_narinfos(&self, key_id: &str) -> Vec<(String, String)> {
+        let dir = self.root.join("narinfo").join(key_id);
+        let Ok(rd) = fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        rd.filter_map(|e| {
+            let e = e.ok()?;
+            let name = e.file_name().into_string().ok()?;
+            let hash = name.strip_suffix(".narinfo")?.to_owned();
+            Some((hash, fs::read_to_string(e.path()).ok()?))
+        })
+        .collect()
     }
 }
 

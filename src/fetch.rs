@@ -6,7 +6,7 @@
 use crate::disk_cache::{remove_any, DiskCache};
 use crate::formats::hash::{Hasher, Sha256};
 use crate::formats::keys::TrustedKeys;
-use crate::formats::listing::Entry;
+use crate::formats::listing::{parse_ls, Entry, MAX_LISTING_BYTES};
 use crate::formats::nar;
 use crate::formats::narinfo::{Compression, NarInfo, MAX_NARINFO_BYTES};
 use crate::singleflight::SingleFlight;
@@ -41,8 +41,10 @@ pub enum Lookup {
 pub struct Fetcher {
     storage: Arc<dyn Storage>,
     keys: TrustedKeys,
+    key_ids: Vec<String>,
     disk: Arc<DiskCache>,
     narinfos: SingleFlight<String, Lookup, FetchError>,
+    listings: SingleFlight<String, Option<Arc<Entry>>, FetchError>,
     nars: SingleFlight<String, Arc<Entry>, FetchError>,
     negative: Mutex<HashMap<String, Instant>>,
     negative_ttl: Duration,
@@ -56,10 +58,12 @@ impl Fetcher {
         negative_ttl: Duration,
     ) -> Self {
         Fetcher {
+            key_ids: keys.iter().map(|k| k.id()).collect(),
             storage,
             keys,
             disk,
             narinfos: SingleFlight::default(),
+            listings: SingleFlight::default(),
             nars: SingleFlight::default(),
             negative: Mutex::default(),
             negative_ttl,
@@ -74,15 +78,35 @@ impl Fetcher {
         &self.disk
     }
 
+    fn from_disk(&self, hash: &str, text: &str) -> Option<Arc<NarInfo>> {
+        // Written by us after verification with one of the current keys.
+        let info = NarInfo::parse(text).ok()?;
+        (info.store_path.hash_part() == hash).then(|| Arc::new(info.compact()))
+    }
+
+    /// What earlier mounts verified with the keys trusted now: the root listing is
+    /// ready from disk before the cache is listed again.
+    pub fn verified_on_disk(&self) -> Vec<Arc<NarInfo>> {
+        let mut out = Vec::new();
+        for id in &self.key_ids {
+            for (hash, text) in self.disk.all_narinfos(id) {
+                out.extend(self.from_disk(&hash, &text));
+            }
+        }
+        out
+    }
+
     /// Looks up `<hash>.narinfo`: from the disk cache if verified before, else from the
     /// cache (once, however many callers). `Missing` answers are remembered for the
     /// negative TTL; errors are not remembered.
     pub async fn narinfo(self: &Arc<Self>, hash: &str) -> Result<Lookup, Arc<FetchError>> {
-        if let Some(text) = self.disk.load_narinfo(hash) {
-            if let Ok(info) = NarInfo::parse(&text) {
-                if info.verify(hash, &self.keys).is_ok() {
-                    return Ok(Lookup::Found(Arc::new(info)));
-                }
+        for id in &self.key_ids {
+            if let Some(info) = self
+                .disk
+                .load_narinfo(id, hash)
+                .and_then(|t| self.from_disk(hash, &t))
+            {
+                return Ok(Lookup::Found(info));
             }
         }
         if let Some(t) = self.negative.lock().unwrap().get(hash) {
@@ -107,11 +131,15 @@ impl Fetcher {
                 me.fetch_narinfo(&h).await
             })
             .await;
-        if let Ok(Lookup::Missing) = r {
-            self.negative
-                .lock()
-                .unwrap()
-                .insert(hash.to_owned(), Instant::now());
+        let mut neg = self.negative.lock().unwrap();
+        match r {
+            Ok(Lookup::Missing) => {
+                neg.insert(hash.to_owned(), Instant::now());
+            }
+            Ok(Lookup::Found(_)) => {
+                neg.remove(hash);
+            }
+            Err(_) => {}
         }
         r
     }
@@ -133,20 +161,48 @@ impl Fetcher {
         };
         match info.verify(hash, &self.keys) {
             Ok(signer) => {
-                tracing::debug!(path = %info.store_path, signer, ms = t0.elapsed().as_millis() as u64, "narinfo verified");
-                if let Err(e) = self.disk.save_narinfo(hash, &info.to_text()) {
+                tracing::debug!(path = %info.store_path, signer = %signer.name, ms = t0.elapsed().as_millis() as u64, "narinfo verified");
+                if let Err(e) = self.disk.save_narinfo(&signer.id(), hash, &info.to_text()) {
                     tracing::warn!(
                         "cannot keep verified narinfo of {} in the cache directory: {e}",
                         info.store_path
                     );
                 }
-                Ok(Lookup::Found(Arc::new(info)))
+                Ok(Lookup::Found(Arc::new(info.compact())))
             }
             Err(e) => {
                 tracing::warn!("rejecting {location}: {e}");
                 Ok(Lookup::Missing)
             }
         }
+    }
+
+    /// The path's `.ls` listing, if the cache has a usable one. It is unsigned: a hint
+    /// for names, types and sizes only, never for contents.
+    pub async fn listing(
+        self: &Arc<Self>,
+        info: Arc<NarInfo>,
+    ) -> Result<Option<Arc<Entry>>, Arc<FetchError>> {
+        let me = self.clone();
+        self.listings
+            .run(info.store_path.hash_part().to_owned(), move || async move {
+                let key = format!("{}.ls", info.store_path.hash_part());
+                let Some(bytes) = get_small(&*me.storage, &key, MAX_LISTING_BYTES).await? else {
+                    return Ok(None);
+                };
+                match parse_ls(&bytes, info.nar_size) {
+                    Ok(tree) => Ok(Some(Arc::new(tree))),
+                    Err(e) => {
+                        tracing::warn!(
+                            "ignoring listing {} of {}: {e}; its NAR will be used instead",
+                            me.storage.location(&key),
+                            info.store_path
+                        );
+                        Ok(None)
+                    }
+                }
+            })
+            .await
     }
 
     /// Makes the path's contents available in the disk cache and returns its tree.
@@ -180,7 +236,9 @@ impl Fetcher {
         let t0 = Instant::now();
         let location = self.storage.location(&info.url);
         let Some(body) = self.storage.get(&info.url).await? else {
-            return Err(format!("{}: NAR {location} does not exist", info.store_path).into());
+            let msg = format!("{}: NAR {location} does not exist", info.store_path);
+            tracing::error!("{msg}");
+            return Err(msg.into());
         };
         let tmp = self.disk.temp_path(&basename);
         let rt = tokio::runtime::Handle::current();

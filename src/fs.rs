@@ -7,7 +7,7 @@
 
 use crate::fetch::{Fetcher, Lookup};
 use crate::formats::store_path::StorePath;
-use crate::index::{Index, Kind, PathId, ROOT};
+use crate::index::{Index, Kind, PathId, TreeSource, ROOT};
 use futures::StreamExt;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStringExt;
@@ -32,8 +32,15 @@ impl Errno {
 pub enum Need {
     /// The narinfo of a root entry name that is not known yet.
     NarInfo(String),
-    /// The tree (and, for now, contents) of a store path.
+    /// The tree of a store path (from its `.ls` listing if it has one, else its NAR).
+    Tree(PathId),
+    /// The verified contents of a store path in the disk cache.
     Content(PathId),
+}
+
+/// Tells the kernel to forget cached entries; the FUSE adapter provides it.
+pub trait Invalidator: Send + Sync + 'static {
+    fn entry(&self, parent: u64, name: &[u8]);
 }
 
 #[derive(Debug)]
@@ -84,6 +91,7 @@ pub struct Fs {
     index: Arc<Index>,
     fetcher: Arc<Fetcher>,
     list_jobs: usize,
+    invalidator: std::sync::OnceLock<Arc<dyn Invalidator>>,
 }
 
 const DIR_SIZE: u64 = 4096;
@@ -93,8 +101,17 @@ impl Fs {
         Fs {
             index,
             fetcher,
-            list_jobs: 16,
+            list_jobs: 64,
+            invalidator: std::sync::OnceLock::new(),
         }
+    }
+
+    pub fn set_invalidator(&self, inv: Arc<dyn Invalidator>) {
+        let _ = self.invalidator.set(inv);
+    }
+
+    pub fn fetcher(&self) -> &Arc<Fetcher> {
+        &self.fetcher
     }
 
     pub fn index(&self) -> &Arc<Index> {
@@ -157,7 +174,7 @@ impl Fs {
             return Ready(Err(Errno::ENOENT));
         };
         match n.kind {
-            Kind::Unloaded => Wait(Need::Content(n.path)),
+            Kind::Unloaded => Wait(Need::Tree(n.path)),
             Kind::Dir { .. } => match self.index.child(parent, name) {
                 Some(c) => self.getattr(c),
                 None => Ready(Err(Errno::ENOENT)),
@@ -169,7 +186,7 @@ impl Fs {
     pub fn readlink(&self, ino: u64) -> Outcome<Vec<u8>> {
         match self.index.node(ino).map(|n| n.kind) {
             Some(Kind::Symlink { target }) => Ready(Ok(target.into_vec())),
-            Some(Kind::Unloaded) => Wait(Need::Content(self.index.node(ino).unwrap().path)),
+            Some(Kind::Unloaded) => Wait(Need::Tree(self.index.node(ino).unwrap().path)),
             Some(_) => Ready(Err(Errno::EINVAL)),
             None => Ready(Err(Errno::ENOENT)),
         }
@@ -181,7 +198,7 @@ impl Fs {
             return Ready(Err(Errno::ENOENT));
         };
         match n.kind {
-            Kind::Unloaded => return Wait(Need::Content(n.path)),
+            Kind::Unloaded => return Wait(Need::Tree(n.path)),
             Kind::Root | Kind::Dir { .. } => {}
             _ => return Ready(Err(Errno::ENOTDIR)),
         }
@@ -220,9 +237,12 @@ impl Fs {
         };
         match n.kind {
             Kind::File { .. } => {}
-            Kind::Unloaded => return Wait(Need::Content(n.path)),
+            Kind::Unloaded => return Wait(Need::Tree(n.path)),
             Kind::Dir { .. } | Kind::Root => return Ready(Err(Errno::EISDIR)),
             Kind::Symlink { .. } => return Ready(Err(Errno::EINVAL)),
+        }
+        if !self.index.is_unpacked(n.path) {
+            return Wait(Need::Content(n.path));
         }
         let Some((path, rel)) = self.index.relative_path(ino) else {
             return Ready(Err(Errno::ENOENT));
@@ -327,6 +347,23 @@ impl Fs {
                     }
                 }
             }
+            Need::Tree(id) => {
+                if self.index.tree_source(id).is_some() {
+                    return Ok(());
+                }
+                let info = self.index.path_info(id);
+                if !self.fetcher.disk().has_path(info.store_path.basename()) {
+                    match self.fetcher.listing(info).await {
+                        Ok(Some(tree)) => {
+                            self.index.attach_tree(id, &tree, TreeSource::Listing);
+                            return Ok(());
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!("{e}; trying the NAR"),
+                    }
+                }
+                Box::pin(self.satisfy(Need::Content(id))).await
+            }
             Need::Content(id) => {
                 let mut info = self.index.path_info(id);
                 if self.index.has_failed(id) {
@@ -343,7 +380,9 @@ impl Fs {
                 match self.fetcher.content(info).await {
                     Ok(tree) => {
                         self.index.set_failed(id, false);
-                        self.index.attach_tree(id, &tree);
+                        let stale = self.index.attach_tree(id, &tree, TreeSource::Nar);
+                        self.index.set_unpacked(id, true);
+                        self.invalidate(stale);
                         Ok(())
                     }
                     Err(_) => {
@@ -352,6 +391,21 @@ impl Fs {
                     }
                 }
             }
+        }
+    }
+
+    /// Drops stale kernel entries off the request path: the kernel may hold a
+    /// directory lock while it waits for one of our replies.
+    fn invalidate(&self, stale: crate::index::Stale) {
+        if stale.is_empty() {
+            return;
+        }
+        if let Some(inv) = self.invalidator.get().cloned() {
+            std::thread::spawn(move || {
+                for (parent, name) in stale.iter().rev() {
+                    inv.entry(*parent, name);
+                }
+            });
         }
     }
 

@@ -57,6 +57,17 @@ impl NarFuse {
     }
 }
 
+/// Kernel cache invalidation through the session's notifier.
+pub struct KernelInvalidator(pub fuser::Notifier);
+
+impl crate::fs::Invalidator for KernelInvalidator {
+    fn entry(&self, parent: u64, name: &[u8]) {
+        if let Err(e) = self.0.inval_entry(INodeNo(parent), OsStr::from_bytes(name)) {
+            tracing::debug!("invalidating {}: {e}", String::from_utf8_lossy(name));
+        }
+    }
+}
+
 fn errno(e: Errno) -> fuser::Errno {
     fuser::Errno::from_i32(e.0)
 }

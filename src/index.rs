@@ -38,14 +38,28 @@ pub struct Node {
     pub kind: Kind,
 }
 
+/// Where a store path's tree came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TreeSource {
+    /// The unsigned `.ls` listing: names, types and sizes only, until the NAR is here.
+    Listing,
+    /// The verified NAR (or its unpacked copy in the disk cache).
+    Nar,
+}
+
 #[derive(Debug)]
 pub struct StorePathEntry {
     pub info: Arc<NarInfo>,
     pub ino: u64,
-    pub loaded: bool,
+    pub tree: Option<TreeSource>,
+    /// Its verified contents are in the disk cache.
+    pub unpacked: bool,
     /// The last fetch of its contents failed: check the narinfo again before retrying.
     pub failed: bool,
 }
+
+/// Kernel caches to drop after a tree was replaced: `(directory inode, entry name)`.
+pub type Stale = Vec<(u64, Box<[u8]>)>;
 
 #[derive(Default)]
 struct Inner {
@@ -93,7 +107,8 @@ impl Index {
         g.paths.push(StorePathEntry {
             info,
             ino,
-            loaded: false,
+            tree: None,
+            unpacked: false,
             failed: false,
         });
         g.root_order.push(ino);
@@ -120,8 +135,16 @@ impl Index {
         self.inner.read().unwrap().paths[id as usize].ino
     }
 
-    pub fn is_loaded(&self, id: PathId) -> bool {
-        self.inner.read().unwrap().paths[id as usize].loaded
+    pub fn tree_source(&self, id: PathId) -> Option<TreeSource> {
+        self.inner.read().unwrap().paths[id as usize].tree
+    }
+
+    pub fn is_unpacked(&self, id: PathId) -> bool {
+        self.inner.read().unwrap().paths[id as usize].unpacked
+    }
+
+    pub fn set_unpacked(&self, id: PathId, unpacked: bool) {
+        self.inner.write().unwrap().paths[id as usize].unpacked = unpacked;
     }
 
     pub fn set_failed(&self, id: PathId, failed: bool) {
@@ -141,16 +164,34 @@ impl Index {
         }
     }
 
-    /// Gives a store path its tree (idempotent: the first tree wins).
-    pub fn attach_tree(&self, id: PathId, tree: &Entry) {
+    /// Gives a store path its tree. A listing never replaces anything; the NAR's tree
+    /// replaces a listing's when they differ (the NAR wins), and then the returned
+    /// entries are stale in the kernel's caches.
+    pub fn attach_tree(&self, id: PathId, tree: &Entry, source: TreeSource) -> Stale {
         let mut g = self.inner.write().unwrap();
-        if g.paths[id as usize].loaded {
-            return;
-        }
         let ino = g.paths[id as usize].ino;
+        let mut stale = Vec::new();
+        match (g.paths[id as usize].tree, source) {
+            (None, _) => {}
+            (Some(TreeSource::Listing), TreeSource::Nar) => {
+                g.paths[id as usize].tree = Some(TreeSource::Nar);
+                if g.matches(ino, tree) {
+                    return stale;
+                }
+                tracing::warn!(
+                    "the .ls listing of {} disagrees with its verified NAR; serving the NAR",
+                    g.paths[id as usize].info.store_path
+                );
+                g.collect_entries(ino, &mut stale);
+                let name = g.nodes[(ino - 2) as usize].name.clone();
+                stale.push((ROOT, name));
+            }
+            _ => return stale,
+        }
         let kind = g.build(id, ino, tree);
         g.nodes[(ino - 2) as usize].kind = kind;
-        g.paths[id as usize].loaded = true;
+        g.paths[id as usize].tree = Some(source);
+        stale
     }
 
     pub fn node(&self, ino: u64) -> Option<NodeView> {
@@ -251,6 +292,43 @@ impl Index {
 }
 
 impl Inner {
+    fn node(&self, ino: u64) -> &Node {
+        &self.nodes[(ino - 2) as usize]
+    }
+
+    /// Does the subtree at `ino` have exactly the names, types, sizes, modes and
+    /// targets of `e`?
+    fn matches(&self, ino: u64, e: &Entry) -> bool {
+        match (&self.node(ino).kind, e) {
+            (
+                Kind::File { size, executable },
+                Entry::Regular {
+                    size: s,
+                    executable: x,
+                    ..
+                },
+            ) => size == s && executable == x,
+            (Kind::Symlink { target }, Entry::Symlink { target: t }) => target == t,
+            (Kind::Dir { children }, Entry::Directory { entries }) => {
+                children.len() == entries.len()
+                    && children
+                        .iter()
+                        .zip(entries)
+                        .all(|(&c, (name, e))| self.node(c).name == *name && self.matches(c, e))
+            }
+            _ => false,
+        }
+    }
+
+    fn collect_entries(&self, ino: u64, out: &mut Stale) {
+        if let Kind::Dir { children } = &self.node(ino).kind {
+            for &c in children {
+                out.push((ino, self.node(c).name.clone()));
+                self.collect_entries(c, out);
+            }
+        }
+    }
+
     fn build(&mut self, path: PathId, ino: u64, e: &Entry) -> Kind {
         match e {
             Entry::Regular {

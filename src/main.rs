@@ -38,6 +38,9 @@ struct MountArgs {
     /// How long a store path the cache does not have is remembered as missing.
     #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
     negative_ttl: u64,
+    /// How often the cache is listed again so newly pushed paths appear (0: never).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    refresh_interval: u64,
     /// More logging (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = ArgAction::Count)]
     verbose: u8,
@@ -91,6 +94,7 @@ fn main() -> ExitCode {
                 cache_dir,
                 allow_other: a.allow_other,
                 negative_ttl: std::time::Duration::from_secs(a.negative_ttl),
+                refresh_interval: std::time::Duration::from_secs(a.refresh_interval),
             };
             match mount::run(opts) {
                 Ok(()) => ExitCode::SUCCESS,

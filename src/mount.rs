@@ -18,6 +18,7 @@ pub struct MountOptions {
     pub cache_dir: PathBuf,
     pub allow_other: bool,
     pub negative_ttl: Duration,
+    pub refresh_interval: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,20 +126,7 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
     let fetcher = Arc::new(Fetcher::new(storage, keys, disk, opts.negative_ttl));
     let index = Arc::new(Index::default());
     let fs = Arc::new(Fs::new(index, fetcher));
-    {
-        let fs = fs.clone();
-        rt.spawn(async move {
-            let t = Instant::now();
-            match fs.scan_bucket().await {
-                Ok(n) => tracing::info!(
-                    paths = n,
-                    ms = t.elapsed().as_millis() as u64,
-                    "listed the cache"
-                ),
-                Err(e) => tracing::warn!("cannot list the cache (lookups by name still work): {e}"),
-            }
-        });
-    }
+    rt.spawn(keep_listing(fs.clone(), opts.refresh_interval));
 
     let mut config = fuser::Config::default();
     config.mount_options = vec![
@@ -156,7 +144,7 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
     config.n_threads = Some(4);
     config.clone_fd = true;
     let session = fuser::Session::new(
-        crate::fuse::NarFuse::new(fs, rt.handle().clone()),
+        crate::fuse::NarFuse::new(fs.clone(), rt.handle().clone()),
         &opts.mountpoint,
         &config,
     )
@@ -198,4 +186,38 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
     }
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(())
+}
+
+/// Fills the root: first what earlier mounts verified (from disk, no GET), then the
+/// cache's own listing, again every `interval` so newly pushed paths appear.
+async fn keep_listing(fs: Arc<Fs>, interval: Duration) {
+    let t = Instant::now();
+    let f = fs.fetcher().clone();
+    if let Ok(known) = tokio::task::spawn_blocking(move || f.verified_on_disk()).await {
+        let n = known.len();
+        for info in known {
+            fs.index().add_path(info);
+        }
+        tracing::info!(
+            paths = n,
+            ms = t.elapsed().as_millis() as u64,
+            "loaded verified paths from the cache directory"
+        );
+    }
+    loop {
+        let t = Instant::now();
+        match fs.scan_bucket().await {
+            Ok(n) => tracing::info!(
+                new_paths = n,
+                paths = fs.index().path_count(),
+                ms = t.elapsed().as_millis() as u64,
+                "listed the cache"
+            ),
+            Err(e) => tracing::warn!("cannot list the cache (lookups by name still work): {e}"),
+        }
+        if interval.is_zero() {
+            return;
+        }
+        tokio::time::sleep(interval).await;
+    }
 }

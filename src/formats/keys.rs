@@ -67,6 +67,13 @@ impl PublicKey {
     pub fn to_nix_string(&self) -> String {
         format!("{}:{}", self.name, B64.encode(self.key.as_bytes()))
     }
+
+    /// A short, file-name-safe identifier of this exact key (name and bytes), under
+    /// which the disk cache files what this key verified.
+    pub fn id(&self) -> String {
+        let h = super::hash::Sha256::digest(self.to_nix_string().as_bytes());
+        super::nixbase32::encode(&h.0[..10])
+    }
 }
 
 /// A secret key; narfs signs only in tests and `narfs push`, but it must read the files
@@ -159,14 +166,18 @@ impl TrustedKeys {
         self.len() == 0
     }
 
+    pub fn iter(&self) -> impl Iterator<Item = &PublicKey> {
+        self.by_name.values().flatten()
+    }
+
     /// Accepts if any `Sig:` value (`name:base64`) is by a trusted key name and verifies
-    /// over `fingerprint`, like Nix's `ValidPathInfo::checkSignatures`. Returns the name
-    /// of the key that signed.
+    /// over `fingerprint`, like Nix's `ValidPathInfo::checkSignatures`. Returns the key
+    /// that signed.
     pub fn verify<'a>(
         &self,
         fingerprint: &[u8],
         sigs: impl IntoIterator<Item = &'a str>,
-    ) -> Result<String, Untrusted> {
+    ) -> Result<&PublicKey, Untrusted> {
         let mut names = Vec::new();
         for sig in sigs {
             let Some((name, b64)) = sig.split_once(':') else {
@@ -181,8 +192,8 @@ impl TrustedKeys {
             let Ok(arr) = <[u8; 64]>::try_from(bytes.as_slice()) else {
                 continue;
             };
-            if keys.iter().any(|k| k.verify(fingerprint, &arr)) {
-                return Ok(name.to_owned());
+            if let Some(k) = keys.iter().find(|k| k.verify(fingerprint, &arr)) {
+                return Ok(k);
             }
         }
         Err(Untrusted { sig_names: names })
@@ -212,7 +223,7 @@ mod tests {
         let sig = sk.sign(b"msg");
         let mut t = TrustedKeys::default();
         t.add(sk.public());
-        assert_eq!(t.verify(b"msg", [sig.as_str()]).unwrap(), "k1");
+        assert_eq!(t.verify(b"msg", [sig.as_str()]).unwrap().name, "k1");
         let e = t.verify(b"other", [sig.as_str()]).unwrap_err();
         assert_eq!(e.sig_names, vec!["k1"]);
     }

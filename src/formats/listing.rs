@@ -96,9 +96,218 @@ impl Entry {
     }
 }
 
+/// `.ls` files are a hint: narfs refuses anything larger rather than buffer it.
+pub const MAX_LISTING_BYTES: usize = 64 << 20;
+
+#[derive(serde::Deserialize)]
+struct LsFile {
+    version: u64,
+    root: LsNode,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+enum LsNode {
+    Regular {
+        size: u64,
+        #[serde(default)]
+        executable: bool,
+        #[serde(rename = "narOffset", default)]
+        nar_offset: Option<u64>,
+    },
+    Symlink {
+        target: String,
+    },
+    Directory {
+        entries: std::collections::BTreeMap<String, LsNode>,
+    },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ListingError {
+    #[error("listing is larger than {MAX_LISTING_BYTES} bytes")]
+    TooLarge,
+    #[error("listing is not valid JSON of the .ls format: {0}")]
+    Json(String),
+    #[error("listing has version {0}, only version 1 is known")]
+    Version(u64),
+    #[error("listing entry {path:?}: {what}")]
+    Entry { path: String, what: String },
+}
+
+/// Parses a `.ls` listing (written by `nix copy --to ...?write-nar-listing=1`) and
+/// checks it could describe a NAR of `nar_size` bytes: valid names and targets, no
+/// file larger than the NAR, no deeper nesting than a NAR may have.
+pub fn parse_ls(bytes: &[u8], nar_size: u64) -> Result<Entry, ListingError> {
+    if bytes.len() > MAX_LISTING_BYTES {
+        return Err(ListingError::TooLarge);
+    }
+    let f: LsFile = serde_json::from_slice(bytes).map_err(|e| ListingError::Json(e.to_string()))?;
+    if f.version != 1 {
+        return Err(ListingError::Version(f.version));
+    }
+    convert(f.root, &mut String::new(), 0, nar_size)
+}
+
+fn convert(
+    n: LsNode,
+    path: &mut String,
+    depth: usize,
+    nar_size: u64,
+) -> Result<Entry, ListingError> {
+    let bad = |path: &str, what: &str| ListingError::Entry {
+        path: if path.is_empty() {
+            "/".into()
+        } else {
+            path.to_owned()
+        },
+        what: what.to_owned(),
+    };
+    if depth > MAX_DEPTH {
+        return Err(bad(path, "nested too deeply"));
+    }
+    Ok(match n {
+        LsNode::Regular {
+            size,
+            executable,
+            nar_offset,
+        } => {
+            if size > nar_size || nar_offset.is_some_and(|o| o.saturating_add(size) > nar_size) {
+                return Err(bad(path, "size or offset beyond the NAR's size"));
+            }
+            Entry::Regular {
+                size,
+                executable,
+                nar_offset,
+            }
+        }
+        LsNode::Symlink { target } => {
+            if let Some(what) = invalid_target(target.as_bytes()) {
+                return Err(bad(path, what));
+            }
+            Entry::Symlink {
+                target: target.into_bytes().into(),
+            }
+        }
+        LsNode::Directory { entries } => {
+            let mut out = Vec::with_capacity(entries.len());
+            for (name, child) in entries {
+                if let Some(what) = invalid_name(name.as_bytes()) {
+                    return Err(bad(path, what));
+                }
+                let len = path.len();
+                path.push('/');
+                path.push_str(&name);
+                let e = convert(child, path, depth + 1, nar_size)?;
+                path.truncate(len);
+                out.push((name.into_bytes().into(), e));
+            }
+            Entry::Directory { entries: out }
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Written by `nix copy --to file://...?write-nar-listing=1` (Nix 2.8).
+    const NIX_LS: &str = r#"{"version":1,"root":{"type":"directory","entries":{"bin":{"type":"directory","entries":{"app":{"type":"regular","size":90,"executable":true,"narOffset":400},"app-link":{"type":"symlink","target":"app"},"dangling":{"type":"symlink","target":"/nonexistent/dangling"}}},"lib":{"type":"symlink","target":"/nix/store/01i3s2rvgbyv8zgcga77aa80qdgg4lx5-narfs-test-lib/lib"}}}}"#;
+
+    #[test]
+    fn parses_nix_listing() {
+        let e = parse_ls(NIX_LS.as_bytes(), 1224).unwrap();
+        assert_eq!(e.count(), 6);
+        let Entry::Directory { entries } = &e else {
+            panic!()
+        };
+        assert_eq!(&*entries[0].0, b"bin");
+        let Entry::Directory { entries: bin } = &entries[0].1 else {
+            panic!()
+        };
+        assert_eq!(
+            bin[0].1,
+            Entry::Regular {
+                size: 90,
+                executable: true,
+                nar_offset: Some(400)
+            }
+        );
+        // a top-level file
+        let f = parse_ls(
+            br#"{"version":1,"root":{"type":"regular","size":4,"narOffset":96}}"#,
+            120,
+        )
+        .unwrap();
+        assert!(matches!(
+            f,
+            Entry::Regular {
+                size: 4,
+                executable: false,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn rejects_malformed_listings() {
+        let cases: &[(&str, &str)] = &[
+            (
+                r#"{"version":2,"root":{"type":"regular","size":1}}"#,
+                "version 2",
+            ),
+            (r#"{"version":1,"root":{"type":"fifo"}}"#, "JSON"),
+            (
+                r#"{"version":1,"root":{"type":"regular","size":-1}}"#,
+                "JSON",
+            ),
+            (
+                r#"{"version":1,"root":{"type":"regular","size":"1"}}"#,
+                "JSON",
+            ),
+            (
+                r#"{"version":1,"root":{"type":"regular","size":99999}}"#,
+                "beyond",
+            ),
+            (
+                r#"{"version":1,"root":{"type":"regular","size":10,"narOffset":1000}}"#,
+                "beyond",
+            ),
+            (
+                r#"{"version":1,"root":{"type":"symlink","target":""}}"#,
+                "empty symlink",
+            ),
+            (
+                r#"{"version":1,"root":{"type":"directory","entries":{"..":{"type":"regular","size":1}}}}"#,
+                "'.' or '..'",
+            ),
+            (
+                r#"{"version":1,"root":{"type":"directory","entries":{"a/b":{"type":"regular","size":1}}}}"#,
+                "'/'",
+            ),
+            (
+                r#"{"version":1,"root":{"type":"directory","entries":{"":{"type":"regular","size":1}}}}"#,
+                "empty name",
+            ),
+            (
+                r#"{"version":1,"root":{"type":"directory","entries":{"a\u0000":{"type":"regular","size":1}}}}"#,
+                "NUL",
+            ),
+            ("not json", "JSON"),
+            ("", "JSON"),
+        ];
+        for (text, why) in cases {
+            let e = parse_ls(text.as_bytes(), 1000).unwrap_err();
+            assert!(e.to_string().contains(why), "{text}: {e}");
+        }
+        // nesting deeper than serde_json or our bound allows: an error, not a crash
+        let deep = format!(
+            r#"{{"version":1,"root":{}{}}}"#,
+            r#"{"type":"directory","entries":{"d":"#.repeat(400),
+            "}}".repeat(400)
+        );
+        assert!(parse_ls(deep.as_bytes(), 1000).is_err());
+    }
 
     #[test]
     fn names() {

@@ -6,7 +6,7 @@
 //! FileHash are not, which is why the NAR itself is checked against NarHash.
 
 use super::hash::{truncate, HashError, Sha256};
-use super::keys::{TrustedKeys, Untrusted};
+use super::keys::{PublicKey, TrustedKeys, Untrusted};
 use super::store_path::{StorePath, StorePathError};
 
 /// Larger values are not real Nix store paths; refusing them early bounds the work a
@@ -233,8 +233,12 @@ impl NarInfo {
 
     /// The two checks that make a narinfo servable: it describes the path it was
     /// looked up under (`hash_part` is the key it was read from), and a trusted key
-    /// signed it. Returns the name of the key that signed.
-    pub fn verify(&self, hash_part: &str, keys: &TrustedKeys) -> Result<String, VerifyError> {
+    /// signed it. Returns the key that signed.
+    pub fn verify<'k>(
+        &self,
+        hash_part: &str,
+        keys: &'k TrustedKeys,
+    ) -> Result<&'k PublicKey, VerifyError> {
         if self.store_path.hash_part() != hash_part {
             return Err(VerifyError::WrongPath {
                 key: format!("{hash_part}.narinfo"),
@@ -250,6 +254,17 @@ impl NarInfo {
             path: self.store_path.to_string(),
             source,
         })
+    }
+
+    /// Drops what is only needed to verify (signatures, deriver, CA): the index keeps
+    /// one of these per store path, verified copies stay on disk whole.
+    pub fn compact(mut self) -> Self {
+        self.sigs = Vec::new();
+        self.deriver = None;
+        self.ca = None;
+        self.url.shrink_to_fit();
+        self.references.shrink_to_fit();
+        self
     }
 
     /// Nix's text form; used by `push` and by tests that generate caches.
@@ -289,7 +304,7 @@ impl NarInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::formats::keys::{PublicKey, SecretKey};
+    use crate::formats::keys::SecretKey;
 
     // Written by `nix copy --to file://...?compression=xz` (Nix 2.8), signed with the key
     // in keys.rs's tests.
@@ -331,7 +346,7 @@ Sig: test-key:8puYvU71X4PBW4oQ+yIyQ29ebw6W5/Bp46N3fK7wGZZBZ9rk5jTfzFaiziaiHCXz9I
         ] {
             let n = NarInfo::parse(text).unwrap();
             assert_eq!(n.compression, Compression::Xz);
-            assert_eq!(n.verify(hash, &trusted()).unwrap(), "test-key");
+            assert_eq!(n.verify(hash, &trusted()).unwrap().name, "test-key");
             // and the text form round-trips
             assert_eq!(NarInfo::parse(&n.to_text()).unwrap(), n);
         }

@@ -125,7 +125,7 @@ impl Fs {
                 let Some(n) = self.index.node(ino) else {
                     return Ready(Err(Errno::ENOENT));
                 };
-                return Wait(Need::Content(n.path));
+                return Wait(Need::Tree(n.path));
             }
             Kind::Dir { .. } => (
                 FileKind::Dir,

@@ -154,6 +154,7 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
             opts.mountpoint.display()
         ))
     })?;
+    fs.set_invalidator(Arc::new(crate::fuse::KernelInvalidator(session.notifier())));
     let bg = session
         .spawn()
         .map_err(|e| MountError::Failed(format!("cannot start the FUSE session: {e}")))?;

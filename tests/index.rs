@@ -1,0 +1,271 @@
+//! The lazy index: metadata from narinfos and `.ls` listings without NAR downloads,
+//! single-flight fetches, the negative cache and remounts served from disk.
+
+mod common;
+
+use common::proxy::Proxy;
+use common::*;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+struct Env {
+    s3: S3Server,
+    proxy: Proxy,
+    url: String,
+}
+
+fn env() -> Env {
+    let f = fixture();
+    let s3 = S3Server::start();
+    s3.upload_cache(&f.cache, "cache");
+    let proxy = Proxy::start(s3.port);
+    let url = s3.url(proxy.port, "cache");
+    Env { s3, proxy, url }
+}
+
+impl Env {
+    fn object(&self, key: &str) -> std::path::PathBuf {
+        self.s3.root.join(BUCKET).join("cache").join(key)
+    }
+}
+
+#[test]
+fn ls_lr_of_the_closure_downloads_no_nar() {
+    let f = fixture();
+    let e = env();
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &[]);
+    m.wait_root(f.paths.len());
+    for (name, base) in &f.paths {
+        assert_eq!(shape(&m.p(base)), shape(&f.real(name)), "{name}");
+    }
+    let ls = run(Command::new("ls").arg("-lR").arg(&m.mnt));
+    assert!(ls.contains("numbers.txt"));
+    assert_eq!(e.proxy.gets(".nar.xz"), 0, "{:?}", e.proxy.requests());
+    // reading one file fetches exactly its path's NAR
+    let app = m.p(f.path("narfs-test-app"));
+    assert_eq!(
+        std::fs::read_to_string(app.join("share/app/greet.sh")).unwrap(),
+        "greet() { echo \"hello from lib\"; }\n"
+    );
+    assert_eq!(e.proxy.gets(".nar.xz"), 1);
+    assert_eq!(e.proxy.gets(&f.narinfo_field("narfs-test-app", "URL")), 1);
+    // and each .ls was asked for once
+    for name in f.paths.keys() {
+        assert_eq!(e.proxy.gets(&format!("{}.ls", f.hash(name))), 1, "{name}");
+    }
+}
+
+#[test]
+fn fifty_cold_readers_one_nar_get() {
+    let f = fixture();
+    let e = env();
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &[]);
+    let p = m.p(f.path("narfs-test-big")).join("data/numbers.txt");
+    let want = std::fs::read(f.real("narfs-test-big").join("data/numbers.txt")).unwrap();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(50));
+    let readers: Vec<_> = (0..50)
+        .map(|_| {
+            let (p, b) = (p.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                b.wait();
+                std::fs::read(p).unwrap()
+            })
+        })
+        .collect();
+    for r in readers {
+        assert!(r.join().unwrap() == want);
+    }
+    assert_eq!(e.proxy.gets(&f.narinfo_field("narfs-test-big", "URL")), 1);
+    assert_eq!(
+        e.proxy
+            .gets(&format!("{}.narinfo", f.hash("narfs-test-big"))),
+        1
+    );
+}
+
+#[test]
+fn missing_path_is_asked_for_once_within_the_ttl() {
+    let f = fixture();
+    let e = env();
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &["--refresh-interval", "0"]);
+    let missing = "0000000000000000000000000000000a-not-there";
+    for _ in 0..5 {
+        assert_eq!(read_err(&m.p(missing)), Some(libc::ENOENT));
+    }
+    assert_eq!(e.proxy.gets("0000000000000000000000000000000a.narinfo"), 1);
+    // with a zero TTL every lookup asks again, and a path pushed later appears
+    let single = f.path("narfs-test-single.txt");
+    let key = e.object(&format!("{}.narinfo", f.hash("narfs-test-single.txt")));
+    let saved = std::fs::read(&key).unwrap();
+    std::fs::remove_file(&key).unwrap();
+    let m2 = Mounted::start(
+        &e.url,
+        &[&f.public_key],
+        None,
+        &["--negative-ttl", "0", "--refresh-interval", "0"],
+    );
+    assert_eq!(read_err(&m2.p(single)), Some(libc::ENOENT));
+    std::fs::write(&key, saved).unwrap();
+    assert_eq!(std::fs::read(m2.p(single)).unwrap(), b"asdf");
+}
+
+#[test]
+fn lookups_work_without_list_rights_and_new_paths_appear_on_refresh() {
+    let f = fixture();
+    let e = env();
+    // the bucket starts with only nix-cache-info and the single file's narinfo
+    let hidden = tempfile::tempdir().unwrap();
+    for name in ["narfs-test-app", "narfs-test-lib", "narfs-test-big"] {
+        let k = format!("{}.narinfo", f.hash(name));
+        std::fs::rename(e.object(&k), hidden.path().join(&k)).unwrap();
+    }
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &["--refresh-interval", "1"]);
+    assert_eq!(
+        m.wait_root(1),
+        vec![f.path("narfs-test-single.txt").to_owned()]
+    );
+    for name in ["narfs-test-app", "narfs-test-lib", "narfs-test-big"] {
+        let k = format!("{}.narinfo", f.hash(name));
+        std::fs::rename(hidden.path().join(&k), e.object(&k)).unwrap();
+    }
+    // a name not listed yet is looked up directly
+    let app = m.p(f.path("narfs-test-app"));
+    assert_eq!(
+        run(&mut Command::new(app.join("bin/app"))),
+        "hello from lib\n"
+    );
+    // and the rest appears with the next listing, without remounting
+    let t = Instant::now();
+    while m.wait_root(0).len() < f.paths.len() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "new paths never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn remount_serves_from_disk_without_gets() {
+    let f = fixture();
+    let e = env();
+    let cache_dir = tempfile::tempdir().unwrap();
+    {
+        let m = Mounted::start(&e.url, &[&f.public_key], Some(cache_dir.path()), &[]);
+        wait_log(&m, "listed the cache");
+        run(Command::new("cat").arg(m.p(f.path("narfs-test-app")).join("bin/app")));
+        assert!(m.stop().success());
+    }
+    e.proxy.clear();
+    let m = Mounted::start(
+        &e.url,
+        &[&f.public_key],
+        Some(cache_dir.path()),
+        &["--refresh-interval", "0"],
+    );
+    // the root is ready from disk
+    wait_log(&m, "loaded verified paths from the cache directory");
+    let t = Instant::now();
+    assert_eq!(m.wait_root(f.paths.len()).len(), f.paths.len());
+    eprintln!("root listing after remount: {} ms", t.elapsed().as_millis());
+    run(Command::new("cat").arg(m.p(f.path("narfs-test-app")).join("bin/app")));
+    let gets: Vec<String> = e
+        .proxy
+        .requests()
+        .into_iter()
+        .filter(|r| r.contains(".nar"))
+        .collect();
+    assert!(gets.is_empty(), "{gets:?}");
+    // a different trusted key does not inherit what the first one verified
+    drop(m);
+    e.proxy.clear();
+    let other = "other-key:Y0WaH1THk0KGJ1fKhNry+2UA2Y8ZRWVgN6aFARhAJAc=";
+    let m = Mounted::start(
+        &e.url,
+        &[other],
+        Some(cache_dir.path()),
+        &["--refresh-interval", "0"],
+    );
+    wait_log(&m, "listed the cache");
+    assert!(m.wait_root(0).is_empty());
+}
+
+#[test]
+fn listing_disagreeing_with_the_nar_loses() {
+    let f = fixture();
+    let e = env();
+    // a .ls claiming a different size and an extra file
+    let ls = e.object(&format!("{}.ls", f.hash("narfs-test-lib")));
+    let text = std::fs::read_to_string(&ls).unwrap();
+    let lie = text
+        .replace(
+            "\"greet.sh\":{\"type\":\"regular\",\"size\":35",
+            "\"greet.sh\":{\"type\":\"regular\",\"size\":99",
+        )
+        .replace(
+            "\"entries\":{\"greet.sh\"",
+            "\"entries\":{\"extra\":{\"type\":\"regular\",\"size\":1},\"greet.sh\"",
+        );
+    assert_ne!(lie, text);
+    std::fs::write(&ls, lie).unwrap();
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &[]);
+    let lib = m.p(f.path("narfs-test-lib")).join("lib");
+    assert_eq!(std::fs::metadata(lib.join("greet.sh")).unwrap().len(), 99);
+    // content comes from the verified NAR, and the metadata follows it
+    let content = std::fs::read_to_string(lib.join("greet.sh")).unwrap();
+    assert_eq!(content, "greet() { echo \"hello from lib\"; }\n");
+    let t = Instant::now();
+    loop {
+        let size = std::fs::metadata(lib.join("greet.sh")).unwrap().len();
+        let extra = lib.join("extra").exists();
+        if size == 35 && !extra {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "kernel still shows the listing: size {size}, extra {extra}\n{}",
+            m.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(m.log_text().contains("disagrees with its verified NAR"));
+    assert_eq!(
+        shape(&m.p(f.path("narfs-test-lib"))),
+        shape(&f.real("narfs-test-lib"))
+    );
+}
+
+#[test]
+fn malformed_listing_falls_back_to_the_nar() {
+    let f = fixture();
+    let e = env();
+    std::fs::write(
+        e.object(&format!("{}.ls", f.hash("narfs-test-app"))),
+        b"{\"version\":7,\"root\":{\"type\":\"regular\",\"size\":1}}",
+    )
+    .unwrap();
+    std::fs::write(
+        e.object(&format!("{}.ls", f.hash("narfs-test-lib"))),
+        b"\xff\xfe garbage",
+    )
+    .unwrap();
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &[]);
+    for name in ["narfs-test-app", "narfs-test-lib"] {
+        assert_eq!(shape(&m.p(f.path(name))), shape(&f.real(name)), "{name}");
+    }
+    let log = m.log_text();
+    assert!(log.contains("only version 1 is known"), "{log}");
+    assert!(log.contains("its NAR will be used instead"), "{log}");
+}
+
+fn wait_log(m: &Mounted, needle: &str) {
+    let t = Instant::now();
+    while !m.log_text().contains(needle) {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no '{needle}' in log:\n{}",
+            m.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -78,7 +78,7 @@ impl Fetcher {
         &self.disk
     }
 
-    fn from_disk(&self, hash: &str, text: &str) -> Option<Arc<NarInfo>> {
+    fn parse_kept(hash: &str, text: &str) -> Option<Arc<NarInfo>> {
         // Written by us after verification with one of the current keys.
         let info = NarInfo::parse(text).ok()?;
         (info.store_path.hash_part() == hash).then(|| Arc::new(info.compact()))
@@ -90,7 +90,7 @@ impl Fetcher {
         let mut out = Vec::new();
         for id in &self.key_ids {
             for (hash, text) in self.disk.all_narinfos(id) {
-                out.extend(self.from_disk(&hash, &text));
+                out.extend(Self::parse_kept(&hash, &text));
             }
         }
         out
@@ -104,7 +104,7 @@ impl Fetcher {
             if let Some(info) = self
                 .disk
                 .load_narinfo(id, hash)
-                .and_then(|t| self.from_disk(hash, &t))
+                .and_then(|t| Self::parse_kept(hash, &t))
             {
                 return Ok(Lookup::Found(info));
             }

@@ -247,11 +247,11 @@ impl Fs {
         let Some((path, rel)) = self.index.relative_path(ino) else {
             return Ready(Err(Errno::ENOENT));
         };
-        let info = self.index.path_info(path);
+        let sp = self.index.store_path(path);
         let mut p = self
             .fetcher
             .disk()
-            .path_dir(info.store_path.basename())
+            .path_dir(sp.basename())
             .into_os_string()
             .into_vec();
         if !rel.is_empty() {
@@ -272,7 +272,7 @@ impl Fs {
         }
         let err = std::io::Error::last_os_error();
         if err.kind() == std::io::ErrorKind::NotFound
-            && !self.fetcher.disk().has_path(info.store_path.basename())
+            && !self.fetcher.disk().has_path(sp.basename())
         {
             // The unpacked copy went away (evicted or removed by hand): fetch again.
             return Wait(Need::Content(path));
@@ -323,6 +323,22 @@ impl Fs {
         }
     }
 
+    /// The verified narinfo of a known path: kept on disk, read back when needed.
+    async fn info(&self, id: PathId) -> Result<Arc<crate::formats::narinfo::NarInfo>, Errno> {
+        let sp = self.index.store_path(id);
+        match self.fetcher.narinfo(sp.hash_part()).await {
+            Ok(Lookup::Found(info)) if info.store_path == sp => Ok(info),
+            Ok(_) => {
+                tracing::error!("{sp}: its narinfo is no longer in the cache");
+                Err(Errno::EIO)
+            }
+            Err(e) => {
+                tracing::error!("{sp}: {e}");
+                Err(Errno::EIO)
+            }
+        }
+    }
+
     /// Does the network part of an operation; afterwards the operation is asked again.
     pub async fn satisfy(&self, need: Need) -> Result<(), Errno> {
         match need {
@@ -337,7 +353,7 @@ impl Fs {
                             );
                             return Err(Errno::ENOENT);
                         }
-                        self.index.add_path(info);
+                        self.index.add_path(&info.store_path);
                         Ok(())
                     }
                     Ok(Lookup::Missing) => Err(Errno::ENOENT),
@@ -351,7 +367,7 @@ impl Fs {
                 if self.index.tree_source(id).is_some() {
                     return Ok(());
                 }
-                let info = self.index.path_info(id);
+                let info = self.info(id).await?;
                 if !self.fetcher.disk().has_path(info.store_path.basename()) {
                     match self.fetcher.listing(info).await {
                         Ok(Some(tree)) => {
@@ -365,18 +381,13 @@ impl Fs {
                 Box::pin(self.satisfy(Need::Content(id))).await
             }
             Need::Content(id) => {
-                let mut info = self.index.path_info(id);
                 if self.index.has_failed(id) {
-                    // The cache may have been repaired since: re-read the narinfo.
-                    if let Ok(Lookup::Found(fresh)) = self
-                        .fetcher
-                        .narinfo_from_cache(info.store_path.hash_part())
-                        .await
-                    {
-                        self.index.replace_info(id, fresh);
-                        info = self.index.path_info(id);
-                    }
+                    // The cache may have been repaired since: verify its narinfo afresh
+                    // (a good one replaces the copy kept on disk).
+                    let sp = self.index.store_path(id);
+                    let _ = self.fetcher.narinfo_from_cache(sp.hash_part()).await;
                 }
+                let info = self.info(id).await?;
                 match self.fetcher.content(info).await {
                     Ok(tree) => {
                         self.index.set_failed(id, false);
@@ -410,13 +421,27 @@ impl Fs {
     }
 
     /// Lists `*.narinfo` keys at the cache root and adds every path whose narinfo
-    /// verifies. Runs in the background: readdir serves what is known meanwhile.
+    /// verifies. Runs in the background: readdir serves what is known meanwhile. The
+    /// next page is listed while the narinfos of this one are fetched.
     pub async fn scan_bucket(&self) -> Result<usize, crate::storage::StorageError> {
         let storage = self.fetcher.storage().clone();
-        let mut token = None;
+        let list = |token: Option<String>| {
+            let storage = storage.clone();
+            tokio::spawn(async move {
+                let t = std::time::Instant::now();
+                storage.list_page(token).await.map(|p| (p, t.elapsed()))
+            })
+        };
+        let mut next = Some(list(None));
         let mut added = 0usize;
-        loop {
-            let page = storage.list_page(token.take()).await?;
+        while let Some(pending) = next.take() {
+            let (page, list_time) = pending.await.map_err(|e| crate::storage::StorageError {
+                op: "LIST",
+                location: storage.location(""),
+                detail: e.to_string(),
+            })??;
+            next = page.next.clone().map(|t| list(Some(t)));
+            let t_get = std::time::Instant::now();
             let hashes: Vec<String> = page
                 .keys
                 .iter()
@@ -424,28 +449,32 @@ impl Fs {
                 .filter(|h| crate::formats::store_path::is_hash_part(h) && !self.index.has_hash(h))
                 .map(str::to_owned)
                 .collect();
-            let results: Vec<_> = futures::stream::iter(hashes)
+            let index = &self.index;
+            futures::stream::iter(hashes)
                 .map(|h| {
                     let f = self.fetcher.clone();
                     async move { f.narinfo(&h).await }
                 })
                 .buffer_unordered(self.list_jobs)
-                .collect()
-                .await;
-            for r in results {
-                match r {
-                    Ok(Lookup::Found(info)) => {
-                        self.index.add_path(info);
-                        added += 1;
+                .for_each(|r| {
+                    match r {
+                        Ok(Lookup::Found(info)) => {
+                            index.add_path(&info.store_path);
+                            added += 1;
+                        }
+                        Ok(Lookup::Missing) => {}
+                        Err(e) => tracing::warn!("listing: {e}"),
                     }
-                    Ok(Lookup::Missing) => {}
-                    Err(e) => tracing::warn!("listing: {e}"),
-                }
-            }
-            match page.next {
-                Some(t) => token = Some(t),
-                None => return Ok(added),
-            }
+                    async {}
+                })
+                .await;
+            tracing::debug!(
+                keys = page.keys.len(),
+                list_ms = list_time.as_millis() as u64,
+                get_ms = t_get.elapsed().as_millis() as u64,
+                "listing page"
+            );
         }
+        Ok(added)
     }
 }

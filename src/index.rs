@@ -5,9 +5,10 @@
 //! never reused during a mount, so they are stable for its life.
 
 use crate::formats::listing::Entry;
-use crate::formats::narinfo::NarInfo;
+use crate::formats::nixbase32;
+use crate::formats::store_path::StorePath;
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::RwLock;
 
 pub const ROOT: u64 = 1;
 
@@ -47,9 +48,10 @@ pub enum TreeSource {
     Nar,
 }
 
+/// Deliberately small: a known-but-unopened path costs this, its node and a map slot.
+/// The narinfo itself stays in the disk cache until the path is opened.
 #[derive(Debug)]
 pub struct StorePathEntry {
-    pub info: Arc<NarInfo>,
     pub ino: u64,
     pub tree: Option<TreeSource>,
     /// Its verified contents are in the disk cache.
@@ -66,8 +68,7 @@ struct Inner {
     /// `nodes[ino - 2]`; the root has no slot.
     nodes: Vec<Node>,
     paths: Vec<StorePathEntry>,
-    by_basename: HashMap<Box<str>, PathId>,
-    by_hash: HashMap<Box<str>, PathId>,
+    by_hash: HashMap<[u8; 20], PathId>,
     /// Root entries in the order they appeared, so readdir offsets stay valid while
     /// the listing grows.
     root_order: Vec<u64>,
@@ -88,10 +89,11 @@ pub struct NodeView {
 }
 
 impl Index {
-    /// Adds a verified store path (idempotent); returns its id.
-    pub fn add_path(&self, info: Arc<NarInfo>) -> PathId {
+    /// Adds a store path whose narinfo verified (idempotent); returns its id.
+    pub fn add_path(&self, sp: &StorePath) -> PathId {
+        let key = hash_key(sp.hash_part()).expect("validated store path");
         let mut g = self.inner.write().unwrap();
-        if let Some(&id) = g.by_hash.get(info.store_path.hash_part()) {
+        if let Some(&id) = g.by_hash.get(&key) {
             return id;
         }
         let id = g.paths.len() as PathId;
@@ -99,13 +101,11 @@ impl Index {
         g.nodes.push(Node {
             parent: ROOT,
             path: id,
-            name: info.store_path.basename().as_bytes().into(),
+            name: sp.basename().as_bytes().into(),
             kind: Kind::Unloaded,
         });
-        g.by_basename.insert(info.store_path.basename().into(), id);
-        g.by_hash.insert(info.store_path.hash_part().into(), id);
+        g.by_hash.insert(key, id);
         g.paths.push(StorePathEntry {
-            info,
             ino,
             tree: None,
             unpacked: false,
@@ -120,15 +120,23 @@ impl Index {
     }
 
     pub fn has_hash(&self, hash: &str) -> bool {
-        self.inner.read().unwrap().by_hash.contains_key(hash)
+        hash_key(hash).is_some_and(|k| self.inner.read().unwrap().by_hash.contains_key(&k))
     }
 
+    /// The path named exactly `name` (`<hash>-<name>`), if known.
     pub fn path_by_basename(&self, name: &str) -> Option<PathId> {
-        self.inner.read().unwrap().by_basename.get(name).copied()
+        let key = hash_key(name.get(..32)?)?;
+        let g = self.inner.read().unwrap();
+        let &id = g.by_hash.get(&key)?;
+        let ino = g.paths[id as usize].ino;
+        (*g.node(ino).name == *name.as_bytes()).then_some(id)
     }
 
-    pub fn path_info(&self, id: PathId) -> Arc<NarInfo> {
-        self.inner.read().unwrap().paths[id as usize].info.clone()
+    pub fn store_path(&self, id: PathId) -> StorePath {
+        let g = self.inner.read().unwrap();
+        let name = &g.node(g.paths[id as usize].ino).name;
+        StorePath::from_basename(std::str::from_utf8(name).expect("validated"))
+            .expect("validated store path")
     }
 
     pub fn path_ino(&self, id: PathId) -> u64 {
@@ -155,15 +163,6 @@ impl Index {
         self.inner.read().unwrap().paths[id as usize].failed
     }
 
-    /// Swaps in a newer verified narinfo for the same store path.
-    pub fn replace_info(&self, id: PathId, info: Arc<NarInfo>) {
-        let mut g = self.inner.write().unwrap();
-        let e = &mut g.paths[id as usize];
-        if e.info.store_path == info.store_path {
-            e.info = info;
-        }
-    }
-
     /// Gives a store path its tree. A listing never replaces anything; the NAR's tree
     /// replaces a listing's when they differ (the NAR wins), and then the returned
     /// entries are stale in the kernel's caches.
@@ -179,8 +178,8 @@ impl Index {
                     return stale;
                 }
                 tracing::warn!(
-                    "the .ls listing of {} disagrees with its verified NAR; serving the NAR",
-                    g.paths[id as usize].info.store_path
+                    "the .ls listing of /nix/store/{} disagrees with its verified NAR; serving the NAR",
+                    String::from_utf8_lossy(&g.node(ino).name)
                 );
                 g.collect_entries(ino, &mut stale);
                 let name = g.nodes[(ino - 2) as usize].name.clone();
@@ -289,6 +288,10 @@ impl Index {
             _ => 0,
         }
     }
+}
+
+fn hash_key(hash: &str) -> Option<[u8; 20]> {
+    nixbase32::decode(hash)?.try_into().ok()
 }
 
 impl Inner {

@@ -197,7 +197,7 @@ async fn keep_listing(fs: Arc<Fs>, interval: Duration) {
     if let Ok(known) = tokio::task::spawn_blocking(move || f.verified_on_disk()).await {
         let n = known.len();
         for info in known {
-            fs.index().add_path(info);
+            fs.index().add_path(&info.store_path);
         }
         tracing::info!(
             paths = n,

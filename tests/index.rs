@@ -269,3 +269,27 @@ fn wait_log(m: &Mounted, needle: &str) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn thousands_of_paths_list_across_pages() {
+    let s3 = S3Server::start();
+    let dir = s3.root.join(BUCKET).join("gen");
+    let key = generate_cache(&dir, 2500, 10);
+    let proxy = Proxy::start(s3.port);
+    let m = Mounted::start(&s3.url(proxy.port, "gen"), &[&key], None, &["--refresh-interval", "0"]);
+    wait_log(&m, "listed the cache");
+    assert_eq!(m.wait_root(2500).len(), 2500);
+    assert!(proxy.gets("list-type=2") >= 3, "ListObjectsV2 is paginated: {:?}", proxy.gets("list-type=2"));
+    // a path with a listing shows its tree without any NAR
+    let first = m.wait_root(2500).into_iter().find(|n| n.ends_with("-generated-path-0")).unwrap();
+    let tool = m.p(&first).join("bin/tool");
+    let meta = std::fs::metadata(&tool).unwrap();
+    assert_eq!(meta.len(), 100);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode() & 0o777, 0o555);
+    assert_eq!(proxy.gets(".nar.xz"), 0);
+    // its content cannot be read: the generated cache has no NARs
+    assert_eq!(read_err(&tool), Some(libc::EIO));
+    let (rss, _) = rss_kib(m.pid());
+    eprintln!("2500 paths listed; narfs RSS {rss} KiB");
+}

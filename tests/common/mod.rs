@@ -338,6 +338,10 @@ impl Mounted {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
     /// SIGTERM, then the exit status.
     pub fn stop(mut self) -> ExitStatus {
         let mut child = self.child.take().unwrap();
@@ -407,4 +411,65 @@ pub fn read_err(p: &Path) -> Option<i32> {
 
 pub fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A cache of `n` generated store paths, signed with a test key: narinfos only (and a
+/// `.ls` for every `ls_every`-th), enough to measure listing and lookups at scale.
+/// Returns the public key.
+pub fn generate_cache(dir: &Path, n: usize, ls_every: usize) -> String {
+    use narfs::formats::hash::Sha256;
+    use narfs::formats::keys::SecretKey;
+    use narfs::formats::narinfo::{Compression, NarInfo};
+    use narfs::formats::store_path::StorePath;
+    let sk = SecretKey::from_seed("narfs-gen-1", [42; 32]);
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("nix-cache-info"), "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n").unwrap();
+    let paths: Vec<StorePath> = (0..n)
+        .map(|i| {
+            let h = Sha256::digest(format!("gen-{i}").as_bytes());
+            let hash = narfs::formats::nixbase32::encode(&h.0[..20]);
+            StorePath::from_basename(&format!("{hash}-generated-path-{i}")).unwrap()
+        })
+        .collect();
+    for (i, p) in paths.iter().enumerate() {
+        let nar_hash = Sha256::digest(p.basename().as_bytes());
+        let mut info = NarInfo {
+            store_path: p.clone(),
+            url: format!("nar/{}.nar.xz", &nar_hash.to_nix_string()[7..]),
+            compression: Compression::Xz,
+            file_hash: Some(nar_hash),
+            file_size: Some(1000 + i as u64),
+            nar_hash,
+            nar_size: 4096 + i as u64,
+            references: (1..4).map(|k| paths[(i + k * 7919) % n].clone()).collect(),
+            deriver: Some(format!("{}.drv", p.basename())),
+            sigs: vec![],
+            ca: None,
+        };
+        info.references.sort();
+        info.references.dedup();
+        info.sigs.push(sk.sign(info.fingerprint().as_bytes()));
+        std::fs::write(dir.join(format!("{}.narinfo", p.hash_part())), info.to_text()).unwrap();
+        if ls_every > 0 && i % ls_every == 0 {
+            std::fs::write(
+                dir.join(format!("{}.ls", p.hash_part())),
+                r#"{"version":1,"root":{"type":"directory","entries":{"bin":{"type":"directory","entries":{"tool":{"type":"regular","size":100,"executable":true,"narOffset":400}}}}}}"#,
+            )
+            .unwrap();
+        }
+    }
+    sk.public().to_nix_string()
+}
+
+/// VmRSS and VmHWM of a process, in KiB.
+pub fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let get = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (get("VmRSS:"), get("VmHWM:"))
 }

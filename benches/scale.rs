@@ -23,29 +23,51 @@ fn wait_count(m: &Mounted, n: usize, limit: Duration) -> Duration {
 }
 
 fn main() {
-    let n: usize = std::env::var("NARFS_SCALE_N").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    let n: usize = std::env::var("NARFS_SCALE_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
     let s3 = S3Server::start();
     let dir = s3.root.join(BUCKET).join("scale");
     let t = Instant::now();
     let key = generate_cache(&dir, n, 100);
-    println!("generated {n} signed narinfos in {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "generated {n} signed narinfos in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     let url = s3.url(s3.port, "scale");
     let cache_dir = tempfile::tempdir().unwrap();
     let probe = {
         // a path with a .ls that the listing reaches late (keys are listed in order)
         let mut names: Vec<String> = std::fs::read_dir(&dir)
             .unwrap()
-            .filter_map(|e| e.ok()?.file_name().into_string().ok()?.strip_suffix(".ls").map(str::to_owned))
+            .filter_map(|e| {
+                e.ok()?
+                    .file_name()
+                    .into_string()
+                    .ok()?
+                    .strip_suffix(".ls")
+                    .map(str::to_owned)
+            })
             .collect();
         names.sort();
         let hash = names.last().unwrap().clone();
         let text = std::fs::read_to_string(dir.join(format!("{hash}.narinfo"))).unwrap();
-        text.lines().next().unwrap().trim_start_matches("StorePath: /nix/store/").to_owned()
+        text.lines()
+            .next()
+            .unwrap()
+            .trim_start_matches("StorePath: /nix/store/")
+            .to_owned()
     };
 
     for round in ["cold", "remount"] {
         let t0 = Instant::now();
-        let m = Mounted::start(&url, &[&key], Some(cache_dir.path()), &["--refresh-interval", "0"]);
+        let m = Mounted::start(
+            &url,
+            &[&key],
+            Some(cache_dir.path()),
+            &["--refresh-interval", "0"],
+        );
         let ready = t0.elapsed();
         let (rss_ready, _) = rss_kib(m.pid());
         let t = Instant::now();

@@ -9,12 +9,14 @@ use crate::formats::keys::TrustedKeys;
 use crate::formats::listing::{parse_ls, Entry, MAX_LISTING_BYTES};
 use crate::formats::nar;
 use crate::formats::narinfo::{Compression, NarInfo, MAX_NARINFO_BYTES};
+use crate::retry::{Attempt, Guarded, Policy};
 use crate::singleflight::SingleFlight;
-use crate::storage::{get_small, Storage, StorageError};
+use crate::storage::{Storage, StorageError};
 use std::collections::HashMap;
 use std::io::{self, BufReader, Read};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -48,6 +50,7 @@ pub struct Fetcher {
     nars: SingleFlight<String, Arc<Entry>, FetchError>,
     negative: Mutex<HashMap<String, Instant>>,
     negative_ttl: Duration,
+    policy: Policy,
 }
 
 impl Fetcher {
@@ -67,7 +70,47 @@ impl Fetcher {
             nars: SingleFlight::default(),
             negative: Mutex::default(),
             negative_ttl,
+            policy: Policy::default(),
         }
+    }
+
+    /// The time budget of one fetch (all retries included) and the longest stall.
+    pub fn with_policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// A small object, whole, with retries; `Ok(None)` if it does not exist.
+    async fn get_small_retrying(
+        &self,
+        key: &str,
+        max: usize,
+    ) -> Result<Option<Vec<u8>>, FetchError> {
+        let policy = self.policy;
+        crate::retry::run(policy, &self.storage.location(key), |deadline| async move {
+            let body = match self.storage.get(key).await {
+                Ok(Some(b)) => b,
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(Attempt::Transient(e.to_string())),
+            };
+            let mut buf = Vec::new();
+            Guarded::new(body, policy.stall, deadline)
+                .take(max as u64 + 1)
+                .read_to_end(&mut buf)
+                .await
+                .map_err(|e| {
+                    Attempt::Transient(format!("GET {}: {e}", self.storage.location(key)))
+                })?;
+            if buf.len() > max {
+                return Err(Attempt::Permanent(format!(
+                    "{} is larger than {max} bytes",
+                    self.storage.location(key)
+                )));
+            }
+            Ok(Some(buf))
+        })
+        .await
+        .map_err(FetchError::Other)
     }
 
     pub fn storage(&self) -> &Arc<dyn Storage> {
@@ -147,7 +190,7 @@ impl Fetcher {
     async fn fetch_narinfo(&self, hash: &str) -> Result<Lookup, FetchError> {
         let key = format!("{hash}.narinfo");
         let t0 = Instant::now();
-        let Some(bytes) = get_small(&*self.storage, &key, MAX_NARINFO_BYTES).await? else {
+        let Some(bytes) = self.get_small_retrying(&key, MAX_NARINFO_BYTES).await? else {
             tracing::debug!(key, "no such narinfo");
             return Ok(Lookup::Missing);
         };
@@ -187,7 +230,7 @@ impl Fetcher {
         self.listings
             .run(info.store_path.hash_part().to_owned(), move || async move {
                 let key = format!("{}.ls", info.store_path.hash_part());
-                let Some(bytes) = get_small(&*me.storage, &key, MAX_LISTING_BYTES).await? else {
+                let Some(bytes) = me.get_small_retrying(&key, MAX_LISTING_BYTES).await? else {
                     return Ok(None);
                 };
                 match parse_ls(&bytes, info.nar_size) {
@@ -235,30 +278,19 @@ impl Fetcher {
         }
         let t0 = Instant::now();
         let location = self.storage.location(&info.url);
-        let Some(body) = self.storage.get(&info.url).await? else {
-            let msg = format!("{}: NAR {location} does not exist", info.store_path);
-            tracing::error!("{msg}");
-            return Err(msg.into());
-        };
-        let tmp = self.disk.temp_path(&basename);
-        let rt = tokio::runtime::Handle::current();
-        let info2 = info.clone();
-        let tmp2 = tmp.clone();
-        let res = tokio::task::spawn_blocking(move || {
-            let reader = tokio_util::io::SyncIoBridge::new_with_handle(body, rt);
-            unpack_verified(reader, &info2, &tmp2)
-        })
-        .await
-        .map_err(|e| FetchError::Other(e.to_string()))?;
+        let policy = self.policy;
+        let res = crate::retry::run(
+            policy,
+            &format!("{} (NAR {location})", info.store_path),
+            |deadline| {
+                let info = info.clone();
+                let basename = basename.clone();
+                async move { self.attempt_content(info, &basename, deadline).await }
+            },
+        )
+        .await;
         match res {
             Ok(tree) => {
-                self.disk.commit(&tmp, &basename).map_err(|e| {
-                    let _ = remove_any(&tmp);
-                    format!(
-                        "{}: cannot move the unpacked path into the cache directory: {e}",
-                        info.store_path
-                    )
-                })?;
                 tracing::info!(
                     path = %info.store_path,
                     key = %info.url,
@@ -269,12 +301,50 @@ impl Fetcher {
                 Ok(tree)
             }
             Err(e) => {
-                let _ = remove_any(&tmp);
                 let msg = format!("{} (NAR {location}): {e}", info.store_path);
                 tracing::error!("{msg}");
                 Err(msg.into())
             }
         }
+    }
+
+    /// One download + verify + unpack. Whatever fails, nothing stays in `tmp/`.
+    async fn attempt_content(
+        &self,
+        info: Arc<NarInfo>,
+        basename: &str,
+        deadline: Instant,
+    ) -> Result<Entry, Attempt> {
+        let body = match self.storage.get(&info.url).await {
+            Ok(Some(b)) => b,
+            Ok(None) => return Err(Attempt::Permanent("the NAR does not exist".into())),
+            Err(e) => return Err(Attempt::Transient(e.to_string())),
+        };
+        let guarded = Guarded::new(body, self.policy.stall, deadline);
+        let stream_failed = guarded.failed.clone();
+        let tmp = self.disk.temp_path(basename);
+        let rt = tokio::runtime::Handle::current();
+        let tmp2 = tmp.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let reader = tokio_util::io::SyncIoBridge::new_with_handle(guarded, rt);
+            unpack_verified(reader, &info, &tmp2)
+        })
+        .await
+        .map_err(|e| Attempt::Permanent(e.to_string()))?;
+        let res = res.and_then(|tree| {
+            self.disk
+                .commit(&tmp, basename)
+                .map(|()| tree)
+                .map_err(|e| format!("cannot move the unpacked path into the cache directory: {e}"))
+        });
+        res.map_err(|e| {
+            let _ = remove_any(&tmp);
+            if stream_failed.load(std::sync::atomic::Ordering::SeqCst) {
+                Attempt::Transient(e)
+            } else {
+                Attempt::Permanent(e)
+            }
+        })
     }
 }
 

@@ -12,5 +12,6 @@ pub mod fs;
 pub mod fuse;
 pub mod index;
 pub mod mount;
+pub mod retry;
 pub mod singleflight;
 pub mod storage;

@@ -41,6 +41,10 @@ struct MountArgs {
     /// How often the cache is listed again so newly pushed paths appear (0: never).
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     refresh_interval: u64,
+    /// Time budget in seconds for fetching one object, retries included; after it the
+    /// read fails with EIO and the next access tries afresh.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    timeout: u64,
     /// More logging (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = ArgAction::Count)]
     verbose: u8,
@@ -95,6 +99,7 @@ fn main() -> ExitCode {
                 allow_other: a.allow_other,
                 negative_ttl: std::time::Duration::from_secs(a.negative_ttl),
                 refresh_interval: std::time::Duration::from_secs(a.refresh_interval),
+                timeout: std::time::Duration::from_secs(a.timeout.max(1)),
             };
             match mount::run(opts) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -19,6 +19,7 @@ pub struct MountOptions {
     pub allow_other: bool,
     pub negative_ttl: Duration,
     pub refresh_interval: Duration,
+    pub timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,7 +124,12 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
     rt.block_on(check_cache(&*storage, &parsed.url))?;
     tracing::info!(url = %parsed.url, ms = t0.elapsed().as_millis() as u64, "cache answered");
 
-    let fetcher = Arc::new(Fetcher::new(storage, keys, disk, opts.negative_ttl));
+    let policy = crate::retry::Policy {
+        budget: opts.timeout,
+        stall: opts.timeout.min(Duration::from_secs(10)),
+    };
+    let fetcher =
+        Arc::new(Fetcher::new(storage, keys, disk, opts.negative_ttl).with_policy(policy));
     let index = Arc::new(Index::default());
     let fs = Arc::new(Fs::new(index, fetcher));
     rt.spawn(keep_listing(fs.clone(), opts.refresh_interval));

@@ -276,12 +276,25 @@ fn thousands_of_paths_list_across_pages() {
     let dir = s3.root.join(BUCKET).join("gen");
     let key = generate_cache(&dir, 2500, 10);
     let proxy = Proxy::start(s3.port);
-    let m = Mounted::start(&s3.url(proxy.port, "gen"), &[&key], None, &["--refresh-interval", "0"]);
+    let m = Mounted::start(
+        &s3.url(proxy.port, "gen"),
+        &[&key],
+        None,
+        &["--refresh-interval", "0"],
+    );
     wait_log(&m, "listed the cache");
     assert_eq!(m.wait_root(2500).len(), 2500);
-    assert!(proxy.gets("list-type=2") >= 3, "ListObjectsV2 is paginated: {:?}", proxy.gets("list-type=2"));
+    assert!(
+        proxy.gets("list-type=2") >= 3,
+        "ListObjectsV2 is paginated: {:?}",
+        proxy.gets("list-type=2")
+    );
     // a path with a listing shows its tree without any NAR
-    let first = m.wait_root(2500).into_iter().find(|n| n.ends_with("-generated-path-0")).unwrap();
+    let first = m
+        .wait_root(2500)
+        .into_iter()
+        .find(|n| n.ends_with("-generated-path-0"))
+        .unwrap();
     let tool = m.p(&first).join("bin/tool");
     let meta = std::fs::metadata(&tool).unwrap();
     assert_eq!(meta.len(), 100);

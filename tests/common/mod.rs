@@ -225,6 +225,28 @@ impl S3Server {
     }
 }
 
+impl S3Server {
+    /// Kills the server (the mount stays up and must cope).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port and root.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Command::new("s3s-fs")
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+            .arg(&self.root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_port(self.port);
+    }
+}
+
 impl Drop for S3Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -342,6 +364,17 @@ impl Mounted {
         self.child.as_ref().unwrap().id()
     }
 
+    /// `kill -9`, as a crash would; the dead mount is detached.
+    pub fn kill9(mut self) {
+        let mut child = self.child.take().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = Command::new("fusermount3")
+            .arg("-uz")
+            .arg(&self.mnt)
+            .status();
+    }
+
     /// SIGTERM, then the exit status.
     pub fn stop(mut self) -> ExitStatus {
         let mut child = self.child.take().unwrap();
@@ -423,7 +456,11 @@ pub fn generate_cache(dir: &Path, n: usize, ls_every: usize) -> String {
     use narfs::formats::store_path::StorePath;
     let sk = SecretKey::from_seed("narfs-gen-1", [42; 32]);
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("nix-cache-info"), "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n").unwrap();
+    std::fs::write(
+        dir.join("nix-cache-info"),
+        "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n",
+    )
+    .unwrap();
     let paths: Vec<StorePath> = (0..n)
         .map(|i| {
             let h = Sha256::digest(format!("gen-{i}").as_bytes());
@@ -449,7 +486,11 @@ pub fn generate_cache(dir: &Path, n: usize, ls_every: usize) -> String {
         info.references.sort();
         info.references.dedup();
         info.sigs.push(sk.sign(info.fingerprint().as_bytes()));
-        std::fs::write(dir.join(format!("{}.narinfo", p.hash_part())), info.to_text()).unwrap();
+        std::fs::write(
+            dir.join(format!("{}.narinfo", p.hash_part())),
+            info.to_text(),
+        )
+        .unwrap();
         if ls_every > 0 && i % ls_every == 0 {
             std::fs::write(
                 dir.join(format!("{}.ls", p.hash_part())),

@@ -1,5 +1,6 @@
 //! A TCP proxy in front of the S3 server that records every request line, so tests can
-//! count GETs per object, and can hold chosen requests back to simulate a slow network.
+//! count GETs per object, and injects faults into chosen requests: delays, error
+//! statuses, connections cut mid-response, and responses slowed to a trickle.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -7,12 +8,36 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+#[derive(Clone, Copy, Debug)]
+pub enum Fault {
+    /// Hold the request back this long before forwarding it.
+    Delay(Duration),
+    /// Answer with this HTTP status instead of forwarding.
+    Status(u16),
+    /// Forward, then cut the connection after this many response bytes.
+    CutAfter(usize),
+    /// Forward, then pass the response on at this many bytes per second.
+    Trickle(usize),
+}
+
+struct Rule {
+    needle: String,
+    fault: Fault,
+    times: usize,
+}
+
 #[derive(Default)]
 struct State {
     requests: Mutex<Vec<String>>,
-    /// (substring of the request target, delay)
-    delays: Mutex<Vec<(String, Duration)>>,
+    rules: Mutex<Vec<Rule>>,
     stop: AtomicBool,
+}
+
+/// What the response pump of one connection must do to the current response.
+#[derive(Default)]
+struct ConnFault {
+    cut_after: Option<usize>,
+    trickle: Option<usize>,
 }
 
 pub struct Proxy {
@@ -33,12 +58,19 @@ impl Proxy {
                 }
                 let Ok(client) = conn else { continue };
                 let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    // upstream down: the client sees a reset connection
+                    let _ = client.shutdown(Shutdown::Both);
                     continue;
                 };
                 let st = st.clone();
-                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                std::thread::spawn(move || pump_requests(client, server, st));
-                std::thread::spawn(move || pump(s2, c2));
+                let cf: Arc<Mutex<ConnFault>> = Arc::default();
+                let (c2, s2, cf2) = (
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    cf.clone(),
+                );
+                std::thread::spawn(move || pump_requests(client, server, st, cf));
+                std::thread::spawn(move || pump_responses(s2, c2, cf2));
             }
         });
         Proxy { port, state }
@@ -62,11 +94,20 @@ impl Proxy {
     }
 
     pub fn delay(&self, needle: &str, d: Duration) {
-        self.state
-            .delays
-            .lock()
-            .unwrap()
-            .push((needle.to_owned(), d));
+        self.fault(needle, Fault::Delay(d), usize::MAX);
+    }
+
+    /// Applies `fault` to the next `times` requests whose target contains `needle`.
+    pub fn fault(&self, needle: &str, fault: Fault, times: usize) {
+        self.state.rules.lock().unwrap().push(Rule {
+            needle: needle.to_owned(),
+            fault,
+            times,
+        });
+    }
+
+    pub fn clear_faults(&self) {
+        self.state.rules.lock().unwrap().clear();
     }
 }
 
@@ -77,24 +118,51 @@ impl Drop for Proxy {
     }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream) {
+fn pump_responses(mut from: TcpStream, mut to: TcpStream, cf: Arc<Mutex<ConnFault>>) {
     let mut buf = vec![0u8; 64 * 1024];
+    let mut sent = 0usize;
     loop {
-        match from.read(&mut buf) {
+        let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
+            Ok(n) => n,
+        };
+        let (cut, trickle) = {
+            let f = cf.lock().unwrap();
+            (f.cut_after, f.trickle)
+        };
+        if let Some(limit) = cut {
+            let allowed = limit.saturating_sub(sent).min(n);
+            let _ = to.write_all(&buf[..allowed]);
+            if sent + n >= limit {
+                let _ = to.shutdown(Shutdown::Both);
+                let _ = from.shutdown(Shutdown::Both);
+                return;
             }
+        } else if let Some(bps) = trickle {
+            for chunk in buf[..n].chunks(bps.clamp(1, 1024)) {
+                if to.write_all(chunk).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_secs_f64(
+                    chunk.len() as f64 / bps.max(1) as f64,
+                ));
+            }
+        } else if to.write_all(&buf[..n]).is_err() {
+            break;
         }
+        sent += n;
     }
     let _ = to.shutdown(Shutdown::Write);
 }
 
 /// Client → server. The S3 client sends only bodiless requests (GET, HEAD), so each
 /// request is a header block ending in an empty line.
-fn pump_requests(mut client: TcpStream, mut server: TcpStream, st: Arc<State>) {
+fn pump_requests(
+    mut client: TcpStream,
+    mut server: TcpStream,
+    st: Arc<State>,
+    cf: Arc<Mutex<ConnFault>>,
+) {
     let mut pending: Vec<u8> = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -112,15 +180,35 @@ fn pump_requests(mut client: TcpStream, mut server: TcpStream, st: Arc<State>) {
                 .to_owned();
             let target: String = line.split(' ').take(2).collect::<Vec<_>>().join(" ");
             st.requests.lock().unwrap().push(target.clone());
-            let delay = st
-                .delays
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|(n, _)| target.contains(n.as_str()))
-                .map(|(_, d)| *d);
-            if let Some(d) = delay {
-                std::thread::sleep(d);
+            let fault = {
+                let mut rules = st.rules.lock().unwrap();
+                rules
+                    .iter_mut()
+                    .find(|r| r.times > 0 && target.contains(r.needle.as_str()))
+                    .map(|r| {
+                        r.times -= 1;
+                        r.fault
+                    })
+            };
+            {
+                let mut f = cf.lock().unwrap();
+                *f = ConnFault::default();
+                match fault {
+                    Some(Fault::CutAfter(n)) => f.cut_after = Some(n),
+                    Some(Fault::Trickle(bps)) => f.trickle = Some(bps),
+                    _ => {}
+                }
+            }
+            match fault {
+                Some(Fault::Delay(d)) => std::thread::sleep(d),
+                Some(Fault::Status(code)) => {
+                    let resp = format!("HTTP/1.1 {code} Injected\r\nContent-Length: 0\r\n\r\n");
+                    if client.write_all(resp.as_bytes()).is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                _ => {}
             }
             if server.write_all(&req).is_err() {
                 return;

@@ -1,0 +1,261 @@
+//! Faults: error statuses, connections cut mid-NAR, stalled streams, the server killed
+//! and restarted, narfs killed mid-download, a full disk, and what logs may say.
+
+mod common;
+
+use common::proxy::{Fault, Proxy};
+use common::*;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+struct Env {
+    s3: S3Server,
+    proxy: Proxy,
+    url: String,
+}
+
+fn env() -> Env {
+    let f = fixture();
+    let s3 = S3Server::start();
+    s3.upload_cache(&f.cache, "cache");
+    let proxy = Proxy::start(s3.port);
+    let url = s3.url(proxy.port, "cache");
+    Env { s3, proxy, url }
+}
+
+fn big_file() -> (String, Vec<u8>) {
+    let f = fixture();
+    let want = std::fs::read(f.real("narfs-test-big").join("data/numbers.txt")).unwrap();
+    (
+        format!("{}/data/numbers.txt", f.path("narfs-test-big")),
+        want,
+    )
+}
+
+#[test]
+fn server_errors_are_retried() {
+    let f = fixture();
+    let e = env();
+    let nar = f.narinfo_field("narfs-test-single.txt", "URL");
+    e.proxy.fault(&nar, Fault::Status(503), 4);
+    e.proxy.fault(
+        &format!("{}.narinfo", f.hash("narfs-test-lib")),
+        Fault::Status(500),
+        2,
+    );
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &["--refresh-interval", "0"]);
+    assert_eq!(
+        std::fs::read(m.p(f.path("narfs-test-single.txt"))).unwrap(),
+        b"asdf"
+    );
+    assert!(e.proxy.gets(&nar) >= 5, "{}", e.proxy.gets(&nar));
+    assert!(std::fs::metadata(m.p(f.path("narfs-test-lib")))
+        .unwrap()
+        .is_dir());
+}
+
+#[test]
+fn a_connection_cut_mid_nar_is_retried() {
+    let f = fixture();
+    let e = env();
+    let nar = f.narinfo_field("narfs-test-big", "URL");
+    e.proxy.fault(&nar, Fault::CutAfter(200_000), 2);
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &[]);
+    let (rel, want) = big_file();
+    assert!(std::fs::read(m.p(&rel)).unwrap() == want);
+    assert_eq!(e.proxy.gets(&nar), 3);
+    assert!(m.log_text().contains("retrying"), "{}", m.log_text());
+}
+
+#[test]
+fn a_stalled_stream_fails_within_the_timeout_and_the_next_access_works() {
+    let f = fixture();
+    let e = env();
+    let nar = f.narinfo_field("narfs-test-big", "URL");
+    e.proxy.fault(&nar, Fault::Trickle(1), usize::MAX);
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &["--timeout", "3"]);
+    let (rel, want) = big_file();
+    let t = Instant::now();
+    assert_eq!(read_err(&m.p(&rel)), Some(libc::EIO));
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(8),
+        "a stalled read took {took:?}"
+    );
+    assert_eq!(
+        std::fs::read_dir(m.cache_dir.join("tmp")).unwrap().count(),
+        0
+    );
+    e.proxy.clear_faults();
+    assert!(std::fs::read(m.p(&rel)).unwrap() == want);
+    eprintln!("stalled read failed after {} ms", took.as_millis());
+}
+
+#[test]
+fn server_killed_and_restarted_while_mounted() {
+    let f = fixture();
+    let mut e = env();
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &["--timeout", "3"]);
+    m.wait_root(f.paths.len());
+    e.s3.kill();
+    let single = m.p(f.path("narfs-test-single.txt"));
+    let t = Instant::now();
+    assert_eq!(read_err(&single), Some(libc::EIO));
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    e.s3.restart();
+    assert_eq!(std::fs::read(&single).unwrap(), b"asdf");
+}
+
+#[test]
+fn kill_9_mid_download_then_remount_serves_identical_content() {
+    let f = fixture();
+    let e = env();
+    let nar = f.narinfo_field("narfs-test-big", "URL");
+    e.proxy.fault(&nar, Fault::Trickle(400_000), 1);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let m = Mounted::start(&e.url, &[&f.public_key], Some(cache_dir.path()), &[]);
+    let (rel, want) = big_file();
+    let p = m.p(&rel);
+    let reader = std::thread::spawn(move || read_err(&p));
+    // wait until the unpack is under way, then crash
+    let t = Instant::now();
+    while std::fs::read_dir(cache_dir.path().join("tmp"))
+        .unwrap()
+        .count()
+        == 0
+    {
+        assert!(t.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    m.kill9();
+    assert!(
+        reader.join().unwrap().is_some(),
+        "the read of a crashed mount cannot succeed"
+    );
+    assert!(!cache_dir
+        .path()
+        .join("store")
+        .join(f.path("narfs-test-big"))
+        .exists());
+    let m = Mounted::start(&e.url, &[&f.public_key], Some(cache_dir.path()), &[]);
+    assert!(
+        m.log_text().contains("removed leftover"),
+        "{}",
+        m.log_text()
+    );
+    assert_eq!(
+        std::fs::read_dir(cache_dir.path().join("tmp"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert!(std::fs::read(m.p(&rel)).unwrap() == want);
+    run(Command::new("diff")
+        .arg("-r")
+        .arg("--no-dereference")
+        .arg(m.p(f.path("narfs-test-big")))
+        .arg(f.real("narfs-test-big")));
+}
+
+struct Tmpfs(std::path::PathBuf);
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_that_path_only() {
+    let f = fixture();
+    let e = env();
+    let dir = tempfile::tempdir().unwrap();
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(dir.path()));
+    let _guard = Tmpfs(dir.path().to_owned());
+    let m = Mounted::start(&e.url, &[&f.public_key], Some(dir.path()), &[]);
+    let (rel, _) = big_file();
+    assert_eq!(read_err(&m.p(&rel)), Some(libc::EIO));
+    assert!(
+        m.log_text().contains("No space left on device"),
+        "{}",
+        m.log_text()
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+        0
+    );
+    assert!(!dir
+        .path()
+        .join("store")
+        .join(f.path("narfs-test-big"))
+        .exists());
+    // the mount keeps serving what fits
+    assert_eq!(
+        std::fs::read(m.p(f.path("narfs-test-single.txt"))).unwrap(),
+        b"asdf"
+    );
+    assert_eq!(
+        run(&mut Command::new(
+            m.p(f.path("narfs-test-app")).join("bin/app")
+        )),
+        "hello from lib\n"
+    );
+}
+
+#[test]
+fn credentials_never_reach_the_logs() {
+    let f = fixture();
+    let e = env();
+    let base = tempfile::tempdir().unwrap();
+    let mnt = base.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let log = base.path().join("log");
+    let mut child = narfs()
+        .env("RUST_LOG", "trace")
+        .args([
+            "mount",
+            "-vv",
+            "--refresh-interval",
+            "0",
+            "--trusted-public-key",
+            &f.public_key,
+        ])
+        .arg("--cache-dir")
+        .arg(base.path().join("c"))
+        .arg(&e.url)
+        .arg(&mnt)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let p = mnt.join(f.path("narfs-test-single.txt"));
+    let t = Instant::now();
+    while std::fs::read(&p).ok().as_deref() != Some(b"asdf") {
+        assert!(t.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    run(Command::new("fusermount3").arg("-u").arg(&mnt));
+    wait_timeout(&mut child, Duration::from_secs(10));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.len() > 10_000,
+        "trace logging was on: {} bytes",
+        text.len()
+    );
+    assert!(
+        !text.contains(SECRET_KEY),
+        "the secret key appears in the trace log"
+    );
+    // a failing mount's error message does not carry it either
+    let out = narfs()
+        .args(["mount", "--trusted-public-key", &f.public_key])
+        .arg(format!(
+            "s3://nope?endpoint=127.0.0.1:{}&scheme=http",
+            free_port()
+        ))
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&out.stderr).contains(SECRET_KEY));
+}

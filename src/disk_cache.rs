@@ -13,11 +13,20 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 pub struct DiskCache {
     root: PathBuf,
     _lock: File,
     counter: AtomicU64,
+    usage: Mutex<Usage>,
+}
+
+/// Bytes on disk of each unpacked path, least recently used first.
+struct Usage {
+    lru: lru::LruCache<String, u64>,
+    total: u64,
+    quota: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,11 +66,97 @@ impl DiskCache {
             remove_any(&p).map_err(io_err(&p))?;
             tracing::info!(path = %p.display(), "removed leftover of an interrupted unpack");
         }
+        // What earlier mounts unpacked, oldest first by modification time (set when
+        // the path was unpacked or last used).
+        let mut known = Vec::new();
+        let store = root.join("store");
+        for e in fs::read_dir(&store).map_err(io_err(&store))? {
+            let e = e.map_err(io_err(&store))?;
+            let Ok(name) = e.file_name().into_string() else {
+                continue;
+            };
+            let mtime = e.metadata().and_then(|m| m.modified()).ok();
+            known.push((mtime, name, disk_usage(&e.path())));
+        }
+        known.sort();
+        let mut usage = Usage {
+            lru: lru::LruCache::unbounded(),
+            total: 0,
+            quota: u64::MAX,
+        };
+        for (_, name, size) in known {
+            usage.total += size;
+            usage.lru.put(name, size);
+        }
         Ok(DiskCache {
             root: root.to_owned(),
             _lock: lock,
             counter: AtomicU64::new(0),
+            usage: Mutex::new(usage),
         })
+    }
+
+    /// Caps the bytes unpacked paths may take; `None` picks 10% of the file system
+    /// holding the cache directory, at most 10 GiB.
+    pub fn set_quota(&self, quota: Option<u64>) -> u64 {
+        let q = quota.unwrap_or_else(|| default_quota(&self.root));
+        self.usage.lock().unwrap().quota = q;
+        q
+    }
+
+    pub fn quota(&self) -> u64 {
+        self.usage.lock().unwrap().quota
+    }
+
+    /// Bytes taken by unpacked paths.
+    pub fn used(&self) -> u64 {
+        self.usage.lock().unwrap().total
+    }
+
+    /// Marks a path as just used (it becomes the last to be evicted).
+    pub fn touch(&self, basename: &str) {
+        self.usage.lock().unwrap().lru.promote(basename);
+    }
+
+    /// Evicts least recently used paths until the total fits the quota, skipping
+    /// `keep` and any path `pinned` says is in use. Returns what was evicted. Each
+    /// path disappears by one rename before it is deleted, so no reader ever sees half
+    /// of one.
+    pub fn evict(&self, keep: &str, pinned: impl Fn(&str) -> bool) -> Vec<String> {
+        let mut victims = Vec::new();
+        {
+            let mut u = self.usage.lock().unwrap();
+            if u.total <= u.quota {
+                return victims;
+            }
+            let mut over = u.total - u.quota;
+            let candidates: Vec<(String, u64)> =
+                u.lru.iter().rev().map(|(k, v)| (k.clone(), *v)).collect();
+            for (name, size) in candidates {
+                if over == 0 {
+                    break;
+                }
+                if name == keep || pinned(&name) {
+                    continue;
+                }
+                u.lru.pop(&name);
+                u.total -= size;
+                over = over.saturating_sub(size);
+                victims.push(name);
+            }
+        }
+        for name in &victims {
+            let doomed = self.temp_path(&format!("evicted-{name}"));
+            match fs::rename(self.path_dir(name), &doomed) {
+                Ok(()) => {
+                    if let Err(e) = remove_any(&doomed) {
+                        tracing::warn!("removing evicted {}: {e}", doomed.display());
+                    }
+                }
+                Err(e) => tracing::warn!("evicting {name}: {e}"),
+            }
+        }
+        victims
     }
 
     pub fn root(&self) -> &Path {
@@ -85,14 +180,20 @@ impl DiskCache {
     /// Moves a verified unpack into place. If the path is already there, the new copy
     /// is dropped: both were verified against the same NarHash.
     pub fn commit(&self, tmp: &Path, basename: &str) -> io::Result<()> {
+        let size = disk_usage(tmp);
         let dest = self.path_dir(basename);
         if let Err(e) = fs::rename(tmp, &dest) {
             if self.has_path(basename) {
                 remove_any(tmp)?;
-            } else {
-                return Err(e);
+                return Ok(());
             }
+            return Err(e);
         }
+        let mut u = self.usage.lock().unwrap();
+        if let Some(old) = u.lru.put(basename.to_owned(), size) {
+            u.total -= old;
+        }
+        u.total += size;
         Ok(())
     }
 
@@ -140,6 +241,65 @@ impl DiskCache {
     }
 }
 
+/// Bytes a tree takes on disk (allocated blocks, not apparent sizes).
+pub fn disk_usage(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = fs::symlink_metadata(p) else {
+        return 0;
+    };
+    let mut total = m.blocks() * 512;
+    if m.is_dir() {
+        if let Ok(rd) = fs::read_dir(p) {
+            for e in rd.flatten() {
+                total += disk_usage(&e.path());
+            }
+        }
+    }
+    total
+}
+
+fn default_quota(root: &Path) -> u64 {
+    const CAP: u64 = 10 << 30;
+    let Ok(c) = std::ffi::CString::new(root.as_os_str().as_bytes()) else {
+        return CAP;
+    };
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return CAP;
+    }
+    (st.f_blocks as u64 * st.f_frsize as u64 / 10).min(CAP)
+}
+
+/// Parses `10G`, `500M`, `64K` or plain bytes (powers of 1024, as du and nix do).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => {
+                    return Err(format!(
+                        "invalid size '{s}': unknown unit '{c}' (use K, M, G or T)"
+                    ))
+                }
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let n: f64 = num
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n >= 0.0)
+        .ok_or_else(|| {
+            format!("invalid size '{s}': expected e.g. 10G, 500M or a number of bytes")
+        })?;
+    Ok((n * mult as f64) as u64)
+}
+
 /// Removes a file, symlink or directory tree.
 pub fn remove_any(p: &Path) -> io::Result<()> {
     match fs::symlink_metadata(p) {
@@ -185,6 +345,40 @@ fn walk(p: &Path, depth: usize) -> io::Result<Entry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("10G").unwrap(), 10 << 30);
+        assert_eq!(parse_size("500M").unwrap(), 500 << 20);
+        assert_eq!(parse_size("1.5k").unwrap(), 1536);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        for bad in ["", "G", "-1M", "10X", "ten"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn evicts_least_recently_used_but_never_pinned_or_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(d.path()).unwrap();
+        for name in ["a", "b", "c", "d"] {
+            let t = c.temp_path(name);
+            fs::create_dir(&t).unwrap();
+            fs::write(t.join("f"), vec![1u8; 100_000]).unwrap();
+            c.commit(&t, name).unwrap();
+        }
+        let each = c.used() / 4;
+        c.set_quota(Some(each * 2));
+        c.touch("a"); // now b is the oldest
+        let evicted = c.evict("d", |n| n == "c");
+        assert_eq!(evicted, vec!["b".to_owned(), "a".to_owned()]);
+        assert!(!c.has_path("b") && !c.has_path("a") && c.has_path("c") && c.has_path("d"));
+        assert_eq!(c.used(), each * 2);
+        // a reopened cache knows what is there
+        drop(c);
+        let c = DiskCache::open(d.path()).unwrap();
+        assert_eq!(c.used(), each * 2);
+    }
 
     #[test]
     fn cleans_tmp_and_locks() {

@@ -9,6 +9,7 @@ use crate::fetch::{Fetcher, Lookup};
 use crate::formats::store_path::StorePath;
 use crate::index::{Index, Kind, PathId, TreeSource, ROOT};
 use futures::StreamExt;
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStringExt;
 use std::sync::Arc;
@@ -92,6 +93,8 @@ pub struct Fs {
     fetcher: Arc<Fetcher>,
     list_jobs: usize,
     invalidator: std::sync::OnceLock<Arc<dyn Invalidator>>,
+    /// Open file handles and the path each belongs to: open paths are never evicted.
+    pins: std::sync::Mutex<HashMap<i32, PathId>>,
 }
 
 const DIR_SIZE: u64 = 4096;
@@ -103,6 +106,7 @@ impl Fs {
             fetcher,
             list_jobs: 64,
             invalidator: std::sync::OnceLock::new(),
+            pins: Default::default(),
         }
     }
 
@@ -268,6 +272,8 @@ impl Fs {
             )
         };
         if fd >= 0 {
+            self.pins.lock().unwrap().insert(fd, path);
+            self.fetcher.disk().touch(sp.basename());
             return Ready(Ok(fd));
         }
         let err = std::io::Error::last_os_error();
@@ -313,7 +319,29 @@ impl Fs {
     }
 
     pub fn release(&self, fd: i32) {
-        unsafe { libc::close(fd) };
+        if self.pins.lock().unwrap().remove(&fd).is_some() {
+            unsafe { libc::close(fd) };
+        }
+    }
+
+    fn is_pinned(&self, id: PathId) -> bool {
+        self.pins.lock().unwrap().values().any(|&p| p == id)
+    }
+
+    /// Keeps the disk cache within its quota after `id` was unpacked.
+    fn evict_for(&self, id: PathId) {
+        let keep = self.index.store_path(id);
+        let evicted = self.fetcher.disk().evict(keep.basename(), |name| {
+            self.index
+                .path_by_basename(name)
+                .is_some_and(|p| self.is_pinned(p))
+        });
+        for name in evicted {
+            tracing::info!(path = name, "evicted from the cache directory");
+            if let Some(p) = self.index.path_by_basename(&name) {
+                self.index.set_unpacked(p, false);
+            }
+        }
     }
 
     pub fn statfs(&self) -> StatFs {
@@ -394,6 +422,7 @@ impl Fs {
                         let stale = self.index.attach_tree(id, &tree, TreeSource::Nar);
                         self.index.set_unpacked(id, true);
                         self.invalidate(stale);
+                        self.evict_for(id);
                         Ok(())
                     }
                     Err(_) => {

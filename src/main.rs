@@ -41,6 +41,11 @@ struct MountArgs {
     /// How often the cache is listed again so newly pushed paths appear (0: never).
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     refresh_interval: u64,
+    /// Most bytes unpacked paths may take in the cache directory, e.g. 10G or 500M;
+    /// least recently used paths are evicted beyond it
+    /// [default: 10% of the file system holding the cache directory, at most 10G]
+    #[arg(long, value_name = "SIZE", value_parser = narfs::disk_cache::parse_size)]
+    cache_size: Option<u64>,
     /// Time budget in seconds for fetching one object, retries included; after it the
     /// read fails with EIO and the next access tries afresh.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
@@ -100,6 +105,7 @@ fn main() -> ExitCode {
                 negative_ttl: std::time::Duration::from_secs(a.negative_ttl),
                 refresh_interval: std::time::Duration::from_secs(a.refresh_interval),
                 timeout: std::time::Duration::from_secs(a.timeout.max(1)),
+                cache_size: a.cache_size,
             };
             match mount::run(opts) {
                 Ok(()) => ExitCode::SUCCESS,

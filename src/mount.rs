@@ -20,6 +20,7 @@ pub struct MountOptions {
     pub negative_ttl: Duration,
     pub refresh_interval: Duration,
     pub timeout: Duration,
+    pub cache_size: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +114,19 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
     }
     let disk =
         Arc::new(DiskCache::open(&opts.cache_dir).map_err(|e| MountError::Failed(e.to_string()))?);
+    let quota = disk.set_quota(opts.cache_size);
+    for name in disk.evict("", |_| false) {
+        tracing::info!(
+            path = name,
+            "evicted from the cache directory (over the quota)"
+        );
+    }
+    tracing::info!(
+        cache_dir = %opts.cache_dir.display(),
+        used_mb = disk.used() >> 20,
+        quota_mb = quota >> 20,
+        "cache directory"
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()

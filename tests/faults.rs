@@ -259,3 +259,73 @@ fn credentials_never_reach_the_logs() {
         .unwrap();
     assert!(!String::from_utf8_lossy(&out.stderr).contains(SECRET_KEY));
 }
+
+#[test]
+fn the_disk_quota_holds_while_reading_three_times_its_size_twice() {
+    let s3 = S3Server::start();
+    let dir = s3.root.join(BUCKET).join("q");
+    let (key, names) = generate_nar_cache(&dir, 9, 2 << 20);
+    let proxy = Proxy::start(s3.port);
+    let quota: u64 = 6 << 20;
+    let m = Mounted::start(
+        &s3.url(proxy.port, "q"),
+        &[&key],
+        None,
+        &["--cache-size", "6M"],
+    );
+    let store = m.cache_dir.join("store");
+    let mut peak = 0;
+    for pass in 0..2 {
+        for name in &names {
+            for f in 0..4 {
+                let data = std::fs::read(m.p(name).join(format!("f{f}"))).unwrap();
+                assert_eq!(data.len(), (2 << 20) / 4, "pass {pass} {name}");
+            }
+            let used = narfs::disk_cache::disk_usage(&store);
+            peak = peak.max(used);
+            assert!(
+                used as f64 <= quota as f64 * 1.05,
+                "pass {pass}: {used} bytes in the cache, quota {quota}"
+            );
+        }
+    }
+    // evicted paths were fetched again on the second pass
+    let nar_gets = proxy.gets(".nar?");
+    assert!(nar_gets >= 15, "{nar_gets} NAR GETs for 18 path reads");
+    eprintln!(
+        "quota {} MiB: peak {:.2} MiB over 2 passes of 18 MiB; {nar_gets} NAR GETs",
+        quota >> 20,
+        peak as f64 / (1 << 20) as f64
+    );
+}
+
+#[test]
+fn an_open_path_is_never_evicted_and_a_path_over_the_quota_is_still_served() {
+    let s3 = S3Server::start();
+    let dir = s3.root.join(BUCKET).join("q");
+    let (key, names) = generate_nar_cache(&dir, 3, 4 << 20);
+    let m = Mounted::start(
+        &s3.url(s3.port, "q"),
+        &[&key],
+        None,
+        &["--cache-size", "3M"],
+    );
+    // a path larger than the whole quota is served
+    let held = std::fs::File::open(m.p(&names[0]).join("f0")).unwrap();
+    // reading others does not evict the open one
+    for name in &names[1..] {
+        std::fs::read(m.p(name).join("f1")).unwrap();
+    }
+    assert!(
+        m.cache_dir.join("store").join(&names[0]).exists(),
+        "an open path was evicted"
+    );
+    let mut buf = Vec::new();
+    std::io::Read::read_to_end(&mut &held, &mut buf).unwrap();
+    assert_eq!(buf.len(), 1 << 20);
+    drop(held);
+    // once closed it is the least recently used and goes first
+    std::fs::read(m.p(&names[1]).join("f2")).unwrap();
+    std::fs::read(m.p(&names[2]).join("f2")).unwrap();
+    assert!(!m.cache_dir.join("store").join(&names[0]).exists());
+}

@@ -514,3 +514,66 @@ pub fn rss_kib(pid: u32) -> (u64, u64) {
     };
     (get("VmRSS:"), get("VmHWM:"))
 }
+
+/// A cache of `n` generated store paths with real, uncompressed NARs of about `bytes`
+/// each (four files of pseudo-random data). Returns the public key and the basenames.
+pub fn generate_nar_cache(dir: &Path, n: usize, bytes: usize) -> (String, Vec<String>) {
+    use narfs::formats::hash::Sha256;
+    use narfs::formats::keys::SecretKey;
+    use narfs::formats::narinfo::{Compression, NarInfo};
+    use narfs::formats::store_path::StorePath;
+    let sk = SecretKey::from_seed("narfs-gen-2", [7; 32]);
+    std::fs::create_dir_all(dir.join("nar")).unwrap();
+    std::fs::write(dir.join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let mut names = Vec::new();
+    let mut x: u64 = 0x9E3779B97F4A7C15;
+    for i in 0..n {
+        let tree = work.path().join(format!("t{i}"));
+        std::fs::create_dir(&tree).unwrap();
+        for f in 0..4 {
+            let data: Vec<u8> = (0..bytes / 4)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            std::fs::write(tree.join(format!("f{f}")), data).unwrap();
+        }
+        let nar = narfs::formats::nar::Writer::new(Vec::new())
+            .dump_path(&tree)
+            .unwrap();
+        let nar_hash = Sha256::digest(&nar);
+        let url = format!("nar/{}.nar", &nar_hash.to_nix_string()[7..]);
+        std::fs::write(dir.join(&url), &nar).unwrap();
+        let h = Sha256::digest(format!("quota-{i}").as_bytes());
+        let sp = StorePath::from_basename(&format!(
+            "{}-gen-{i}",
+            narfs::formats::nixbase32::encode(&h.0[..20])
+        ))
+        .unwrap();
+        let mut info = NarInfo {
+            store_path: sp.clone(),
+            url,
+            compression: Compression::None,
+            file_hash: Some(nar_hash),
+            file_size: Some(nar.len() as u64),
+            nar_hash,
+            nar_size: nar.len() as u64,
+            references: vec![],
+            deriver: None,
+            sigs: vec![],
+            ca: None,
+        };
+        info.sigs.push(sk.sign(info.fingerprint().as_bytes()));
+        std::fs::write(
+            dir.join(format!("{}.narinfo", sp.hash_part())),
+            info.to_text(),
+        )
+        .unwrap();
+        names.push(sp.basename().to_owned());
+    }
+    (sk.public().to_nix_string(), names)
+}

@@ -36,8 +36,11 @@ impl From<String> for FetchError {
 #[derive(Clone, Debug)]
 pub enum Lookup {
     Found(Arc<NarInfo>),
-    /// No narinfo, or one that must not be served (the reason was logged).
+    /// No narinfo: remembered for the negative TTL.
     Missing,
+    /// A narinfo that must not be served (the reason was logged). Not remembered, so
+    /// a repaired one is picked up by the next access.
+    Rejected,
 }
 
 pub struct Fetcher {
@@ -80,7 +83,8 @@ impl Fetcher {
         self
     }
 
-    /// A small object, whole, with retries; `Ok(None)` if it does not exist.
+    /// A small object, whole (at most `max + 1` bytes), with retries; `Ok(None)` if it
+    /// does not exist.
     async fn get_small_retrying(
         &self,
         key: &str,
@@ -101,12 +105,7 @@ impl Fetcher {
                 .map_err(|e| {
                     Attempt::Transient(format!("GET {}: {e}", self.storage.location(key)))
                 })?;
-            if buf.len() > max {
-                return Err(Attempt::Permanent(format!(
-                    "{} is larger than {max} bytes",
-                    self.storage.location(key)
-                )));
-            }
+            // More than `max` bytes come back as `max + 1`: the parser refuses them.
             Ok(Some(buf))
         })
         .await
@@ -179,10 +178,9 @@ impl Fetcher {
             Ok(Lookup::Missing) => {
                 neg.insert(hash.to_owned(), Instant::now());
             }
-            Ok(Lookup::Found(_)) => {
+            Ok(_) | Err(_) => {
                 neg.remove(hash);
             }
-            Err(_) => {}
         }
         r
     }
@@ -199,7 +197,7 @@ impl Fetcher {
             Ok(i) => i,
             Err(e) => {
                 tracing::warn!("rejecting {location}: invalid narinfo: {e}");
-                return Ok(Lookup::Missing);
+                return Ok(Lookup::Rejected);
             }
         };
         match info.verify(hash, &self.keys) {
@@ -215,7 +213,7 @@ impl Fetcher {
             }
             Err(e) => {
                 tracing::warn!("rejecting {location}: {e}");
-                Ok(Lookup::Missing)
+                Ok(Lookup::Rejected)
             }
         }
     }

@@ -384,7 +384,7 @@ impl Fs {
                         self.index.add_path(&info.store_path);
                         Ok(())
                     }
-                    Ok(Lookup::Missing) => Err(Errno::ENOENT),
+                    Ok(Lookup::Missing | Lookup::Rejected) => Err(Errno::ENOENT),
                     Err(e) => {
                         tracing::error!("looking up {name}: {e}");
                         Err(Errno::EIO)
@@ -491,7 +491,7 @@ impl Fs {
                             index.add_path(&info.store_path);
                             added += 1;
                         }
-                        Ok(Lookup::Missing) => {}
+                        Ok(Lookup::Missing | Lookup::Rejected) => {}
                         Err(e) => tracing::warn!("listing: {e}"),
                     }
                     async {}

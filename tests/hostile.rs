@@ -1,0 +1,447 @@
+//! Hostile caches: every malformed or malicious narinfo and NAR is refused with a log
+//! line naming the store path and the fault, ENOENT (narinfo) or EIO (NAR), nothing
+//! left in the cache directory, neighbours still served, and a repaired object picked
+//! up by the next access without remounting.
+
+mod common;
+
+use common::*;
+use narfs::formats::hash::Sha256;
+use narfs::formats::keys::SecretKey;
+use narfs::formats::nar::Writer;
+use narfs::formats::narinfo::{Compression, NarInfo};
+use narfs::formats::store_path::StorePath;
+use std::io::Write;
+use std::path::Path;
+
+fn strings(parts: &[&[u8]]) -> Vec<u8> {
+    let mut w = Writer::new(Vec::new());
+    for p in parts {
+        w.raw_string(p).unwrap();
+    }
+    w.into_inner()
+}
+
+fn file_nar(contents: &[u8]) -> Vec<u8> {
+    let mut v = strings(&[b"nix-archive-1", b"(", b"type", b"regular", b"contents"]);
+    let mut w = Writer::new(std::mem::take(&mut v));
+    w.raw_string(contents).unwrap();
+    w.raw_string(b")").unwrap();
+    w.into_inner()
+}
+
+fn dir_nar(names: &[&[u8]]) -> Vec<u8> {
+    let mut w = Writer::new(Vec::new());
+    for p in [&b"nix-archive-1"[..], b"(", b"type", b"directory"] {
+        w.raw_string(p).unwrap();
+    }
+    for n in names {
+        for p in [
+            &b"entry"[..],
+            b"(",
+            b"name",
+            n,
+            b"node",
+            b"(",
+            b"type",
+            b"regular",
+            b"contents",
+            b"x",
+            b")",
+            b")",
+        ] {
+            w.raw_string(p).unwrap();
+        }
+    }
+    w.raw_string(b")").unwrap();
+    w.into_inner()
+}
+
+fn symlink_nar(target: &[u8]) -> Vec<u8> {
+    strings(&[
+        b"nix-archive-1",
+        b"(",
+        b"type",
+        b"symlink",
+        b"target",
+        target,
+        b")",
+    ])
+}
+
+fn deep_nar(depth: usize) -> Vec<u8> {
+    let mut w = Writer::new(Vec::new());
+    w.raw_string(b"nix-archive-1").unwrap();
+    for _ in 0..depth {
+        for p in [
+            &b"("[..],
+            b"type",
+            b"directory",
+            b"entry",
+            b"(",
+            b"name",
+            b"d",
+            b"node",
+        ] {
+            w.raw_string(p).unwrap();
+        }
+    }
+    for p in [&b"("[..], b"type", b"regular", b"contents", b"x", b")"] {
+        w.raw_string(p).unwrap();
+    }
+    for _ in 0..depth {
+        w.raw_string(b")").unwrap();
+        w.raw_string(b")").unwrap();
+    }
+    w.into_inner()
+}
+
+fn xz(data: &[u8]) -> Vec<u8> {
+    let mut e = liblzma::write::XzEncoder::new(Vec::new(), 1);
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// xz of a NAR header claiming a 256 MiB file, then 256 MiB of zeros: a few hundred
+/// KiB compressed.
+fn bomb() -> Vec<u8> {
+    let mut e = liblzma::write::XzEncoder::new(Vec::new(), 0);
+    let mut head = strings(&[b"nix-archive-1", b"(", b"type", b"regular", b"contents"]);
+    head.extend_from_slice(&(256u64 << 20).to_le_bytes());
+    e.write_all(&head).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..256 {
+        e.write_all(&zeros).unwrap();
+    }
+    e.finish().unwrap()
+}
+
+struct Cache<'a> {
+    dir: &'a Path,
+    sk: SecretKey,
+}
+
+impl Cache<'_> {
+    /// Puts `file` (the bytes at URL) and a narinfo signed by the trusted key, with
+    /// `edit` applied to the narinfo before signing; returns the basename.
+    fn put(
+        &self,
+        name: &str,
+        nar: &[u8],
+        compression: Compression,
+        file: &[u8],
+        edit: impl Fn(&mut NarInfo),
+    ) -> String {
+        let h = Sha256::digest(name.as_bytes());
+        let sp = StorePath::from_basename(&format!(
+            "{}-{name}",
+            narfs::formats::nixbase32::encode(&h.0[..20])
+        ))
+        .unwrap();
+        let file_hash = Sha256::digest(file);
+        let url = format!("nar/{}.nar", &file_hash.to_nix_string()[7..]);
+        std::fs::create_dir_all(self.dir.join("nar")).unwrap();
+        std::fs::write(self.dir.join(&url), file).unwrap();
+        let mut info = NarInfo {
+            store_path: sp.clone(),
+            url,
+            compression,
+            file_hash: Some(file_hash),
+            file_size: Some(file.len() as u64),
+            nar_hash: Sha256::digest(nar),
+            nar_size: nar.len() as u64,
+            references: vec![],
+            deriver: None,
+            sigs: vec![],
+            ca: None,
+        };
+        edit(&mut info);
+        info.sigs.push(self.sk.sign(info.fingerprint().as_bytes()));
+        std::fs::write(
+            self.dir.join(format!("{}.narinfo", sp.hash_part())),
+            info.to_text(),
+        )
+        .unwrap();
+        sp.basename().to_owned()
+    }
+
+    fn put_good(&self, name: &str) -> String {
+        let nar = file_nar(b"good content\n");
+        self.put(name, &nar, Compression::None, &nar, |_| {})
+    }
+}
+
+#[test]
+fn hostile_nars_are_refused_and_repairs_picked_up() {
+    let s3 = S3Server::start();
+    let dir = s3.root.join(BUCKET).join("h");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
+    let cache = Cache {
+        dir: &dir,
+        sk: SecretKey::from_seed("hostile-test", [9; 32]),
+    };
+    let key = cache.sk.public().to_nix_string();
+    let neighbour = cache.put_good("neighbour");
+    let m = Mounted::start(
+        &s3.url(s3.port, "h"),
+        &[&key],
+        None,
+        &["--refresh-interval", "0", "--timeout", "5"],
+    );
+
+    let none = |nar: Vec<u8>| (nar.clone(), Compression::None, nar);
+    let flipped = {
+        let good = file_nar(b"good content\n");
+        let mut bad = good.clone();
+        let at = bad.windows(4).position(|w| w == b"good").unwrap();
+        bad[at] ^= 1;
+        (good, Compression::None, bad) // signed NarHash of the good one, bytes of the bad
+    };
+    let truncated = {
+        let good = file_nar(b"good content\n");
+        (
+            good.clone(),
+            Compression::None,
+            good[..good.len() - 12].to_vec(),
+        )
+    };
+    let longer = {
+        let good = file_nar(b"good content\n");
+        let mut l = good.clone();
+        l.extend_from_slice(&[0u8; 64]);
+        (good, Compression::None, l)
+    };
+    let bomb_file = bomb();
+    let tiny = file_nar(b"tiny");
+    type Case = (&'static str, (Vec<u8>, Compression, Vec<u8>), &'static str);
+    let cases: Vec<Case> = vec![
+        ("one-byte-flipped", flipped, "NarHash mismatch"),
+        ("truncated", truncated, "truncated"),
+        ("longer-than-narsize", longer, "longer than"),
+        (
+            "bomb",
+            (tiny.clone(), Compression::Xz, bomb_file),
+            "longer than",
+        ),
+        (
+            "unknown-compression",
+            (
+                tiny.clone(),
+                Compression::Unknown("lz4".into()),
+                tiny.clone(),
+            ),
+            "unsupported compression 'lz4'",
+        ),
+        ("name-dot", none(dir_nar(&[b"."])), "name '.' or '..'"),
+        ("name-dotdot", none(dir_nar(&[b".."])), "name '.' or '..'"),
+        ("name-empty", none(dir_nar(&[b""])), "empty name"),
+        ("name-slash", none(dir_nar(&[b"a/b"])), "containing '/'"),
+        ("name-nul", none(dir_nar(&[b"a\0b"])), "containing NUL"),
+        (
+            "duplicate",
+            none(dir_nar(&[b"a", b"a"])),
+            "unsorted or duplicate",
+        ),
+        (
+            "unsorted",
+            none(dir_nar(&[b"b", b"a"])),
+            "unsorted or duplicate",
+        ),
+        (
+            "target-nul",
+            none(symlink_nar(b"/etc\0/passwd")),
+            "symlink target containing NUL",
+        ),
+        (
+            "target-long",
+            none(symlink_nar(&[b'a'; 5000])),
+            "longer than 4095",
+        ),
+        ("deep", none(deep_nar(400)), "nests deeper"),
+        (
+            "unknown-tag",
+            none(strings(&[b"nix-archive-1", b"(", b"type", b"fifo", b")"])),
+            "expected a node type",
+        ),
+        (
+            "trailing",
+            none({
+                let mut t = file_nar(b"x");
+                t.extend_from_slice(&strings(&[b"junk"]));
+                t
+            }),
+            "trailing data",
+        ),
+    ];
+    for (name, (signed_nar, compression, file), why) in cases {
+        let base = cache.put(
+            &format!("bad-{name}"),
+            &signed_nar,
+            compression,
+            &file,
+            |_| {},
+        );
+        let p = m.p(&base);
+        let err = match std::fs::read(&p) {
+            Ok(_) => panic!("{name}: served"),
+            Err(e) => e.raw_os_error(),
+        };
+        assert_eq!(err, Some(libc::EIO), "{name}");
+        let log = m.log_text();
+        let line = log
+            .lines()
+            .filter(|l| l.contains(&format!("/nix/store/{base}")) && l.contains("ERROR"))
+            .last()
+            .unwrap_or_else(|| panic!("{name}: no error line naming the path:\n{log}"));
+        assert!(line.contains(why), "{name}: {line}");
+        assert!(
+            !m.cache_dir.join("store").join(&base).exists(),
+            "{name}: left in store/"
+        );
+        assert_eq!(
+            std::fs::read_dir(m.cache_dir.join("tmp")).unwrap().count(),
+            0,
+            "{name}: left in tmp/"
+        );
+        // the neighbour is still served
+        assert_eq!(std::fs::read(m.p(&neighbour)).unwrap(), b"good content\n");
+        // repair: the same path with a good NAR and narinfo is picked up, no remount
+        cache.put_good(&format!("bad-{name}"));
+        assert_eq!(
+            std::fs::read(&p).unwrap_or_default(),
+            b"good content\n",
+            "{name}: repair not picked up"
+        );
+    }
+    assert!(m.stop().success(), "narfs must survive every case");
+}
+
+#[test]
+fn hostile_narinfos_are_refused_and_repairs_picked_up() {
+    let s3 = S3Server::start();
+    let dir = s3.root.join(BUCKET).join("h");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
+    let cache = Cache {
+        dir: &dir,
+        sk: SecretKey::from_seed("hostile-test", [9; 32]),
+    };
+    let key = cache.sk.public().to_nix_string();
+    let m = Mounted::start(
+        &s3.url(s3.port, "h"),
+        &[&key],
+        None,
+        &["--refresh-interval", "0"],
+    );
+    let untrusted = SecretKey::from_seed("someone-else", [3; 32]);
+
+    type Edit = Box<dyn Fn(&str) -> String>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        (
+            "unsigned",
+            Box::new(|t: &str| {
+                t.lines()
+                    .filter(|l| !l.starts_with("Sig:"))
+                    .map(|l| format!("{l}\n"))
+                    .collect()
+            }),
+            "no signatures",
+        ),
+        (
+            "untrusted",
+            Box::new(move |t: &str| {
+                let mut i = NarInfo::parse(t).unwrap();
+                i.sigs = vec![untrusted.sign(i.fingerprint().as_bytes())];
+                i.to_text()
+            }),
+            "signed by: someone-else",
+        ),
+        (
+            "narsize-changed",
+            Box::new(|t: &str| t.replace("NarSize: ", "NarSize: 1")),
+            "lacks a signature",
+        ),
+        (
+            "bad-reference",
+            Box::new(|t: &str| t.replace("References: ", "References: ../../etc/passwd")),
+            "References",
+        ),
+        (
+            "missing-narhash",
+            Box::new(|t: &str| {
+                t.lines()
+                    .filter(|l| !l.starts_with("NarHash"))
+                    .map(|l| format!("{l}\n"))
+                    .collect()
+            }),
+            "NarHash is missing",
+        ),
+        (
+            "duplicate-storepath",
+            Box::new(|t: &str| format!("{t}{}\n", t.lines().next().unwrap())),
+            "appears more than once",
+        ),
+        (
+            "bad-nix32",
+            Box::new(|t: &str| t.replacen("NarHash: sha256:", "NarHash: sha256:e", 1)),
+            "NarHash",
+        ),
+        (
+            "absurd-size",
+            Box::new(|t: &str| t.replace("NarSize: ", "NarSize: 9999999999999999")),
+            "NarSize",
+        ),
+        (
+            "garbage",
+            Box::new(|_: &str| "\u{0}\u{1}\u{2}garbage without colons\n".repeat(10)),
+            "not of the form",
+        ),
+        (
+            "binary",
+            Box::new(|_: &str| unsafe { String::from_utf8_unchecked(vec![0xff; 1000]) }),
+            "not UTF-8",
+        ),
+        (
+            "huge",
+            Box::new(|t: &str| {
+                format!(
+                    "{t}{}",
+                    "X-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\n".repeat(100_000)
+                )
+            }),
+            "larger than",
+        ),
+    ];
+    for (name, edit, why) in cases {
+        let base = cache.put_good(&format!("ni-{name}"));
+        let key_file = dir.join(format!("{}.narinfo", &base[..32]));
+        let good = std::fs::read_to_string(&key_file).unwrap();
+        std::fs::write(&key_file, edit(&good)).unwrap();
+        assert_eq!(read_err(&m.p(&base)), Some(libc::ENOENT), "{name}");
+        let log = m.log_text();
+        let line = log
+            .lines()
+            .filter(|l| l.contains(&base[..32]) && l.contains("WARN"))
+            .last()
+            .unwrap_or_else(|| panic!("{name}: no warning naming the path:\n{log}"));
+        assert!(line.contains(why), "{name}: {line}");
+        std::fs::write(&key_file, &good).unwrap();
+        assert_eq!(
+            std::fs::read(m.p(&base)).unwrap(),
+            b"good content\n",
+            "{name}: repair not picked up"
+        );
+    }
+    // a StorePath that differs from the key it is read from
+    let a = cache.put_good("ni-a");
+    let b = cache.put_good("ni-b");
+    std::fs::copy(
+        dir.join(format!("{}.narinfo", &a[..32])),
+        dir.join(format!("{}.narinfo", &b[..32])),
+    )
+    .unwrap();
+    assert_eq!(read_err(&m.p(&b)), Some(libc::ENOENT));
+    assert!(m.log_text().contains(&format!("describes /nix/store/{a}")));
+    assert!(m.stop().success());
+}

@@ -96,12 +96,6 @@ fn deep_nar(depth: usize) -> Vec<u8> {
     w.into_inner()
 }
 
-fn xz(data: &[u8]) -> Vec<u8> {
-    let mut e = liblzma::write::XzEncoder::new(Vec::new(), 1);
-    e.write_all(data).unwrap();
-    e.finish().unwrap()
-}
-
 /// xz of a NAR header claiming a 256 MiB file, then 256 MiB of zeros: a few hundred
 /// KiB compressed.
 fn bomb() -> Vec<u8> {
@@ -292,7 +286,7 @@ fn hostile_nars_are_refused_and_repairs_picked_up() {
         let line = log
             .lines()
             .filter(|l| l.contains(&format!("/nix/store/{base}")) && l.contains("ERROR"))
-            .last()
+            .next_back()
             .unwrap_or_else(|| panic!("{name}: no error line naming the path:\n{log}"));
         assert!(line.contains(why), "{name}: {line}");
         assert!(
@@ -423,7 +417,7 @@ fn hostile_narinfos_are_refused_and_repairs_picked_up() {
         let line = log
             .lines()
             .filter(|l| l.contains(&base[..32]) && l.contains("WARN"))
-            .last()
+            .next_back()
             .unwrap_or_else(|| panic!("{name}: no warning naming the path:\n{log}"));
         assert!(line.contains(why), "{name}: {line}");
         std::fs::write(&key_file, &good).unwrap();

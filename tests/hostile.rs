@@ -285,8 +285,7 @@ fn hostile_nars_are_refused_and_repairs_picked_up() {
         let log = m.log_text();
         let line = log
             .lines()
-            .filter(|l| l.contains(&format!("/nix/store/{base}")) && l.contains("ERROR"))
-            .next_back()
+            .rfind(|l| l.contains(&format!("/nix/store/{base}")) && l.contains("ERROR"))
             .unwrap_or_else(|| panic!("{name}: no error line naming the path:\n{log}"));
         assert!(line.contains(why), "{name}: {line}");
         assert!(
@@ -416,8 +415,7 @@ fn hostile_narinfos_are_refused_and_repairs_picked_up() {
         let log = m.log_text();
         let line = log
             .lines()
-            .filter(|l| l.contains(&base[..32]) && l.contains("WARN"))
-            .next_back()
+            .rfind(|l| l.contains(&base[..32]) && l.contains("WARN"))
             .unwrap_or_else(|| panic!("{name}: no warning naming the path:\n{log}"));
         assert!(line.contains(why), "{name}: {line}");
         std::fs::write(&key_file, &good).unwrap();

@@ -181,6 +181,10 @@ impl DiskCache {
     /// is dropped: both were verified against the same NarHash.
     pub fn commit(&self, tmp: &Path, basename: &str) -> io::Result<()> {
         let size = disk_usage(tmp);
+        // Contents reach the disk before the rename that makes them visible, and the
+        // rename before anything relies on it: a power cut never leaves a path in
+        // store/ whose files are empty.
+        sync_fs(tmp.parent().unwrap_or(&self.root))?;
         let dest = self.path_dir(basename);
         if let Err(e) = fs::rename(tmp, &dest) {
             if self.has_path(basename) {
@@ -189,6 +193,7 @@ impl DiskCache {
             }
             return Err(e);
         }
+        File::open(self.root.join("store"))?.sync_all()?;
         let mut u = self.usage.lock().unwrap();
         if let Some(old) = u.lru.put(basename.to_owned(), size) {
             u.total -= old;
@@ -217,7 +222,9 @@ impl DiskCache {
         let dest = self.narinfo_path(key_id, hash_part);
         fs::create_dir_all(dest.parent().unwrap())?;
         let tmp = self.temp_path(&format!("{hash_part}.narinfo"));
-        fs::write(&tmp, text)?;
+        let mut f = File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, text.as_bytes())?;
+        f.sync_data()?;
         fs::rename(&tmp, dest)
     }
 
@@ -239,6 +246,17 @@ impl DiskCache {
         })
         .collect()
     }
+}
+
+/// Flushes the file system holding `p` (one call for a whole unpacked tree, instead of
+/// an fsync per file).
+fn sync_fs(p: &Path) -> io::Result<()> {
+    let f = File::open(p)?;
+    use std::os::fd::AsRawFd;
+    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Bytes a tree takes on disk (allocated blocks, not apparent sizes).

@@ -74,7 +74,7 @@ fn main() {
         let meta = std::fs::metadata(m.p(&probe));
         let lookup = t.elapsed();
         assert!(meta.is_ok(), "{probe}: {meta:?}");
-        let full = wait_count(&m, n, Duration::from_secs(300)) + t.elapsed();
+        let full = wait_count(&m, n, Duration::from_secs(1800)) + t.elapsed();
         let t = Instant::now();
         let listed = count(&m);
         let ls_time = t.elapsed();

@@ -4,9 +4,9 @@
 
 use crate::fs::{Attr, Errno, FileKind, Fs, Outcome};
 use fuser::{
-    FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
-    LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, ReplyStatfs,
-    Request,
+    BackingId, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry,
+    ReplyOpen, ReplyStatfs, Request,
 };
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -21,11 +21,68 @@ const ROOT_TTL: Duration = Duration::from_secs(1);
 pub struct NarFuse {
     fs: Arc<Fs>,
     rt: tokio::runtime::Handle,
+    passthrough: Arc<Passthrough>,
+}
+
+/// FUSE passthrough: reads of unpacked files go from the kernel straight to the file in
+/// the disk cache, never through narfs. One backing id per inode while any handle of it
+/// is open, as the kernel requires.
+#[derive(Default)]
+struct Passthrough {
+    enabled: std::sync::atomic::AtomicBool,
+    state: std::sync::Mutex<BackingState>,
+}
+
+#[derive(Default)]
+struct BackingState {
+    by_handle: std::collections::HashMap<u64, Arc<BackingId>>,
+    by_inode: std::collections::HashMap<u64, std::sync::Weak<BackingId>>,
+}
+
+impl Passthrough {
+    fn reply(&self, reply: ReplyOpen, ino: u64, fd: i32) {
+        use std::sync::atomic::Ordering;
+        let flags = FopenFlags::FOPEN_KEEP_CACHE;
+        if self.enabled.load(Ordering::Relaxed) {
+            let mut st = self.state.lock().unwrap();
+            let existing = st.by_inode.get(&ino).and_then(std::sync::Weak::upgrade);
+            let id = match existing {
+                Some(id) => Ok(id),
+                None => {
+                    let fd_ref = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                    reply.open_backing(fd_ref).map(Arc::new)
+                }
+            };
+            match id {
+                Ok(id) => {
+                    st.by_inode.insert(ino, Arc::downgrade(&id));
+                    st.by_handle.insert(fd as u64, id.clone());
+                    reply.opened_passthrough(FileHandle(fd as u64), FopenFlags::empty(), &id);
+                    return;
+                }
+                Err(e) => {
+                    self.enabled.store(false, Ordering::Relaxed);
+                    tracing::info!("FUSE passthrough refused ({e}); reads go through narfs");
+                }
+            }
+        }
+        reply.opened(FileHandle(fd as u64), flags);
+    }
+
+    fn release(&self, fh: u64) {
+        let mut st = self.state.lock().unwrap();
+        st.by_handle.remove(&fh);
+        st.by_inode.retain(|_, w| w.strong_count() > 0);
+    }
 }
 
 impl NarFuse {
     pub fn new(fs: Arc<Fs>, rt: tokio::runtime::Handle) -> Self {
-        NarFuse { fs, rt }
+        NarFuse {
+            fs,
+            rt,
+            passthrough: Arc::default(),
+        }
     }
 
     /// Answers at once when possible; otherwise satisfies the need on the runtime and
@@ -122,6 +179,15 @@ impl fuser::Filesystem for NarFuse {
                 tracing::debug!("kernel does not offer {cap:?}");
             }
         }
+        if std::env::var_os("NARFS_NO_PASSTHROUGH").is_none()
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok()
+        {
+            self.passthrough
+                .enabled
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!("FUSE passthrough offered by the kernel");
+        }
         Ok(())
     }
 
@@ -164,10 +230,11 @@ impl fuser::Filesystem for NarFuse {
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
             return reply.error(fuser::Errno::EROFS);
         }
+        let pt = self.passthrough.clone();
         self.run(
             move |fs| fs.open(ino.0),
             move |r| match r {
-                Ok(fd) => reply.opened(FileHandle(fd as u64), FopenFlags::FOPEN_KEEP_CACHE),
+                Ok(fd) => pt.reply(reply, ino.0, fd),
                 Err(e) => reply.error(errno(e)),
             },
         );
@@ -201,6 +268,7 @@ impl fuser::Filesystem for NarFuse {
         _flush: bool,
         reply: fuser::ReplyEmpty,
     ) {
+        self.passthrough.release(fh.0);
         self.fs.release(fh.0 as i32);
         reply.ok();
     }

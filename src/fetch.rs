@@ -13,7 +13,7 @@ use crate::retry::{Attempt, Guarded, Policy};
 use crate::singleflight::SingleFlight;
 use crate::storage::{Storage, StorageError};
 use std::collections::HashMap;
-use std::io::{self, BufReader, Read};
+use std::io::{self, Read};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
@@ -321,14 +321,11 @@ impl Fetcher {
         let guarded = Guarded::new(body, self.policy.stall, deadline);
         let stream_failed = guarded.failed.clone();
         let tmp = self.disk.temp_path(basename);
-        let rt = tokio::runtime::Handle::current();
+        let reader = read_ahead(guarded);
         let tmp2 = tmp.clone();
-        let res = tokio::task::spawn_blocking(move || {
-            let reader = tokio_util::io::SyncIoBridge::new_with_handle(guarded, rt);
-            unpack_verified(reader, &info, &tmp2)
-        })
-        .await
-        .map_err(|e| Attempt::Permanent(e.to_string()))?;
+        let res = tokio::task::spawn_blocking(move || unpack_verified(reader, &info, &tmp2))
+            .await
+            .map_err(|e| Attempt::Permanent(e.to_string()))?;
         let res = res.and_then(|tree| {
             self.disk
                 .commit(&tmp, basename)
@@ -369,10 +366,79 @@ impl<R: Read> Read for Checked<R> {
     }
 }
 
-/// The streaming pipeline: compressed bytes → FileHash check → decompressor → NarHash/
-/// NarSize check → NAR unpacker writing into `dest`. Returns the tree only if every
-/// check passed; the caller removes `dest` otherwise.
-pub fn unpack_verified<R: Read>(
+/// Chunks between pipeline stages; 8 in flight per stage bounds memory to a few MiB
+/// however large the NAR (or however well a bomb compresses).
+const CHUNK: usize = 256 * 1024;
+const IN_FLIGHT: usize = 8;
+
+type Chunk = io::Result<Vec<u8>>;
+
+/// The receiving end of a pipeline stage, as a `Read`.
+pub struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Chunk>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl ChannelReader {
+    pub fn new(rx: tokio::sync::mpsc::Receiver<Chunk>) -> Self {
+        ChannelReader {
+            rx,
+            cur: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.cur.len() {
+            match self.rx.blocking_recv() {
+                Some(Ok(c)) => {
+                    self.cur = c;
+                    self.pos = 0;
+                }
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.pos);
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Downloads ahead of the decompressor: reads `body` on the runtime into a bounded
+/// channel, so the network, decompression and hashing+unpacking overlap.
+pub fn read_ahead<R: tokio::io::AsyncRead + Unpin + Send + 'static>(mut body: R) -> ChannelReader {
+    let (tx, rx) = tokio::sync::mpsc::channel(IN_FLIGHT);
+    tokio::spawn(async move {
+        loop {
+            let mut buf = vec![0u8; CHUNK];
+            match body.read(&mut buf).await {
+                Ok(0) => return,
+                Ok(n) => {
+                    buf.truncate(n);
+                    if tx.send(Ok(buf)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            }
+        }
+    });
+    ChannelReader::new(rx)
+}
+
+/// The streaming pipeline: compressed bytes → FileHash check → decompressor (its own
+/// thread) → NarHash/NarSize check → NAR unpacker writing into `dest`. One pass, no
+/// whole-NAR buffering. Returns the tree only if every check passed; the caller removes
+/// `dest` otherwise.
+pub fn unpack_verified<R: Read + Send>(
     reader: R,
     info: &NarInfo,
     dest: &std::path::Path,
@@ -383,57 +449,94 @@ pub fn unpack_verified<R: Read>(
         limit: info.file_size.unwrap_or(u64::MAX),
         what: "compressed NAR",
     };
-    let (tree, nar_hasher) = {
-        let decoder: Box<dyn Read + '_> = match &info.compression {
-            Compression::None => Box::new(&mut file),
-            Compression::Xz => Box::new(liblzma::read::XzDecoder::new_multi_decoder(&mut file)),
-            Compression::Zstd => {
-                Box::new(zstd::stream::read::Decoder::new(&mut file).map_err(|e| e.to_string())?)
+    let compression = info.compression.clone();
+    if let Compression::Unknown(c) = &compression {
+        return Err(format!("unsupported compression '{c}'"));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(IN_FLIGHT);
+    std::thread::scope(|scope| {
+        let decoding = scope.spawn(move || -> Result<Hasher, String> {
+            {
+                let mut decoder: Box<dyn Read + '_> = match &compression {
+                    Compression::None => Box::new(&mut file),
+                    Compression::Xz => {
+                        Box::new(liblzma::read::XzDecoder::new_multi_decoder(&mut file))
+                    }
+                    Compression::Zstd => Box::new(
+                        zstd::stream::read::Decoder::new(&mut file).map_err(|e| e.to_string())?,
+                    ),
+                    Compression::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(&mut file)),
+                    Compression::Unknown(_) => unreachable!(),
+                };
+                loop {
+                    let mut buf = vec![0u8; CHUNK];
+                    match decoder.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            buf.truncate(n);
+                            if tx.blocking_send(Ok(buf)).is_err() {
+                                // the unpacker stopped: its error is the one to report
+                                return Err(String::new());
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            let _ = tx.blocking_send(Err(io::Error::new(e.kind(), e.to_string())));
+                            return Err(e.to_string());
+                        }
+                    }
+                }
             }
-            Compression::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(&mut file)),
-            Compression::Unknown(c) => return Err(format!("unsupported compression '{c}'")),
-        };
+            drop(tx);
+            // The compressed stream may carry bytes after the end of the compressed
+            // data; FileHash covers them too.
+            io::copy(&mut file, &mut io::sink()).map_err(|e| e.to_string())?;
+            Ok(file.hasher)
+        });
         let mut nar_stream = Checked {
-            inner: BufReader::with_capacity(256 * 1024, decoder),
+            inner: ChannelReader::new(rx),
             hasher: Hasher::default(),
             limit: info.nar_size,
             what: "NAR",
         };
-        let tree = nar::unpack(&mut nar_stream, dest).map_err(|e| format!("bad NAR: {e}"))?;
-        (tree, nar_stream.hasher)
-    };
-    if nar_hasher.len() != info.nar_size {
-        return Err(format!(
-            "NarSize mismatch: expected {}, got {}",
-            info.nar_size,
-            nar_hasher.len()
-        ));
-    }
-    let got = nar_hasher.finish();
-    if got != info.nar_hash {
-        return Err(format!(
-            "NarHash mismatch: expected {}, got {got}",
-            info.nar_hash
-        ));
-    }
-    // The compressed stream may carry bytes after the end of the compressed data;
-    // FileHash covers them too.
-    io::copy(&mut file, &mut io::sink()).map_err(|e| e.to_string())?;
-    if let Some(size) = info.file_size {
-        if file.hasher.len() != size {
+        let unpacked = nar::unpack(&mut nar_stream, dest).map_err(|e| format!("bad NAR: {e}"));
+        drop(nar_stream.inner); // lets a decoder blocked on a full channel finish
+        let file_hasher = decoding
+            .join()
+            .map_err(|_| "decompressor panicked".to_owned());
+        let tree = unpacked?;
+        let file_hasher = file_hasher??;
+        let nar_hasher = nar_stream.hasher;
+        if nar_hasher.len() != info.nar_size {
             return Err(format!(
-                "FileSize mismatch: expected {size}, got {}",
-                file.hasher.len()
+                "NarSize mismatch: expected {}, got {}",
+                info.nar_size,
+                nar_hasher.len()
             ));
         }
-    }
-    if let Some(expected) = info.file_hash {
-        let got: Sha256 = file.hasher.finish();
-        if got != expected {
-            return Err(format!("FileHash mismatch: expected {expected}, got {got}"));
+        let got = nar_hasher.finish();
+        if got != info.nar_hash {
+            return Err(format!(
+                "NarHash mismatch: expected {}, got {got}",
+                info.nar_hash
+            ));
         }
-    }
-    Ok(tree)
+        if let Some(size) = info.file_size {
+            if file_hasher.len() != size {
+                return Err(format!(
+                    "FileSize mismatch: expected {size}, got {}",
+                    file_hasher.len()
+                ));
+            }
+        }
+        if let Some(expected) = info.file_hash {
+            let got: Sha256 = file_hasher.finish();
+            if got != expected {
+                return Err(format!("FileHash mismatch: expected {expected}, got {got}"));
+            }
+        }
+        Ok(tree)
+    })
 }
 
 #[cfg(test)]

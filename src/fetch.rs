@@ -54,6 +54,8 @@ pub struct Fetcher {
     negative: Mutex<HashMap<String, Instant>>,
     negative_ttl: Duration,
     policy: Policy,
+    /// Bounds parallel NAR downloads (`--jobs`).
+    downloads: Arc<tokio::sync::Semaphore>,
 }
 
 impl Fetcher {
@@ -74,7 +76,13 @@ impl Fetcher {
             negative: Mutex::default(),
             negative_ttl,
             policy: Policy::default(),
+            downloads: Arc::new(tokio::sync::Semaphore::new(4)),
         }
+    }
+
+    pub fn with_jobs(mut self, jobs: usize) -> Self {
+        self.downloads = Arc::new(tokio::sync::Semaphore::new(jobs.max(1)));
+        self
     }
 
     /// The time budget of one fetch (all retries included) and the longest stall.
@@ -274,6 +282,7 @@ impl Fetcher {
                     ))
                 });
         }
+        let _slot = self.downloads.acquire().await;
         let t0 = Instant::now();
         let location = self.storage.location(&info.url);
         let policy = self.policy;

@@ -95,18 +95,84 @@ pub struct Fs {
     invalidator: std::sync::OnceLock<Arc<dyn Invalidator>>,
     /// Open file handles and the path each belongs to: open paths are never evicted.
     pins: std::sync::Mutex<HashMap<i32, PathId>>,
+    me: std::sync::Weak<Fs>,
+    /// Bounds background prefetches so demand reads keep download slots.
+    prefetch: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+/// How `Fs` fetches beyond what is asked for.
+#[derive(Clone, Copy, Debug)]
+pub struct FsOptions {
+    /// Prefetch the references of a path when it is first opened.
+    pub prefetch_references: bool,
+    /// Parallel NAR downloads.
+    pub jobs: usize,
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        FsOptions {
+            prefetch_references: true,
+            jobs: 4,
+        }
+    }
 }
 
 const DIR_SIZE: u64 = 4096;
 
 impl Fs {
-    pub fn new(index: Arc<Index>, fetcher: Arc<Fetcher>) -> Self {
-        Fs {
+    pub fn new(index: Arc<Index>, fetcher: Arc<Fetcher>, opts: FsOptions) -> Arc<Self> {
+        Arc::new_cyclic(|me| Fs {
             index,
             fetcher,
             list_jobs: 64,
             invalidator: std::sync::OnceLock::new(),
             pins: Default::default(),
+            me: me.clone(),
+            prefetch: opts
+                .prefetch_references
+                .then(|| Arc::new(tokio::sync::Semaphore::new((opts.jobs / 2).max(1)))),
+        })
+    }
+
+    /// Fetches the closure of `id` in the background: a closure is almost always read
+    /// together. Each prefetched path prefetches its own references in turn.
+    fn prefetch_references(&self, info: &crate::formats::narinfo::NarInfo) {
+        let (Some(sem), Some(me)) = (self.prefetch.clone(), self.me.upgrade()) else {
+            return;
+        };
+        for r in info.references.iter().filter(|r| **r != info.store_path) {
+            let id = match self.index.path_by_basename(r.basename()) {
+                Some(id) if self.index.is_unpacked(id) => continue,
+                Some(id) => Some(id),
+                None => None,
+            };
+            let (me, sem, r) = (me.clone(), sem.clone(), r.clone());
+            tokio::spawn(async move {
+                let Ok(_permit) = sem.acquire().await else {
+                    return;
+                };
+                let id = match id {
+                    Some(id) => id,
+                    None => {
+                        if me
+                            .satisfy(Need::NarInfo(r.basename().to_owned()))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        match me.index.path_by_basename(r.basename()) {
+                            Some(id) => id,
+                            None => return,
+                        }
+                    }
+                };
+                if !me.index.is_unpacked(id) {
+                    tracing::debug!(path = %r, "prefetching a reference");
+                    let _ = me.satisfy(Need::Content(id)).await;
+                }
+            });
         }
     }
 
@@ -416,13 +482,14 @@ impl Fs {
                     let _ = self.fetcher.narinfo_from_cache(sp.hash_part()).await;
                 }
                 let info = self.info(id).await?;
-                match self.fetcher.content(info).await {
+                match self.fetcher.content(info.clone()).await {
                     Ok(tree) => {
                         self.index.set_failed(id, false);
                         let stale = self.index.attach_tree(id, &tree, TreeSource::Nar);
                         self.index.set_unpacked(id, true);
                         self.invalidate(stale);
                         self.evict_for(id);
+                        self.prefetch_references(&info);
                         Ok(())
                     }
                     Err(_) => {

@@ -46,6 +46,13 @@ struct MountArgs {
     /// [default: 10% of the file system holding the cache directory, at most 10G]
     #[arg(long, value_name = "SIZE", value_parser = narfs::disk_cache::parse_size)]
     cache_size: Option<u64>,
+    /// NAR downloads that may run in parallel.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    jobs: usize,
+    /// When a path is first opened, fetch its references in the background (its
+    /// closure is almost always read together).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = ArgAction::Set)]
+    prefetch_references: bool,
     /// Time budget in seconds for fetching one object, retries included; after it the
     /// read fails with EIO and the next access tries afresh.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
@@ -106,6 +113,8 @@ fn main() -> ExitCode {
                 refresh_interval: std::time::Duration::from_secs(a.refresh_interval),
                 timeout: std::time::Duration::from_secs(a.timeout.max(1)),
                 cache_size: a.cache_size,
+                jobs: a.jobs.max(1),
+                prefetch_references: a.prefetch_references,
             };
             match mount::run(opts) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -21,6 +21,8 @@ pub struct MountOptions {
     pub refresh_interval: Duration,
     pub timeout: Duration,
     pub cache_size: Option<u64>,
+    pub jobs: usize,
+    pub prefetch_references: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,10 +144,20 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
         budget: opts.timeout,
         stall: opts.timeout.min(Duration::from_secs(10)),
     };
-    let fetcher =
-        Arc::new(Fetcher::new(storage, keys, disk, opts.negative_ttl).with_policy(policy));
+    let fetcher = Arc::new(
+        Fetcher::new(storage, keys, disk, opts.negative_ttl)
+            .with_policy(policy)
+            .with_jobs(opts.jobs),
+    );
     let index = Arc::new(Index::default());
-    let fs = Arc::new(Fs::new(index, fetcher));
+    let fs = Fs::new(
+        index,
+        fetcher,
+        crate::fs::FsOptions {
+            prefetch_references: opts.prefetch_references,
+            jobs: opts.jobs,
+        },
+    );
     rt.spawn(keep_listing(fs.clone(), opts.refresh_interval));
 
     let mut config = fuser::Config::default();

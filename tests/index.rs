@@ -33,7 +33,12 @@ impl Env {
 fn ls_lr_of_the_closure_downloads_no_nar() {
     let f = fixture();
     let e = env();
-    let m = Mounted::start(&e.url, &[&f.public_key], None, &[]);
+    let m = Mounted::start(
+        &e.url,
+        &[&f.public_key],
+        None,
+        &["--prefetch-references", "false"],
+    );
     m.wait_root(f.paths.len());
     for (name, base) in &f.paths {
         assert_eq!(shape(&m.p(base)), shape(&f.real(name)), "{name}");
@@ -151,7 +156,12 @@ fn remount_serves_from_disk_without_gets() {
     let e = env();
     let cache_dir = tempfile::tempdir().unwrap();
     {
-        let m = Mounted::start(&e.url, &[&f.public_key], Some(cache_dir.path()), &[]);
+        let m = Mounted::start(
+            &e.url,
+            &[&f.public_key],
+            Some(cache_dir.path()),
+            &["--prefetch-references", "false"],
+        );
         wait_log(&m, "listed the cache");
         run(Command::new("cat").arg(m.p(f.path("narfs-test-app")).join("bin/app")));
         assert!(m.stop().success());
@@ -161,7 +171,7 @@ fn remount_serves_from_disk_without_gets() {
         &e.url,
         &[&f.public_key],
         Some(cache_dir.path()),
-        &["--refresh-interval", "0"],
+        &["--refresh-interval", "0", "--prefetch-references", "false"],
     );
     // the root is ready from disk
     wait_log(&m, "loaded verified paths from the cache directory");
@@ -305,4 +315,45 @@ fn thousands_of_paths_list_across_pages() {
     assert_eq!(read_err(&tool), Some(libc::EIO));
     let (rss, _) = rss_kib(m.pid());
     eprintln!("2500 paths listed; narfs RSS {rss} KiB");
+}
+
+#[test]
+fn opening_a_path_prefetches_its_references() {
+    let f = fixture();
+    let e = env();
+    let app = f.path("narfs-test-app");
+    let lib_nar = f.narinfo_field("narfs-test-lib", "URL");
+    {
+        let m = Mounted::start(
+            &e.url,
+            &[&f.public_key],
+            None,
+            &["--prefetch-references", "false"],
+        );
+        std::fs::read(m.p(app).join("bin/app")).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(e.proxy.gets(&lib_nar), 0, "prefetched although disabled");
+    }
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &[]);
+    std::fs::read(m.p(app).join("bin/app")).unwrap();
+    let t = Instant::now();
+    for name in ["narfs-test-lib", "narfs-test-big", "narfs-test-single.txt"] {
+        while !m.cache_dir.join("store").join(f.path(name)).exists() {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "{name} was not prefetched:\n{}",
+                m.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    assert_eq!(e.proxy.gets(&lib_nar), 1);
+    // and reading it now needs no download
+    assert_eq!(
+        std::fs::read_to_string(m.p(f.path("narfs-test-lib")).join("lib/greet.sh"))
+            .unwrap()
+            .len(),
+        35
+    );
+    assert_eq!(e.proxy.gets(&lib_nar), 1);
 }

@@ -399,7 +399,12 @@ fn remount_reuses_the_cache_dir() {
     let cache_dir = tempfile::tempdir().unwrap();
     let app = f.path("narfs-test-app").to_owned();
     {
-        let m = Mounted::start(&e.url, &[&f.public_key], Some(cache_dir.path()), &[]);
+        let m = Mounted::start(
+            &e.url,
+            &[&f.public_key],
+            Some(cache_dir.path()),
+            &["--prefetch-references", "false"],
+        );
         assert_eq!(
             run(&mut Command::new(m.p(&app).join("bin/app"))),
             "hello from lib\n"
@@ -407,7 +412,12 @@ fn remount_reuses_the_cache_dir() {
         assert!(m.stop().success());
     }
     e.proxy.clear();
-    let m = Mounted::start(&e.url, &[&f.public_key], Some(cache_dir.path()), &[]);
+    let m = Mounted::start(
+        &e.url,
+        &[&f.public_key],
+        Some(cache_dir.path()),
+        &["--prefetch-references", "false"],
+    );
     assert_eq!(
         run(&mut Command::new(m.p(&app).join("bin/app"))),
         "hello from lib\n"

@@ -13,20 +13,14 @@ fn count(m: &Mounted) -> usize {
     std::fs::read_dir(&m.mnt).unwrap().count()
 }
 
-fn wait_count(m: &Mounted, n: usize, limit: Duration) -> Duration {
-    let t = Instant::now();
-    while count(m) < n {
-        assert!(t.elapsed() < limit, "root listed only {} of {n}", count(m));
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    t.elapsed()
-}
-
 fn main() {
+    // `cargo bench` passes --bench; under `cargo test --all-targets` this runs as a
+    // quick smoke test of the harness.
+    let full = std::env::args().any(|a| a == "--bench");
     let n: usize = std::env::var("NARFS_SCALE_N")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
+        .unwrap_or(if full { 100_000 } else { 1_500 });
     let s3 = S3Server::start();
     let dir = s3.root.join(BUCKET).join("scale");
     let t = Instant::now();
@@ -60,7 +54,21 @@ fn main() {
             .to_owned()
     };
 
+    // Round 1: a cold mount. Round 2: a remount whose cache directory already holds
+    // every narinfo verified (as an earlier mount leaves it; filled here directly so
+    // the figure does not wait on the test server's listing, see below).
     for round in ["cold", "remount"] {
+        if round == "remount" {
+            let pk = narfs::formats::keys::PublicKey::parse(&key).unwrap();
+            let kept = cache_dir.path().join("narinfo").join(pk.id());
+            std::fs::create_dir_all(&kept).unwrap();
+            for e in std::fs::read_dir(&dir).unwrap() {
+                let e = e.unwrap();
+                if e.file_name().to_string_lossy().ends_with(".narinfo") {
+                    std::fs::copy(e.path(), kept.join(e.file_name())).unwrap();
+                }
+            }
+        }
         let t0 = Instant::now();
         let m = Mounted::start(
             &url,
@@ -74,26 +82,54 @@ fn main() {
         let meta = std::fs::metadata(m.p(&probe));
         let lookup = t.elapsed();
         assert!(meta.is_ok(), "{probe}: {meta:?}");
-        let full = wait_count(&m, n, Duration::from_secs(1800)) + t.elapsed();
+        // s3s-fs lists a page by walking the whole bucket directory, so a full cold
+        // listing of a huge bucket measures the test server; cap the wait.
+        let limit = Duration::from_secs(if round == "cold" { 60 } else { 600 });
+        let t = Instant::now();
+        while count(&m) < n && t.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let listed_after = t0.elapsed();
         let t = Instant::now();
         let listed = count(&m);
         let ls_time = t.elapsed();
         let (rss, hwm) = rss_kib(m.pid());
+        let status = std::fs::read_to_string(format!("/proc/{}/stat", m.pid())).unwrap();
+        let f: Vec<&str> = status
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        let cpu_s = (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0;
         println!(
             "{round}: mount ready {:.0} ms | cold lookup of a not-yet-listed path {:.1} ms | \
-             root fully listed ({listed} entries) {:.2} s after mount | one full readdir {:.0} ms | \
-             RSS {:.1} MB (peak {:.1} MB, {:.0} bytes per known path above the at-ready RSS)",
+             root lists {listed} of {n} entries {:.2} s after mount | one full readdir {:.0} ms | \
+             RSS {:.1} MB (peak {:.1} MB, {:.0} bytes per known path above the at-ready RSS) | \
+             narfs CPU {:.2} s ({:.0} µs per listed path)",
             ready.as_secs_f64() * 1e3,
             lookup.as_secs_f64() * 1e3,
-            full.as_secs_f64(),
+            listed_after.as_secs_f64(),
             ls_time.as_secs_f64() * 1e3,
             rss as f64 / 1024.0,
             hwm as f64 / 1024.0,
-            (rss.saturating_sub(rss_ready) * 1024) as f64 / n as f64,
+            (rss.saturating_sub(rss_ready) * 1024) as f64 / listed.max(1) as f64,
+            cpu_s,
+            cpu_s * 1e6 / listed.max(1) as f64,
         );
         let log = std::env::temp_dir().join(format!("narfs-scale-{round}.log"));
         let _ = std::fs::copy(&m.log, &log);
-        println!("  (narfs log: {})", log.display());
+        if let Some(l) = m
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("listing page"))
+            .nth(1)
+        {
+            println!(
+                "  a listing page: {}",
+                l.split("narfs::fs: ").nth(1).unwrap_or(l)
+            );
+        }
         assert!(m.stop().success());
     }
 }

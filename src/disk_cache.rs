@@ -217,14 +217,13 @@ impl DiskCache {
     }
 
     /// Keeps a verified narinfo so a remount needs no GET for it. Written to a temp
-    /// file and renamed, so a crash never leaves half a record.
+    /// file and renamed. Not flushed (a listing writes thousands): a record torn by a
+    /// power cut lacks its final `Sig:` line and is ignored on load, then fetched again.
     pub fn save_narinfo(&self, key_id: &str, hash_part: &str, text: &str) -> io::Result<()> {
         let dest = self.narinfo_path(key_id, hash_part);
         fs::create_dir_all(dest.parent().unwrap())?;
         let tmp = self.temp_path(&format!("{hash_part}.narinfo"));
-        let mut f = File::create(&tmp)?;
-        std::io::Write::write_all(&mut f, text.as_bytes())?;
-        f.sync_data()?;
+        fs::write(&tmp, text)?;
         fs::rename(&tmp, dest)
     }
 
@@ -232,19 +231,22 @@ impl DiskCache {
         fs::read_to_string(self.narinfo_path(key_id, hash_part)).ok()
     }
 
-    /// Every narinfo verified by key `key_id`, as (hash part, text).
-    pub fn all_narinfos(&self, key_id: &str) -> Vec<(String, String)> {
+    /// Calls `f(hash part, text)` for every narinfo verified by key `key_id`, one at a
+    /// time (a remount of a huge cache must not hold them all at once).
+    pub fn for_each_narinfo(&self, key_id: &str, mut f: impl FnMut(&str, &str)) {
         let dir = self.root.join("narinfo").join(key_id);
-        let Ok(rd) = fs::read_dir(&dir) else {
-            return Vec::new();
-        };
-        rd.filter_map(|e| {
-            let e = e.ok()?;
-            let name = e.file_name().into_string().ok()?;
-            let hash = name.strip_suffix(".narinfo")?.to_owned();
-            Some((hash, fs::read_to_string(e.path()).ok()?))
-        })
-        .collect()
+        let Ok(rd) = fs::read_dir(&dir) else { return };
+        for e in rd.flatten() {
+            let Ok(name) = e.file_name().into_string() else {
+                continue;
+            };
+            let Some(hash) = name.strip_suffix(".narinfo") else {
+                continue;
+            };
+            if let Ok(text) = fs::read_to_string(e.path()) {
+                f(hash, &text);
+            }
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use crate::formats::keys::TrustedKeys;
 use crate::formats::listing::{parse_ls, Entry, MAX_LISTING_BYTES};
 use crate::formats::nar;
 use crate::formats::narinfo::{Compression, NarInfo, MAX_NARINFO_BYTES};
+use crate::formats::store_path::StorePath;
 use crate::retry::{Attempt, Guarded, Policy};
 use crate::singleflight::SingleFlight;
 use crate::storage::{Storage, StorageError};
@@ -129,21 +130,26 @@ impl Fetcher {
     }
 
     fn parse_kept(hash: &str, text: &str) -> Option<Arc<NarInfo>> {
-        // Written by us after verification with one of the current keys.
+        // Written by us after verification with one of the current keys; a record
+        // without its signature line is torn and ignored.
         let info = NarInfo::parse(text).ok()?;
-        (info.store_path.hash_part() == hash).then(|| Arc::new(info.compact()))
+        (info.store_path.hash_part() == hash && !info.sigs.is_empty())
+            .then(|| Arc::new(info.compact()))
     }
 
-    /// What earlier mounts verified with the keys trusted now: the root listing is
-    /// ready from disk before the cache is listed again.
-    pub fn verified_on_disk(&self) -> Vec<Arc<NarInfo>> {
-        let mut out = Vec::new();
+    /// Calls `f` with each store path earlier mounts verified with the keys trusted
+    /// now: the root listing is ready from disk before the cache is listed again.
+    pub fn verified_on_disk(&self, mut f: impl FnMut(&StorePath)) -> usize {
+        let mut n = 0;
         for id in &self.key_ids {
-            for (hash, text) in self.disk.all_narinfos(id) {
-                out.extend(Self::parse_kept(&hash, &text));
-            }
+            self.disk.for_each_narinfo(id, |hash, text| {
+                if let Some(i) = Self::parse_kept(hash, text) {
+                    f(&i.store_path);
+                    n += 1;
+                }
+            });
         }
-        out
+        n
     }
 
     /// Looks up `<hash>.narinfo`: from the disk cache if verified before, else from the

@@ -11,6 +11,7 @@ pub mod formats;
 pub mod fs;
 pub mod fuse;
 pub mod index;
+pub mod inspect;
 pub mod mount;
 pub mod retry;
 pub mod singleflight;

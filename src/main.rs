@@ -20,6 +20,62 @@ struct Cli {
 enum Cmd {
     /// Mount CACHE_URL at MOUNTPOINT (runs in the foreground; Ctrl-C unmounts).
     Mount(MountArgs),
+    /// Create a signing key pair in the formats of `nix-store --generate-binary-cache-key`.
+    Keygen {
+        /// The key's name, e.g. cache.example.org-1
+        name: String,
+        /// Where the secret key goes (created with mode 0600)
+        secret_file: PathBuf,
+        /// Where the public key goes
+        public_file: PathBuf,
+    },
+    /// List a store path in a cache without mounting (like `nix store ls --store`).
+    Ls {
+        #[command(flatten)]
+        keys: Keys,
+        /// Long listing: type, mode, size and link targets
+        #[arg(short, long)]
+        long: bool,
+        /// Recurse into directories
+        #[arg(short = 'R', long)]
+        recursive: bool,
+        cache_url: String,
+        /// /nix/store/<hash>-<name>[/SUBPATH]
+        path: String,
+    },
+    /// Print a file of a store path in a cache without mounting (verified).
+    Cat {
+        #[command(flatten)]
+        keys: Keys,
+        cache_url: String,
+        /// /nix/store/<hash>-<name>/FILE
+        path: String,
+    },
+    /// Check signatures and hashes of the given store paths (or of every path the
+    /// cache lists); report each failure and exit 1 if there was any.
+    Verify {
+        #[command(flatten)]
+        keys: Keys,
+        cache_url: String,
+        paths: Vec<String>,
+    },
+}
+
+#[derive(clap::Args)]
+struct Keys {
+    /// A trusted key, NAME:BASE64 (repeatable); also NARFS_TRUSTED_PUBLIC_KEYS.
+    #[arg(long = "trusted-public-key", value_name = "NAME:BASE64")]
+    trusted_public_keys: Vec<String>,
+}
+
+impl Keys {
+    fn all(&self) -> Vec<String> {
+        let mut keys = self.trusted_public_keys.clone();
+        if let Ok(env) = std::env::var("NARFS_TRUSTED_PUBLIC_KEYS") {
+            keys.extend(env.split_whitespace().map(str::to_owned));
+        }
+        keys
+    }
 }
 
 #[derive(clap::Args)]
@@ -90,9 +146,187 @@ fn default_cache_dir() -> Option<PathBuf> {
         .map(|h| PathBuf::from(h).join(".cache/narfs"))
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("narfs: {msg}");
+    ExitCode::FAILURE
+}
+
+fn keygen(name: &str, secret: &std::path::Path, public: &std::path::Path) -> Result<(), String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    if name.is_empty() || name.contains(':') || name.contains(char::is_whitespace) {
+        return Err(format!(
+            "invalid key name '{name}': it may not be empty or contain ':' or spaces"
+        ));
+    }
+    let mut seed = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut seed))
+        .map_err(|e| format!("/dev/urandom: {e}"))?;
+    let sk = narfs::formats::keys::SecretKey::from_seed(name, seed);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(secret)
+        .map_err(|e| format!("{}: {e}", secret.display()))?;
+    std::io::Write::write_all(&mut f, sk.to_nix_string().as_bytes())
+        .map_err(|e| format!("{}: {e}", secret.display()))?;
+    std::fs::write(public, sk.public().to_nix_string())
+        .map_err(|e| format!("{}: {e}", public.display()))
+}
+
+fn inspect(cmd: Cmd) -> ExitCode {
+    let rt = runtime();
+    rt.block_on(async move {
+        match cmd {
+            Cmd::Ls {
+                keys,
+                long,
+                recursive,
+                cache_url,
+                path,
+            } => {
+                let (sp, sub) = match narfs::inspect::split_path(&path) {
+                    Ok(v) => v,
+                    Err(e) => return fail(e),
+                };
+                let s = match narfs::inspect::session(&cache_url, &keys.all()).await {
+                    Ok(s) => s,
+                    Err(e) => return fail(e),
+                };
+                let tree = match s.info(&sp).await {
+                    Ok(info) => s.tree(&info).await,
+                    Err(e) => Err(e),
+                };
+                let tree = match tree {
+                    Ok(t) => t,
+                    Err(e) => return fail(e),
+                };
+                let Some(e) = narfs::inspect::find(&tree, &sub) else {
+                    return fail(format!("{path}: no such file or directory"));
+                };
+                let shown = if sub.is_empty() {
+                    ".".to_owned()
+                } else {
+                    format!("./{}", sub.join("/"))
+                };
+                let mut out = std::io::stdout().lock();
+                match narfs::inspect::print_ls(&mut out, e, &shown, long, recursive, true) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => fail(e),
+                }
+            }
+            Cmd::Cat {
+                keys,
+                cache_url,
+                path,
+            } => {
+                let (sp, sub) = match narfs::inspect::split_path(&path) {
+                    Ok(v) => v,
+                    Err(e) => return fail(e),
+                };
+                let s = match narfs::inspect::session(&cache_url, &keys.all()).await {
+                    Ok(s) => s,
+                    Err(e) => return fail(e),
+                };
+                let dir = match s.info(&sp).await {
+                    Ok(info) => s.content(&info).await,
+                    Err(e) => Err(e),
+                };
+                let dir = match dir {
+                    Ok(d) => d,
+                    Err(e) => return fail(e),
+                };
+                let file = sub.iter().fold(dir, |p, s| p.join(s));
+                match std::fs::symlink_metadata(&file) {
+                    Ok(m) if m.is_file() => {}
+                    Ok(_) => return fail(format!("{path}: not a regular file")),
+                    Err(_) => return fail(format!("{path}: no such file")),
+                }
+                let mut out = std::io::stdout().lock();
+                match std::fs::File::open(&file).and_then(|mut f| std::io::copy(&mut f, &mut out)) {
+                    Ok(_) => ExitCode::SUCCESS,
+                    Err(e) => fail(e),
+                }
+            }
+            Cmd::Verify {
+                keys,
+                cache_url,
+                paths,
+            } => {
+                let s = match narfs::inspect::session(&cache_url, &keys.all()).await {
+                    Ok(s) => s,
+                    Err(e) => return fail(e),
+                };
+                use narfs::inspect::Target;
+                let mut targets: Vec<Target> = paths
+                    .iter()
+                    .map(|p| match narfs::inspect::split_path(p) {
+                        Ok((sp, _)) => Target::Path(sp),
+                        Err(e) => Target::Bad(e),
+                    })
+                    .collect();
+                if paths.is_empty() {
+                    match narfs::inspect::all_hashes(s.fetcher()).await {
+                        Ok(h) => targets.extend(h.into_iter().map(Target::Hash)),
+                        Err(e) => return fail(e),
+                    }
+                }
+                let mut failed = 0usize;
+                let mut ok = 0usize;
+                for t in targets {
+                    let r = match t {
+                        Target::Path(sp) => narfs::inspect::verify_one(&s, &sp).await,
+                        Target::Hash(h) => narfs::inspect::verify_hash(&s, &h).await,
+                        Target::Bad(e) => Err(e),
+                    };
+                    match r {
+                        Ok(sp) => {
+                            ok += 1;
+                            println!("ok {sp}");
+                        }
+                        Err(e) => {
+                            failed += 1;
+                            println!("FAILED {e}");
+                        }
+                    }
+                }
+                eprintln!("{ok} verified, {failed} failed");
+                if failed > 0 {
+                    ExitCode::FAILURE
+                } else {
+                    ExitCode::SUCCESS
+                }
+            }
+            _ => unreachable!(),
+        }
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Keygen {
+            name,
+            secret_file,
+            public_file,
+        } => match keygen(&name, &secret_file, &public_file) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        },
+        cmd @ (Cmd::Ls { .. } | Cmd::Cat { .. } | Cmd::Verify { .. }) => {
+            init_logging(0);
+            inspect(cmd)
+        }
         Cmd::Mount(a) => {
             init_logging(a.verbose);
             let mut keys = a.trusted_public_keys.clone();

@@ -226,11 +226,14 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
 async fn keep_listing(fs: Arc<Fs>, interval: Duration) {
     let t = Instant::now();
     let f = fs.fetcher().clone();
-    if let Ok(known) = tokio::task::spawn_blocking(move || f.verified_on_disk()).await {
-        let n = known.len();
-        for info in known {
-            fs.index().add_path(&info.store_path);
-        }
+    let index = fs.index().clone();
+    if let Ok(n) = tokio::task::spawn_blocking(move || {
+        f.verified_on_disk(|sp| {
+            index.add_path(sp);
+        })
+    })
+    .await
+    {
         tracing::info!(
             paths = n,
             ms = t.elapsed().as_millis() as u64,

@@ -1,0 +1,217 @@
+//! `narfs ls`, `cat` and `verify`: a cache inspected without mounting, verified exactly
+//! as the mount verifies it (same fetcher, a throwaway cache directory).
+
+use crate::cache_url;
+use crate::disk_cache::DiskCache;
+use crate::fetch::{Fetcher, Lookup};
+use crate::formats::keys::{PublicKey, TrustedKeys};
+use crate::formats::listing::Entry;
+use crate::formats::narinfo::NarInfo;
+use crate::formats::store_path::{StorePath, STORE_DIR};
+use std::io::Write;
+use std::sync::Arc;
+
+pub struct Session {
+    fetcher: Arc<Fetcher>,
+    _dir: tempfile::TempDir,
+}
+
+/// Sets up storage and verification for one command; `Err` is a message for the user.
+pub async fn session(url: &str, keys: &[String]) -> Result<Session, String> {
+    let parsed = cache_url::parse(url).map_err(|e| e.to_string())?;
+    for w in &parsed.warnings {
+        tracing::warn!("{w}");
+    }
+    let mut trusted = TrustedKeys::default();
+    for k in keys {
+        trusted.add(PublicKey::parse(k).map_err(|e| format!("invalid trusted public key: {e}"))?);
+    }
+    if trusted.is_empty() {
+        return Err("no trusted public key given: pass --trusted-public-key NAME:BASE64 (or set NARFS_TRUSTED_PUBLIC_KEYS)".into());
+    }
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let disk = Arc::new(DiskCache::open(dir.path()).map_err(|e| e.to_string())?);
+    let storage = crate::storage::open(&parsed.url).await;
+    crate::mount::check_cache(&*storage, &parsed.url)
+        .await
+        .map_err(|e| e.to_string())?;
+    let fetcher = Arc::new(Fetcher::new(
+        storage,
+        trusted,
+        disk,
+        std::time::Duration::ZERO,
+    ));
+    Ok(Session { fetcher, _dir: dir })
+}
+
+/// Splits `/nix/store/<hash>-<name>[/sub/path]` (the store dir prefix is optional).
+pub fn split_path(arg: &str) -> Result<(StorePath, Vec<String>), String> {
+    let rest = arg
+        .strip_prefix(STORE_DIR)
+        .map(|r| r.trim_start_matches('/'))
+        .unwrap_or(arg);
+    let mut parts = rest.split('/').filter(|p| !p.is_empty());
+    let base = parts
+        .next()
+        .ok_or_else(|| format!("'{arg}' names no store path"))?;
+    let sp = StorePath::from_basename(base).map_err(|e| e.to_string())?;
+    Ok((sp, parts.map(str::to_owned).collect()))
+}
+
+impl Session {
+    pub async fn info(&self, sp: &StorePath) -> Result<Arc<NarInfo>, String> {
+        match self.fetcher.narinfo(sp.hash_part()).await {
+            Ok(Lookup::Found(i)) if i.store_path == *sp => Ok(i),
+            Ok(Lookup::Found(i)) => Err(format!(
+                "{sp}: the cache has {} under that hash",
+                i.store_path
+            )),
+            Ok(Lookup::Missing) => Err(format!("{sp}: not in the cache")),
+            Ok(Lookup::Rejected) => Err(format!(
+                "{sp}: its narinfo was rejected (see the warning above)"
+            )),
+            Err(e) => Err(format!("{sp}: {e}")),
+        }
+    }
+
+    /// The tree of a path: from its `.ls` if it has one, else from its verified NAR.
+    pub async fn tree(&self, info: &Arc<NarInfo>) -> Result<Arc<Entry>, String> {
+        if let Ok(Some(t)) = self.fetcher.listing(info.clone()).await {
+            return Ok(t);
+        }
+        self.fetcher
+            .content(info.clone())
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    pub async fn content(&self, info: &Arc<NarInfo>) -> Result<std::path::PathBuf, String> {
+        self.fetcher
+            .content(info.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(self.fetcher.disk().path_dir(info.store_path.basename()))
+    }
+
+    pub fn fetcher(&self) -> &Arc<Fetcher> {
+        &self.fetcher
+    }
+}
+
+pub fn find<'a>(tree: &'a Entry, sub: &[String]) -> Option<&'a Entry> {
+    let mut cur = tree;
+    for s in sub {
+        let Entry::Directory { entries } = cur else {
+            return None;
+        };
+        cur = &entries.iter().find(|(n, _)| **n == *s.as_bytes())?.1;
+    }
+    Some(cur)
+}
+
+/// Prints like `nix store ls`: names, or with `long` type, mode, size and targets.
+pub fn print_ls(
+    out: &mut impl Write,
+    e: &Entry,
+    path: &str,
+    long: bool,
+    recursive: bool,
+    top: bool,
+) -> std::io::Result<()> {
+    let line = |out: &mut dyn Write, e: &Entry, p: &str| -> std::io::Result<()> {
+        if !long {
+            return writeln!(out, "{p}");
+        }
+        match e {
+            Entry::Regular {
+                size, executable, ..
+            } => {
+                writeln!(
+                    out,
+                    "{} {size:>20} {p}",
+                    if *executable {
+                        "-r-xr-xr-x"
+                    } else {
+                        "-r--r--r--"
+                    }
+                )
+            }
+            Entry::Symlink { target } => {
+                writeln!(
+                    out,
+                    "lrwxrwxrwx {:>20} {p} -> {}",
+                    0,
+                    String::from_utf8_lossy(target)
+                )
+            }
+            Entry::Directory { .. } => writeln!(out, "dr-xr-xr-x {:>20} {p}", 0),
+        }
+    };
+    match e {
+        Entry::Directory { entries } if top || recursive => {
+            if !top {
+                line(out, e, path)?;
+            }
+            for (n, c) in entries {
+                let p = format!("{path}/{}", String::from_utf8_lossy(n));
+                if recursive {
+                    print_ls(out, c, &p, long, recursive, false)?;
+                } else {
+                    line(out, c, &p)?;
+                }
+            }
+            Ok(())
+        }
+        _ => line(out, e, path),
+    }
+}
+
+/// What `narfs verify` checks: a named path, a hash the listing found, or an argument
+/// that names no store path.
+pub enum Target {
+    Path(StorePath),
+    Hash(String),
+    Bad(String),
+}
+
+/// Every store path hash the cache lists (`<hash>.narinfo` keys at its root).
+pub async fn all_hashes(fetcher: &Fetcher) -> Result<Vec<String>, String> {
+    let mut token = None;
+    let mut out = Vec::new();
+    loop {
+        let page = fetcher
+            .storage()
+            .list_page(token.take())
+            .await
+            .map_err(|e| e.to_string())?;
+        out.extend(
+            page.keys
+                .iter()
+                .filter_map(|k| k.strip_suffix(".narinfo"))
+                .filter(|h| crate::formats::store_path::is_hash_part(h))
+                .map(str::to_owned),
+        );
+        match page.next {
+            Some(t) => token = Some(t),
+            None => return Ok(out),
+        }
+    }
+}
+
+/// Checks a path's narinfo (signature, StorePath) and its NAR (every hash and size,
+/// the archive itself). `Err` names the path and the fault.
+pub async fn verify_one(s: &Session, sp: &StorePath) -> Result<StorePath, String> {
+    let info = s.info(sp).await?;
+    s.fetcher.content(info).await.map_err(|e| e.to_string())?;
+    Ok(sp.clone())
+}
+
+pub async fn verify_hash(s: &Session, hash: &str) -> Result<StorePath, String> {
+    match s.fetcher.narinfo_from_cache(hash).await {
+        Ok(Lookup::Found(i)) => verify_one(s, &i.store_path).await,
+        Ok(_) => Err(format!(
+            "{hash}.narinfo: missing or rejected (see the warning above)"
+        )),
+        Err(e) => Err(format!("{hash}.narinfo: {e}")),
+    }
+}

@@ -191,6 +191,7 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
         .spawn()
         .map_err(|e| MountError::Failed(format!("cannot start the FUSE session: {e}")))?;
     tracing::info!(mountpoint = %opts.mountpoint.display(), ms = t0.elapsed().as_millis() as u64, "mounted");
+    sd_notify("READY=1");
 
     let signalled = rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
@@ -208,6 +209,7 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
             }
         }
     });
+    sd_notify("STOPPING=1");
     if signalled {
         tracing::info!("signal received: unmounting");
         bg.umount_and_join().map_err(|e| {
@@ -255,5 +257,28 @@ async fn keep_listing(fs: Arc<Fs>, interval: Duration) {
             return;
         }
         tokio::time::sleep(interval).await;
+    }
+}
+
+/// Tells systemd (Type=notify) how the mount is doing, when it is watching.
+pub fn sd_notify(msg: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(e) => return tracing::warn!("sd_notify: {e}"),
+    };
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_bytes();
+    let r = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
+            .and_then(|a| sock.send_to_addr(msg.as_bytes(), &a))
+    } else {
+        sock.send_to(msg.as_bytes(), &path)
+    };
+    if let Err(e) = r {
+        tracing::warn!("sd_notify {msg}: {e}");
     }
 }

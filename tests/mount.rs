@@ -553,3 +553,41 @@ fn exits_0_when_unmounted_from_outside_and_keys_from_env_work() {
     run(Command::new("fusermount3").arg("-u").arg(&mnt));
     assert!(wait_timeout(&mut child, Duration::from_secs(10)).success());
 }
+
+#[test]
+fn tells_systemd_when_ready_and_stopping() {
+    let f = fixture();
+    let base = tempfile::tempdir().unwrap();
+    let mnt = base.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let sock_path = base.path().join("notify");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut child = narfs()
+        .env("NOTIFY_SOCKET", &sock_path)
+        .args([
+            "mount",
+            "--trusted-public-key",
+            &f.public_key,
+            "--cache-dir",
+        ])
+        .arg(base.path().join("c"))
+        .arg(format!("file://{}", f.cache.display()))
+        .arg(&mnt)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
+    // READY means mounted
+    assert_eq!(
+        std::fs::read(mnt.join(f.path("narfs-test-single.txt"))).unwrap(),
+        b"asdf"
+    );
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert!(wait_timeout(&mut child, Duration::from_secs(10)).success());
+}

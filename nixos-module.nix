@@ -1,0 +1,135 @@
+# services.narfs: mount a signed Nix binary cache (S3 or file://) as a verified,
+# lazily fetched, read-only store directory.
+#
+#   services.narfs = {
+#     enable = true;
+#     cacheUrl = "s3://demo-store/cache?endpoint=s3.eu-central-003.backblazeb2.com";
+#     mountPoint = "/mnt/cache";
+#     trustedPublicKeys = [ "demo-store:..." ];
+#     environmentFile = "/run/secrets/narfs-aws";  # AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=...
+#   };
+{ config, lib, pkgs, ... }:
+
+let
+  cfg = config.services.narfs;
+  inherit (lib) mkEnableOption mkOption mkIf types optional optionals;
+  # systemd splits ExecStart like a shell but expands % specifiers and $VARIABLES.
+  escapeExec = args: lib.concatStringsSep " " (map (a:
+    lib.escapeShellArg (builtins.replaceStrings [ "%" "$" ] [ "%%" "$$" ] a)) args);
+in
+{
+  options.services.narfs = {
+    enable = mkEnableOption "narfs, a verified read-only FUSE mount of a Nix binary cache";
+
+    package = mkOption {
+      type = types.package;
+      description = "The narfs package.";
+    };
+
+    cacheUrl = mkOption {
+      type = types.str;
+      example = "s3://demo-store/cache?endpoint=s3.eu-central-003.backblazeb2.com";
+      description = "The binary cache, in the URL syntax nix uses (s3://... or file:///...).";
+    };
+
+    mountPoint = mkOption {
+      type = types.str;
+      default = "/run/narfs";
+      description = "Where the cache is mounted; created if missing.";
+    };
+
+    trustedPublicKeys = mkOption {
+      type = types.listOf types.str;
+      example = [ "demo-store:Y0WaH1THk0KGJ1fKhNry+2UA2Y8ZRWVgN6aFARhAJAc=" ];
+      description = "Keys (NAME:BASE64) whose signatures make a store path visible. At least one.";
+    };
+
+    cacheDir = mkOption {
+      type = types.str;
+      default = "/var/cache/narfs";
+      description = "Verified, unpacked store paths, kept across restarts.";
+    };
+
+    cacheSize = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "10G";
+      description = "Most space unpacked paths may take (default: 10% of the file system, at most 10G).";
+    };
+
+    environmentFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      description = ''
+        A file with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (systemd EnvironmentFile
+        syntax). Credentials set in a user's shell never reach a system service.
+      '';
+    };
+
+    allowOther = mkOption {
+      type = types.bool;
+      default = true;
+      description = "Let every user read the mount (the cache is verified and read-only).";
+    };
+
+    extraArgs = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "--jobs" "8" ];
+      description = "More arguments for narfs mount.";
+    };
+  };
+
+  config = mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = cfg.trustedPublicKeys != [ ];
+        message = "services.narfs.trustedPublicKeys must name at least one key: narfs serves nothing unverified.";
+      }
+    ];
+
+    systemd.tmpfiles.rules = [
+      "d ${cfg.mountPoint} 0755 root root -"
+      "d ${cfg.cacheDir} 0700 root root -"
+    ];
+
+    systemd.services.narfs = {
+      description = "narfs: verified read-only mount of ${cfg.cacheUrl}";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      path = [ pkgs.fuse3 ];
+      environment.NARFS_TRUSTED_PUBLIC_KEYS = lib.concatStringsSep " " cfg.trustedPublicKeys;
+      serviceConfig = {
+        Type = "notify";
+        NotifyAccess = "main";
+        ExecStart = escapeExec (
+          [ "${cfg.package}/bin/narfs" "mount" "--cache-dir" cfg.cacheDir ]
+          ++ optionals (cfg.cacheSize != null) [ "--cache-size" cfg.cacheSize ]
+          ++ optional cfg.allowOther "--allow-other"
+          ++ cfg.extraArgs
+          ++ [ cfg.cacheUrl cfg.mountPoint ]
+        );
+        ExecStopPost = "-${pkgs.fuse3}/bin/fusermount3 -uz ${cfg.mountPoint}";
+        EnvironmentFile = optional (cfg.environmentFile != null) cfg.environmentFile;
+        Restart = "on-failure";
+        RestartSec = 5;
+        # Hardening that still allows /dev/fuse and the mount itself.
+        DeviceAllow = [ "/dev/fuse rw" ];
+        DevicePolicy = "closed";
+        NoNewPrivileges = true;
+        PrivateTmp = true;
+        ProtectHome = true;
+        ProtectSystem = "full";
+        ReadWritePaths = [ cfg.cacheDir cfg.mountPoint ];
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectControlGroups = true;
+        RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" "AF_NETLINK" ];
+        RestrictRealtime = true;
+        LockPersonality = true;
+        SystemCallArchitectures = "native";
+      };
+    };
+  };
+}

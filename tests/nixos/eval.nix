@@ -1,0 +1,48 @@
+# Evaluates nixos-module.nix without NixOS: a minimal stand-in for the module system's
+# lib (mkOption, mkEnableOption, mkIf, types, ...) and for pkgs, enough to read back
+# the generated unit. Used by tests/nixos_module.rs.
+let
+  lib = rec {
+    mkOption = attrs: attrs;
+    mkEnableOption = desc: { default = false; description = desc; };
+    mkIf = cond: content: { _if = cond; inherit content; };
+    optional = c: x: if c then [ x ] else [ ];
+    optionals = c: xs: if c then xs else [ ];
+    concatStringsSep = builtins.concatStringsSep;
+    escapeShellArg = s: "'" + builtins.replaceStrings [ "'" ] [ "'\\''" ] s + "'";
+    escapeShellArgs = xs: builtins.concatStringsSep " " (map escapeShellArg xs);
+    types = {
+      package = "package"; str = "str"; bool = "bool";
+      listOf = t: "listOf ${t}"; nullOr = t: "nullOr ${t}";
+    };
+  };
+  pkgs = { fuse3 = "/nix/store/00000000000000000000000000000000-fuse3"; };
+  defaults = opts: builtins.mapAttrs (_: o: o.default or null) opts;
+  evalWith = settings:
+    let
+      module = import ../../nixos-module.nix;
+      # fixed point: options' defaults overlaid with the settings under test
+      result = module { inherit lib pkgs; config.services.narfs = cfg; };
+      cfg = defaults result.options.services.narfs // settings;
+    in
+    assert result.config._if == cfg.enable;
+    result.config.content;
+in
+{
+  full = evalWith {
+    enable = true;
+    package = "/nix/store/11111111111111111111111111111111-narfs";
+    cacheUrl = "s3://demo-store/cache?endpoint=s3.eu-central-003.backblazeb2.com";
+    mountPoint = "/mnt/cache";
+    trustedPublicKeys = [ "demo-store:Y0WaH1THk0KGJ1fKhNry+2UA2Y8ZRWVgN6aFARhAJAc=" "k2:AAAA" ];
+    cacheSize = "10G";
+    environmentFile = "/run/secrets/narfs";
+    extraArgs = [ "--jobs" "8" ];
+  };
+  minimal = evalWith {
+    enable = true;
+    package = "/nix/store/11111111111111111111111111111111-narfs";
+    cacheUrl = "file:///srv/cache";
+    trustedPublicKeys = [ "k:AAAA" ];
+  };
+}

@@ -44,6 +44,19 @@ pub async fn session(url: &str, keys: &[String]) -> Result<Session, String> {
     Ok(Session { fetcher, _dir: dir })
 }
 
+/// A session plus the verified narinfo of the store path `arg` names, and the rest of
+/// `arg` as path components.
+pub async fn open_path(
+    url: &str,
+    keys: &[String],
+    arg: &str,
+) -> Result<(Session, Arc<NarInfo>, Vec<String>), String> {
+    let (sp, sub) = split_path(arg)?;
+    let s = session(url, keys).await?;
+    let info = s.info(&sp).await?;
+    Ok((s, info, sub))
+}
+
 /// Splits `/nix/store/<hash>-<name>[/sub/path]` (the store dir prefix is optional).
 pub fn split_path(arg: &str) -> Result<(StorePath, Vec<String>), String> {
     let rest = arg

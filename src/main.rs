@@ -195,19 +195,12 @@ fn inspect(cmd: Cmd) -> ExitCode {
                 cache_url,
                 path,
             } => {
-                let (sp, sub) = match narfs::inspect::split_path(&path) {
-                    Ok(v) => v,
-                    Err(e) => return fail(e),
-                };
-                let s = match narfs::inspect::session(&cache_url, &keys.all()).await {
-                    Ok(s) => s,
-                    Err(e) => return fail(e),
-                };
-                let tree = match s.info(&sp).await {
-                    Ok(info) => s.tree(&info).await,
-                    Err(e) => Err(e),
-                };
-                let tree = match tree {
+                let (s, info, sub) =
+                    match narfs::inspect::open_path(&cache_url, &keys.all(), &path).await {
+                        Ok(v) => v,
+                        Err(e) => return fail(e),
+                    };
+                let tree = match s.tree(&info).await {
                     Ok(t) => t,
                     Err(e) => return fail(e),
                 };
@@ -230,27 +223,32 @@ fn inspect(cmd: Cmd) -> ExitCode {
                 cache_url,
                 path,
             } => {
-                let (sp, sub) = match narfs::inspect::split_path(&path) {
-                    Ok(v) => v,
-                    Err(e) => return fail(e),
-                };
-                let s = match narfs::inspect::session(&cache_url, &keys.all()).await {
-                    Ok(s) => s,
-                    Err(e) => return fail(e),
-                };
-                let dir = match s.info(&sp).await {
-                    Ok(info) => s.content(&info).await,
-                    Err(e) => Err(e),
-                };
-                let dir = match dir {
+                let (s, info, sub) =
+                    match narfs::inspect::open_path(&cache_url, &keys.all(), &path).await {
+                        Ok(v) => v,
+                        Err(e) => return fail(e),
+                    };
+                let dir = match s.content(&info).await {
                     Ok(d) => d,
                     Err(e) => return fail(e),
                 };
-                let file = sub.iter().fold(dir, |p, s| p.join(s));
-                match std::fs::symlink_metadata(&file) {
-                    Ok(m) if m.is_file() => {}
-                    Ok(_) => return fail(format!("{path}: not a regular file")),
-                    Err(_) => return fail(format!("{path}: no such file")),
+                // Walk without following links: a symlink in the store path points at
+                // the host's /nix/store, not at the cache.
+                let mut file = dir;
+                for (i, part) in sub.iter().enumerate() {
+                    file.push(part);
+                    match std::fs::symlink_metadata(&file) {
+                        Ok(m) if m.is_file() && i + 1 == sub.len() => {}
+                        Ok(m) if m.is_dir() && i + 1 < sub.len() => {}
+                        Ok(m) if m.file_type().is_symlink() => {
+                            return fail(format!("{path}: {part} is a symbolic link"))
+                        }
+                        Ok(_) => return fail(format!("{path}: not a regular file")),
+                        Err(_) => return fail(format!("{path}: no such file")),
+                    }
+                }
+                if sub.is_empty() && !file.is_file() {
+                    return fail(format!("{path}: not a regular file"));
                 }
                 let mut out = std::io::stdout().lock();
                 match std::fs::File::open(&file).and_then(|mut f| std::io::copy(&mut f, &mut out)) {

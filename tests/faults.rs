@@ -8,21 +8,6 @@ use common::*;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-struct Env {
-    s3: S3Server,
-    proxy: Proxy,
-    url: String,
-}
-
-fn env() -> Env {
-    let f = fixture();
-    let s3 = S3Server::start();
-    s3.upload_cache(&f.cache, "cache");
-    let proxy = Proxy::start(s3.port);
-    let url = s3.url(proxy.port, "cache");
-    Env { s3, proxy, url }
-}
-
 fn big_file() -> (String, Vec<u8>) {
     let f = fixture();
     let want = std::fs::read(f.real("narfs-test-big").join("data/numbers.txt")).unwrap();

@@ -8,27 +8,6 @@ use common::*;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-struct Env {
-    s3: S3Server,
-    proxy: Proxy,
-    url: String,
-}
-
-fn env() -> Env {
-    let f = fixture();
-    let s3 = S3Server::start();
-    s3.upload_cache(&f.cache, "cache");
-    let proxy = Proxy::start(s3.port);
-    let url = s3.url(proxy.port, "cache");
-    Env { s3, proxy, url }
-}
-
-impl Env {
-    fn object(&self, key: &str) -> std::path::PathBuf {
-        self.s3.root.join(BUCKET).join("cache").join(key)
-    }
-}
-
 #[test]
 fn ls_lr_of_the_closure_downloads_no_nar() {
     let f = fixture();

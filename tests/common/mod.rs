@@ -255,6 +255,30 @@ impl Drop for S3Server {
     }
 }
 
+/// The fixture's cache in a real S3 server, behind a counting, fault-injecting proxy.
+pub struct Env {
+    pub s3: S3Server,
+    pub proxy: proxy::Proxy,
+    /// The cache URL through the proxy.
+    pub url: String,
+}
+
+pub fn env() -> Env {
+    let f = fixture();
+    let s3 = S3Server::start();
+    s3.upload_cache(&f.cache, "cache");
+    let proxy = proxy::Proxy::start(s3.port);
+    let url = s3.url(proxy.port, "cache");
+    Env { s3, proxy, url }
+}
+
+impl Env {
+    /// Where object `key` of the cache lives on the server's disk.
+    pub fn object(&self, key: &str) -> PathBuf {
+        self.s3.root.join(BUCKET).join("cache").join(key)
+    }
+}
+
 /// A running `narfs mount`.
 pub struct Mounted {
     base: PathBuf,

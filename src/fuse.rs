@@ -22,6 +22,7 @@ pub struct NarFuse {
     fs: Arc<Fs>,
     rt: tokio::runtime::Handle,
     passthrough: Arc<Passthrough>,
+    want_passthrough: bool,
 }
 
 /// FUSE passthrough: reads of unpacked files go from the kernel straight to the file in
@@ -77,11 +78,15 @@ impl Passthrough {
 }
 
 impl NarFuse {
-    pub fn new(fs: Arc<Fs>, rt: tokio::runtime::Handle) -> Self {
+    /// `passthrough`: hand the kernel the unpacked file at open so reads bypass narfs
+    /// (a backing-file ioctl per open); otherwise reads come to narfs once and then
+    /// stay in the kernel's page cache (`FOPEN_KEEP_CACHE`).
+    pub fn new(fs: Arc<Fs>, rt: tokio::runtime::Handle, passthrough: bool) -> Self {
         NarFuse {
             fs,
             rt,
             passthrough: Arc::default(),
+            want_passthrough: passthrough,
         }
     }
 
@@ -179,7 +184,7 @@ impl fuser::Filesystem for NarFuse {
                 tracing::debug!("kernel does not offer {cap:?}");
             }
         }
-        if std::env::var_os("NARFS_NO_PASSTHROUGH").is_none()
+        if self.want_passthrough
             && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(1).is_ok()
         {

@@ -109,6 +109,11 @@ struct MountArgs {
     /// closure is almost always read together).
     #[arg(long, value_name = "BOOL", default_value_t = true, action = ArgAction::Set)]
     prefetch_references: bool,
+    /// Serve reads with FUSE passthrough: at open narfs hands the kernel the unpacked
+    /// file and reads bypass narfs (default: reads reach narfs once, then stay in the
+    /// kernel's page cache).
+    #[arg(long)]
+    passthrough: bool,
     /// Time budget in seconds for fetching one object, retries included; after it the
     /// read fails with EIO and the next access tries afresh.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
@@ -347,6 +352,7 @@ fn main() -> ExitCode {
                 cache_size: a.cache_size,
                 jobs: a.jobs.max(1),
                 prefetch_references: a.prefetch_references,
+                passthrough: a.passthrough,
             };
             match mount::run(opts) {
                 Ok(()) => ExitCode::SUCCESS,

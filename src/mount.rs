@@ -23,6 +23,7 @@ pub struct MountOptions {
     pub cache_size: Option<u64>,
     pub jobs: usize,
     pub prefetch_references: bool,
+    pub passthrough: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -176,7 +177,7 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
     config.n_threads = Some(4);
     config.clone_fd = true;
     let session = fuser::Session::new(
-        crate::fuse::NarFuse::new(fs.clone(), rt.handle().clone()),
+        crate::fuse::NarFuse::new(fs.clone(), rt.handle().clone(), opts.passthrough),
         &opts.mountpoint,
         &config,
     )

@@ -569,3 +569,30 @@ fn tells_systemd_when_ready_and_stopping() {
     assert_eq!(&buf[..n], b"STOPPING=1");
     assert!(wait_timeout(&mut child, Duration::from_secs(10)).success());
 }
+
+#[test]
+fn passthrough_mode_serves_the_same_bytes() {
+    let f = fixture();
+    let e = env();
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &["--passthrough"]);
+    for name in ["narfs-test-lib", "narfs-test-big"] {
+        run(Command::new("diff")
+            .arg("-r")
+            .arg("--no-dereference")
+            .arg(m.p(f.path(name)))
+            .arg(f.real(name)));
+    }
+    let py = format!(
+        "import ctypes; print(ctypes.CDLL('{}').narfs_answer())",
+        m.p(f.path("narfs-test-lib"))
+            .join("lib/libanswer.so")
+            .display()
+    );
+    assert_eq!(run(Command::new("python3").args(["-c", &py])), "42\n");
+    assert_eq!(
+        run(&mut Command::new(
+            m.p(f.path("narfs-test-app")).join("bin/app")
+        )),
+        "hello from lib\n"
+    );
+}

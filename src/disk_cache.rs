@@ -46,7 +46,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DiskCacheError + '_ {
 
 impl DiskCache {
     pub fn open(root: &Path) -> Result<Self, DiskCacheError> {
-        for d in ["store", "narinfo", "tmp"] {
+        for d in ["store", "narinfo", "tmp", "pending"] {
             fs::create_dir_all(root.join(d)).map_err(io_err(root))?;
         }
         let lock_path = root.join("lock");
@@ -65,6 +65,16 @@ impl DiskCache {
             let p = e.map_err(io_err(&tmp))?.path();
             remove_any(&p).map_err(io_err(&p))?;
             tracing::info!(path = %p.display(), "removed leftover of an interrupted unpack");
+        }
+        // A path whose contents may not have reached the disk before a crash (its
+        // flush had not finished) is not trusted: it is removed and fetched again.
+        let pending = root.join("pending");
+        for e in fs::read_dir(&pending).map_err(io_err(&pending))? {
+            let e = e.map_err(io_err(&pending))?;
+            let dir = root.join("store").join(e.file_name());
+            remove_any(&dir).map_err(io_err(&dir))?;
+            let _ = fs::remove_file(e.path());
+            tracing::info!(path = %dir.display(), "removed a path whose flush to disk was interrupted");
         }
         // What earlier mounts unpacked, oldest first by modification time (set when
         // the path was unpacked or last used).
@@ -181,19 +191,28 @@ impl DiskCache {
     /// is dropped: both were verified against the same NarHash.
     pub fn commit(&self, tmp: &Path, basename: &str) -> io::Result<()> {
         let size = disk_usage(tmp);
-        // Contents reach the disk before the rename that makes them visible, and the
-        // rename before anything relies on it: a power cut never leaves a path in
-        // store/ whose files are empty.
-        sync_fs(tmp.parent().unwrap_or(&self.root))?;
+        // The path becomes visible at once and is flushed in the background: a marker
+        // in pending/, itself flushed before the rename, says its contents may not be
+        // on disk yet; it goes only after the flush. A power cut therefore never
+        // leaves a trusted path in store/ whose files are empty (see `open`).
+        let marker = self.root.join("pending").join(basename);
+        File::create(&marker)?.sync_all()?;
+        File::open(self.root.join("pending"))?.sync_all()?;
         let dest = self.path_dir(basename);
         if let Err(e) = fs::rename(tmp, &dest) {
+            let _ = fs::remove_file(&marker);
             if self.has_path(basename) {
                 remove_any(tmp)?;
                 return Ok(());
             }
             return Err(e);
         }
-        File::open(self.root.join("store"))?.sync_all()?;
+        let store = self.root.join("store");
+        std::thread::spawn(move || {
+            if sync_fs(&store).is_ok() && File::open(&store).and_then(|d| d.sync_all()).is_ok() {
+                let _ = fs::remove_file(&marker);
+            }
+        });
         let mut u = self.usage.lock().unwrap();
         if let Some(old) = u.lru.put(basename.to_owned(), size) {
             u.total -= old;
@@ -247,6 +266,26 @@ impl DiskCache {
                 f(hash, &text);
             }
         }
+    }
+}
+
+impl DiskCache {
+    /// Waits for every unpacked path to reach the disk, so a clean shutdown leaves
+    /// nothing to drop at the next start.
+    pub fn flush(&self) {
+        if sync_fs(&self.root).is_ok() {
+            if let Ok(rd) = fs::read_dir(self.root.join("pending")) {
+                for e in rd.flatten() {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+}
+
+impl Drop for DiskCache {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -398,6 +437,31 @@ mod tests {
         drop(c);
         let c = DiskCache::open(d.path()).unwrap();
         assert_eq!(c.used(), each * 2);
+    }
+
+    #[test]
+    fn a_path_whose_flush_was_interrupted_is_dropped_at_start() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let c = DiskCache::open(d.path()).unwrap();
+            for name in ["flushed", "unflushed"] {
+                let t = c.temp_path(name);
+                fs::create_dir(&t).unwrap();
+                c.commit(&t, name).unwrap();
+            }
+            // the background flush removes the markers
+            let t = std::time::Instant::now();
+            while fs::read_dir(d.path().join("pending")).unwrap().count() > 0 {
+                assert!(t.elapsed() < std::time::Duration::from_secs(10));
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        // as if the machine had died before the flush of one of them
+        File::create(d.path().join("pending/unflushed")).unwrap();
+        let c = DiskCache::open(d.path()).unwrap();
+        assert!(c.has_path("flushed"));
+        assert!(!c.has_path("unflushed"));
+        assert_eq!(fs::read_dir(d.path().join("pending")).unwrap().count(), 0);
     }
 
     #[test]

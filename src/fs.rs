@@ -96,6 +96,10 @@ pub struct Fs {
     /// Open file handles and the path each belongs to: open paths are never evicted.
     pins: std::sync::Mutex<HashMap<i32, PathId>>,
     me: std::sync::Weak<Fs>,
+    /// Open handles of the page-cache mode and the path each pins.
+    handles: std::sync::Mutex<HashMap<u64, PathId>>,
+    next_handle: std::sync::atomic::AtomicU64,
+    fd_cache: std::sync::Mutex<lru::LruCache<u64, Arc<std::fs::File>>>,
     /// Bounds background prefetches so demand reads keep download slots.
     prefetch: Option<Arc<tokio::sync::Semaphore>>,
 }
@@ -129,6 +133,11 @@ impl Fs {
             invalidator: std::sync::OnceLock::new(),
             pins: Default::default(),
             me: me.clone(),
+            handles: Default::default(),
+            next_handle: std::sync::atomic::AtomicU64::new(1),
+            fd_cache: std::sync::Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(1024).unwrap(),
+            )),
             prefetch: opts
                 .prefetch_references
                 .then(|| Arc::new(tokio::sync::Semaphore::new((opts.jobs / 2).max(1)))),
@@ -300,6 +309,56 @@ impl Fs {
         Ready(Ok(out))
     }
 
+    /// Opens a file for the page-cache mode: no syscall, just a handle that pins the
+    /// path (opens are the hot path of a warm traversal). The verified contents must
+    /// be on disk first.
+    pub fn open_handle(&self, ino: u64) -> Outcome<u64> {
+        let Some(n) = self.index.node(ino) else {
+            return Ready(Err(Errno::ENOENT));
+        };
+        match n.kind {
+            Kind::File { .. } => {}
+            Kind::Unloaded => return Wait(Need::Tree(n.path)),
+            Kind::Dir { .. } | Kind::Root => return Ready(Err(Errno::EISDIR)),
+            Kind::Symlink { .. } => return Ready(Err(Errno::EINVAL)),
+        }
+        if !self.index.is_unpacked(n.path) {
+            return Wait(Need::Content(n.path));
+        }
+        let fh = self
+            .next_handle
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.handles.lock().unwrap().insert(fh, n.path);
+        Ready(Ok(fh))
+    }
+
+    pub fn release_handle(&self, fh: u64) {
+        self.handles.lock().unwrap().remove(&fh);
+    }
+
+    /// Reads by inode through a per-inode descriptor cache (one open per file, not
+    /// one per `open(2)`).
+    pub fn read_ino(&self, ino: u64, offset: u64, size: u32) -> Outcome<Vec<u8>> {
+        let cached = self.fd_cache.lock().unwrap().get(&ino).cloned();
+        let file = match cached {
+            Some(f) => f,
+            None => match self.open(ino) {
+                Ready(Ok(fd)) => {
+                    // `open` pinned the descriptor for passthrough; here the cache owns it
+                    self.pins.lock().unwrap().remove(&fd);
+                    use std::os::fd::FromRawFd;
+                    let f = Arc::new(unsafe { std::fs::File::from_raw_fd(fd) });
+                    self.fd_cache.lock().unwrap().put(ino, f.clone());
+                    f
+                }
+                Ready(Err(e)) => return Ready(Err(e)),
+                Wait(n) => return Wait(n),
+            },
+        };
+        use std::os::fd::AsRawFd;
+        Ready(self.read(file.as_raw_fd(), offset, size))
+    }
+
     /// Opens a file's verified contents in the disk cache; returns the descriptor.
     pub fn open(&self, ino: u64) -> Outcome<i32> {
         let Some(n) = self.index.node(ino) else {
@@ -392,6 +451,7 @@ impl Fs {
 
     fn is_pinned(&self, id: PathId) -> bool {
         self.pins.lock().unwrap().values().any(|&p| p == id)
+            || self.handles.lock().unwrap().values().any(|&p| p == id)
     }
 
     /// Keeps the disk cache within its quota after `id` was unpacked.
@@ -406,6 +466,16 @@ impl Fs {
             tracing::info!(path = name, "evicted from the cache directory");
             if let Some(p) = self.index.path_by_basename(&name) {
                 self.index.set_unpacked(p, false);
+                // close its cached descriptors so the space is really freed
+                let mut cache = self.fd_cache.lock().unwrap();
+                let stale: Vec<u64> = cache
+                    .iter()
+                    .map(|(&ino, _)| ino)
+                    .filter(|&ino| self.index.node(ino).is_some_and(|n| n.path == p))
+                    .collect();
+                for ino in stale {
+                    cache.pop(&ino);
+                }
             }
         }
     }

@@ -235,6 +235,15 @@ impl fuser::Filesystem for NarFuse {
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
             return reply.error(fuser::Errno::EROFS);
         }
+        if !self.want_passthrough {
+            return self.run(
+                move |fs| fs.open_handle(ino.0),
+                move |r| match r {
+                    Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                    Err(e) => reply.error(errno(e)),
+                },
+            );
+        }
         let pt = self.passthrough.clone();
         self.run(
             move |fs| fs.open(ino.0),
@@ -257,6 +266,15 @@ impl fuser::Filesystem for NarFuse {
         reply: ReplyData,
     ) {
         tracing::trace!(ino = ino.0, offset, size, "read");
+        if !self.want_passthrough {
+            return self.run(
+                move |fs| fs.read_ino(ino.0, offset, size),
+                move |r| match r {
+                    Ok(d) => reply.data(&d),
+                    Err(e) => reply.error(errno(e)),
+                },
+            );
+        }
         match self.fs.read(fh.0 as i32, offset, size) {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(errno(e)),
@@ -273,8 +291,12 @@ impl fuser::Filesystem for NarFuse {
         _flush: bool,
         reply: fuser::ReplyEmpty,
     ) {
-        self.passthrough.release(fh.0);
-        self.fs.release(fh.0 as i32);
+        if self.want_passthrough {
+            self.passthrough.release(fh.0);
+            self.fs.release(fh.0 as i32);
+        } else {
+            self.fs.release_handle(fh.0);
+        }
         reply.ok();
     }
 

@@ -539,7 +539,11 @@ impl Fs {
                             return Ok(());
                         }
                         Ok(None) => {}
-                        Err(e) => tracing::warn!("{e}; trying the NAR"),
+                        Err(e) => {
+                            // the cache did not answer: the NAR would not come either
+                            tracing::error!("{e}");
+                            return Err(Errno::EIO);
+                        }
                     }
                 }
                 Box::pin(self.satisfy(Need::Content(id))).await

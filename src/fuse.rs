@@ -176,9 +176,12 @@ impl fuser::Filesystem for NarFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Lookups in one directory must not queue behind a lookup that waits for a
         // download; symlinks never change, so the kernel may cache them.
+        // READDIRPLUS: `ls -l` and `find` get attributes with the names, not one
+        // lookup per entry.
         for cap in [
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_DO_READDIRPLUS,
         ] {
             if config.add_capabilities(cap).is_err() {
                 tracing::debug!("kernel does not offer {cap:?}");
@@ -323,6 +326,66 @@ impl fuser::Filesystem for NarFuse {
                             e.next,
                             file_type(e.kind),
                             OsStr::from_bytes(&e.name),
+                        ) {
+                            break;
+                        }
+                    }
+                    reply.ok()
+                }
+                Err(e) => reply.error(errno(e)),
+            },
+        );
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
+        tracing::trace!(ino = ino.0, offset, "readdirplus");
+        self.run(
+            move |fs| match fs.readdir(ino.0, offset, 512) {
+                crate::fs::Outcome::Ready(Ok(entries)) => crate::fs::Outcome::Ready(Ok(entries
+                    .into_iter()
+                    .map(|e| {
+                        // a store path whose tree is not loaded yet gets no cached
+                        // attributes: the kernel looks it up when it is used
+                        let attr = match fs.getattr(e.ino) {
+                            crate::fs::Outcome::Ready(Ok(a)) => Some(a),
+                            _ => None,
+                        };
+                        (e, attr)
+                    })
+                    .collect::<Vec<_>>())),
+                crate::fs::Outcome::Ready(Err(e)) => crate::fs::Outcome::Ready(Err(e)),
+                crate::fs::Outcome::Need(n) => crate::fs::Outcome::Need(n),
+            },
+            move |r| match r {
+                Ok(entries) => {
+                    for (e, attr) in entries {
+                        let (ttl, attr) = match attr {
+                            Some(a) => (ttl_for(a.ino).min(TTL), to_attr(&a)),
+                            None => (
+                                Duration::ZERO,
+                                to_attr(&Attr {
+                                    ino: e.ino,
+                                    kind: e.kind,
+                                    size: 0,
+                                    perm: 0o555,
+                                    nlink: 1,
+                                }),
+                            ),
+                        };
+                        if reply.add(
+                            INodeNo(e.ino),
+                            e.next,
+                            OsStr::from_bytes(&e.name),
+                            &ttl,
+                            &attr,
+                            Generation(0),
                         ) {
                             break;
                         }

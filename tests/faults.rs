@@ -86,7 +86,12 @@ fn server_killed_and_restarted_while_mounted() {
     let single = m.p(f.path("narfs-test-single.txt"));
     let t = Instant::now();
     assert_eq!(read_err(&single), Some(libc::EIO));
-    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "{:?}\n{}",
+        t.elapsed(),
+        m.log_text()
+    );
     e.s3.restart();
     assert_eq!(std::fs::read(&single).unwrap(), b"asdf");
 }

@@ -26,6 +26,7 @@ impl Errno {
     pub const EINVAL: Errno = Errno(libc::EINVAL);
     pub const EROFS: Errno = Errno(libc::EROFS);
     pub const EBADF: Errno = Errno(libc::EBADF);
+    pub const ESTALE: Errno = Errno(libc::ESTALE);
 }
 
 /// What an operation must wait for before it can answer.
@@ -219,6 +220,7 @@ impl Fs {
                 1,
             ),
             Kind::Symlink { target } => (FileKind::Symlink, target.len() as u64, 0o777, 1),
+            Kind::Stale => return Ready(Err(Errno::ESTALE)),
         };
         Ready(Ok(Attr {
             ino,
@@ -258,16 +260,27 @@ impl Fs {
                 Some(c) => self.getattr(c),
                 None => Ready(Err(Errno::ENOENT)),
             },
+            Kind::Stale => Ready(Err(Errno::ESTALE)),
             _ => Ready(Err(Errno::ENOTDIR)),
         }
     }
 
+    /// A link target is content: it comes from the verified NAR, never from the
+    /// unsigned listing (a forged target would redirect what a path runs).
     pub fn readlink(&self, ino: u64) -> Outcome<Vec<u8>> {
-        match self.index.node(ino).map(|n| n.kind) {
-            Some(Kind::Symlink { target }) => Ready(Ok(target.into_vec())),
-            Some(Kind::Unloaded) => Wait(Need::Tree(self.index.node(ino).unwrap().path)),
-            Some(_) => Ready(Err(Errno::EINVAL)),
-            None => Ready(Err(Errno::ENOENT)),
+        let Some(n) = self.index.node(ino) else {
+            return Ready(Err(Errno::ENOENT));
+        };
+        match n.kind {
+            Kind::Symlink { target } => {
+                if self.index.tree_source(n.path) != Some(TreeSource::Nar) {
+                    return Wait(Need::Content(n.path));
+                }
+                Ready(Ok(target.into_vec()))
+            }
+            Kind::Unloaded => Wait(Need::Tree(n.path)),
+            Kind::Stale => Ready(Err(Errno::ESTALE)),
+            _ => Ready(Err(Errno::EINVAL)),
         }
     }
 
@@ -279,6 +292,7 @@ impl Fs {
         match n.kind {
             Kind::Unloaded => return Wait(Need::Tree(n.path)),
             Kind::Root | Kind::Dir { .. } => {}
+            Kind::Stale => return Ready(Err(Errno::ESTALE)),
             _ => return Ready(Err(Errno::ENOTDIR)),
         }
         let mut out = Vec::new();
@@ -321,6 +335,7 @@ impl Fs {
             Kind::Unloaded => return Wait(Need::Tree(n.path)),
             Kind::Dir { .. } | Kind::Root => return Ready(Err(Errno::EISDIR)),
             Kind::Symlink { .. } => return Ready(Err(Errno::EINVAL)),
+            Kind::Stale => return Ready(Err(Errno::ESTALE)),
         }
         if !self.index.is_unpacked(n.path) {
             return Wait(Need::Content(n.path));
@@ -369,6 +384,7 @@ impl Fs {
             Kind::Unloaded => return Wait(Need::Tree(n.path)),
             Kind::Dir { .. } | Kind::Root => return Ready(Err(Errno::EISDIR)),
             Kind::Symlink { .. } => return Ready(Err(Errno::EINVAL)),
+            Kind::Stale => return Ready(Err(Errno::ESTALE)),
         }
         if !self.index.is_unpacked(n.path) {
             return Wait(Need::Content(n.path));

@@ -29,6 +29,9 @@ pub enum Kind {
     Symlink {
         target: Box<[u8]>,
     },
+    /// A node of a listing's tree that the verified NAR replaced: every operation on
+    /// it fails (ESTALE), so nothing is ever resolved through the listing's shape.
+    Stale,
 }
 
 #[derive(Debug)]
@@ -182,6 +185,7 @@ impl Index {
                     String::from_utf8_lossy(&g.node(ino).name)
                 );
                 g.collect_entries(ino, &mut stale);
+                g.mark_stale(ino);
                 let name = g.nodes[(ino - 2) as usize].name.clone();
                 stale.push((ROOT, name));
             }
@@ -320,6 +324,15 @@ impl Inner {
                         .all(|(&c, (name, e))| self.node(c).name == *name && self.matches(c, e))
             }
             _ => false,
+        }
+    }
+
+    fn mark_stale(&mut self, ino: u64) {
+        if let Kind::Dir { children } = self.node(ino).kind.clone() {
+            for c in children {
+                self.mark_stale(c);
+                self.nodes[(c - 2) as usize].kind = Kind::Stale;
+            }
         }
     }
 

@@ -19,20 +19,27 @@ fn ls_lr_of_the_closure_downloads_no_nar() {
         &["--prefetch-references", "false"],
     );
     m.wait_root(f.paths.len());
-    for (name, base) in &f.paths {
-        assert_eq!(shape(&m.p(base)), shape(&f.real(name)), "{name}");
+    // paths without symlinks: names, types, modes and sizes with no NAR at all
+    let no_links = ["narfs-test-lib", "narfs-test-big", "narfs-test-single.txt"];
+    for name in no_links {
+        assert_eq!(shape(&m.p(f.path(name))), shape(&f.real(name)), "{name}");
     }
     let ls = run(Command::new("ls").arg("-lR").arg(&m.mnt));
     assert!(ls.contains("numbers.txt"));
-    assert_eq!(e.proxy.gets(".nar.xz"), 0, "{:?}", e.proxy.requests());
+    // symlink targets are content: showing them fetches (and verifies) exactly the
+    // NAR of the one path that has symlinks, never trusting the unsigned listing
+    let app_nar = f.narinfo_field("narfs-test-app", "URL");
+    assert_eq!(e.proxy.gets(".nar.xz"), 1, "{:?}", e.proxy.requests());
+    assert_eq!(e.proxy.gets(&app_nar), 1);
+    assert_eq!(shape(&m.p(f.path("narfs-test-app"))), shape(&f.real("narfs-test-app")));
     // reading one file fetches exactly its path's NAR
-    let app = m.p(f.path("narfs-test-app"));
+    let lib = m.p(f.path("narfs-test-lib"));
     assert_eq!(
-        std::fs::read_to_string(app.join("share/app/greet.sh")).unwrap(),
+        std::fs::read_to_string(lib.join("lib/greet.sh")).unwrap(),
         "greet() { echo \"hello from lib\"; }\n"
     );
-    assert_eq!(e.proxy.gets(".nar.xz"), 1);
-    assert_eq!(e.proxy.gets(&f.narinfo_field("narfs-test-app", "URL")), 1);
+    assert_eq!(e.proxy.gets(".nar.xz"), 2);
+    assert_eq!(e.proxy.gets(&f.narinfo_field("narfs-test-lib", "URL")), 1);
     // and each .ls was asked for once
     for name in f.paths.keys() {
         assert_eq!(e.proxy.gets(&format!("{}.ls", f.hash(name))), 1, "{name}");
@@ -335,4 +342,31 @@ fn opening_a_path_prefetches_its_references() {
         35
     );
     assert_eq!(e.proxy.gets(&lib_nar), 1);
+}
+
+#[test]
+fn a_forged_listing_never_redirects_a_symlink_or_a_path() {
+    let f = fixture();
+    let e = env();
+    // the listing claims bin/app-link points to /tmp/evil, and that the app's
+    // `lib` symlink is a directory holding `secret`
+    let ls = e.object(&format!("{}.ls", f.hash("narfs-test-app")));
+    let text = std::fs::read_to_string(&ls).unwrap();
+    let forged = text
+        .replace("\"app-link\":{\"type\":\"symlink\",\"target\":\"app\"}", "\"app-link\":{\"type\":\"symlink\",\"target\":\"/tmp/evil\"}")
+        .replace(
+            &format!("\"lib\":{{\"type\":\"symlink\",\"target\":\"/nix/store/{}/lib\"}}", f.path("narfs-test-lib")),
+            "\"lib\":{\"type\":\"directory\",\"entries\":{\"secret\":{\"type\":\"regular\",\"size\":10}}}",
+        );
+    assert!(forged.contains("/tmp/evil") && forged.contains("secret"), "{forged}");
+    std::fs::write(&ls, forged).unwrap();
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &["--prefetch-references", "false"]);
+    let app = m.p(f.path("narfs-test-app"));
+    // the target shown is the NAR's
+    assert_eq!(std::fs::read_link(app.join("bin/app-link")).unwrap(), std::path::Path::new("app"));
+    // the forged directory is gone, and what was looked up through it is stale
+    let secret = app.join("lib/secret");
+    let err = std::fs::read(&secret).unwrap_err();
+    assert!(matches!(err.raw_os_error(), Some(libc::ENOENT) | Some(libc::ESTALE) | Some(libc::ENOTDIR)), "{err}");
+    assert!(std::fs::symlink_metadata(app.join("lib")).unwrap().file_type().is_symlink());
 }

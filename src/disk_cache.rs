@@ -46,7 +46,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DiskCacheError + '_ {
 
 impl DiskCache {
     pub fn open(root: &Path) -> Result<Self, DiskCacheError> {
-        for d in ["store", "narinfo", "tmp", "pending"] {
+        for d in ["store", "narinfo", "tmp", "pending", "verified", "trash"] {
             fs::create_dir_all(root.join(d)).map_err(io_err(root))?;
         }
         let lock_path = root.join("lock");
@@ -60,6 +60,11 @@ impl DiskCache {
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(DiskCacheError::Locked(root.to_owned()));
         }
+        let trash = root.join("trash");
+        for e in fs::read_dir(&trash).map_err(io_err(&trash))? {
+            let p = e.map_err(io_err(&trash))?.path();
+            remove_any(&p).map_err(io_err(&p))?;
+        }
         let tmp = root.join("tmp");
         for e in fs::read_dir(&tmp).map_err(io_err(&tmp))? {
             let p = e.map_err(io_err(&tmp))?.path();
@@ -71,8 +76,11 @@ impl DiskCache {
         let pending = root.join("pending");
         for e in fs::read_dir(&pending).map_err(io_err(&pending))? {
             let e = e.map_err(io_err(&pending))?;
-            let dir = root.join("store").join(e.file_name());
+            let name = e.file_name().to_string_lossy().into_owned();
+            let basename = name.rsplit_once('.').map_or(name.as_str(), |(b, _)| b);
+            let dir = root.join("store").join(basename);
             remove_any(&dir).map_err(io_err(&dir))?;
+            let _ = fs::remove_file(root.join("verified").join(basename));
             let _ = fs::remove_file(e.path());
             tracing::info!(path = %dir.display(), "removed a path whose flush to disk was interrupted");
         }
@@ -156,7 +164,9 @@ impl DiskCache {
             }
         }
         for name in &victims {
-            let doomed = self.temp_path(&format!("evicted-{name}"));
+            let _ = fs::remove_file(self.root.join("verified").join(name));
+            let n = self.counter.fetch_add(1, Ordering::Relaxed);
+            let doomed = self.root.join("trash").join(format!("{name}.{n}"));
             match fs::rename(self.path_dir(name), &doomed) {
                 Ok(()) => {
                     if let Err(e) = remove_any(&doomed) {
@@ -177,6 +187,32 @@ impl DiskCache {
         self.root.join("store").join(basename)
     }
 
+    /// Is `basename` unpacked here from a NAR with exactly this NarHash? A copy from
+    /// another NarHash (the path was pushed again, or verified under keys no longer
+    /// trusted) is removed rather than served under the new narinfo.
+    pub fn has_verified(&self, basename: &str, nar_hash: &str) -> bool {
+        let record = fs::read_to_string(self.root.join("verified").join(basename)).ok();
+        if record.as_deref() == Some(nar_hash) && self.has_path(basename) {
+            return true;
+        }
+        if self.has_path(basename) {
+            tracing::info!(
+                path = basename,
+                "dropping an unpacked copy that is not of the NarHash now signed"
+            );
+            let n = self.counter.fetch_add(1, Ordering::Relaxed);
+            let doomed = self.root.join("trash").join(format!("{basename}.{n}"));
+            if fs::rename(self.path_dir(basename), &doomed).is_ok() {
+                let _ = remove_any(&doomed);
+                let mut u = self.usage.lock().unwrap();
+                if let Some(size) = u.lru.pop(basename) {
+                    u.total -= size;
+                }
+            }
+        }
+        false
+    }
+
     pub fn has_path(&self, basename: &str) -> bool {
         fs::symlink_metadata(self.path_dir(basename)).is_ok()
     }
@@ -189,15 +225,17 @@ impl DiskCache {
 
     /// Moves a verified unpack into place. If the path is already there, the new copy
     /// is dropped: both were verified against the same NarHash.
-    pub fn commit(&self, tmp: &Path, basename: &str) -> io::Result<()> {
+    pub fn commit(&self, tmp: &Path, basename: &str, nar_hash: &str) -> io::Result<()> {
         let size = disk_usage(tmp);
         // The path becomes visible at once and is flushed in the background: a marker
         // in pending/, itself flushed before the rename, says its contents may not be
         // on disk yet; it goes only after the flush. A power cut therefore never
         // leaves a trusted path in store/ whose files are empty (see `open`).
-        let marker = self.root.join("pending").join(basename);
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let marker = self.root.join("pending").join(format!("{basename}.{n}"));
         File::create(&marker)?.sync_all()?;
         File::open(self.root.join("pending"))?.sync_all()?;
+        fs::write(self.root.join("verified").join(basename), nar_hash)?;
         let dest = self.path_dir(basename);
         if let Err(e) = fs::rename(tmp, &dest) {
             let _ = fs::remove_file(&marker);
@@ -241,7 +279,8 @@ impl DiskCache {
     pub fn save_narinfo(&self, key_id: &str, hash_part: &str, text: &str) -> io::Result<()> {
         let dest = self.narinfo_path(key_id, hash_part);
         fs::create_dir_all(dest.parent().unwrap())?;
-        let tmp = self.temp_path(&format!("{hash_part}.narinfo"));
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = dest.with_file_name(format!(".{hash_part}.{n}.tmp"));
         fs::write(&tmp, text)?;
         fs::rename(&tmp, dest)
     }
@@ -424,7 +463,7 @@ mod tests {
             let t = c.temp_path(name);
             fs::create_dir(&t).unwrap();
             fs::write(t.join("f"), vec![1u8; 100_000]).unwrap();
-            c.commit(&t, name).unwrap();
+            c.commit(&t, name, "h").unwrap();
         }
         let each = c.used() / 4;
         c.set_quota(Some(each * 2));
@@ -447,7 +486,7 @@ mod tests {
             for name in ["flushed", "unflushed"] {
                 let t = c.temp_path(name);
                 fs::create_dir(&t).unwrap();
-                c.commit(&t, name).unwrap();
+                c.commit(&t, name, "h").unwrap();
             }
             // the background flush removes the markers
             let t = std::time::Instant::now();
@@ -457,7 +496,7 @@ mod tests {
             }
         }
         // as if the machine had died before the flush of one of them
-        File::create(d.path().join("pending/unflushed")).unwrap();
+        File::create(d.path().join("pending/unflushed.7")).unwrap();
         let c = DiskCache::open(d.path()).unwrap();
         assert!(c.has_path("flushed"));
         assert!(!c.has_path("unflushed"));
@@ -488,14 +527,14 @@ mod tests {
         fs::create_dir(&t).unwrap();
         fs::write(t.join("f"), b"abc").unwrap();
         std::os::unix::fs::symlink("f", t.join("l")).unwrap();
-        c.commit(&t, "p").unwrap();
+        c.commit(&t, "p", "h").unwrap();
         assert!(c.has_path("p"));
         let tree = c.load_tree("p").unwrap();
         assert_eq!(tree.count(), 3);
         // a second commit of the same path keeps the first
         let t2 = c.temp_path("p");
         fs::create_dir(&t2).unwrap();
-        c.commit(&t2, "p").unwrap();
+        c.commit(&t2, "p", "h").unwrap();
         assert!(!t2.exists());
         assert!(c.path_dir("p").join("f").exists());
     }

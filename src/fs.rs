@@ -105,6 +105,21 @@ pub struct Fs {
     prefetch: Option<Arc<tokio::sync::Semaphore>>,
 }
 
+/// A quarter of the open-file limit, at most 1024: the rest is for sockets, unpacking
+/// and passthrough handles.
+fn fd_cache_size() -> std::num::NonZeroUsize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur as usize
+    } else {
+        1024
+    };
+    std::num::NonZeroUsize::new((soft / 4).clamp(16, 1024)).unwrap()
+}
+
 /// How `Fs` fetches beyond what is asked for.
 #[derive(Clone, Copy, Debug)]
 pub struct FsOptions {
@@ -136,9 +151,7 @@ impl Fs {
             me: me.clone(),
             handles: Default::default(),
             next_handle: std::sync::atomic::AtomicU64::new(1),
-            fd_cache: std::sync::Mutex::new(lru::LruCache::new(
-                std::num::NonZeroUsize::new(1024).unwrap(),
-            )),
+            fd_cache: std::sync::Mutex::new(lru::LruCache::new(fd_cache_size())),
             prefetch: opts
                 .prefetch_references
                 .then(|| Arc::new(tokio::sync::Semaphore::new((opts.jobs / 2).max(1)))),

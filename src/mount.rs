@@ -73,7 +73,7 @@ pub async fn check_cache(
         .map_err(|e| MountError::Failed(format!("cannot reach the cache {url}: {e}")))?
         .ok_or_else(|| {
             MountError::Failed(format!(
-                "{url} is not a Nix binary cache: {} does not exist (check the bucket, prefix and endpoint)",
+                "{url} is not a Nix binary cache: {} does not exist or may not be read (check the bucket, prefix, endpoint and credentials)",
                 storage.location("nix-cache-info")
             ))
         })?;
@@ -115,6 +115,7 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
             )))
         }
     }
+    raise_fd_limit();
     let disk =
         Arc::new(DiskCache::open(&opts.cache_dir).map_err(|e| MountError::Failed(e.to_string()))?);
     let quota = disk.set_quota(opts.cache_size);
@@ -281,5 +282,20 @@ pub fn sd_notify(msg: &str) {
     };
     if let Err(e) = r {
         tracing::warn!("sd_notify {msg}: {e}");
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit: narfs caches descriptors,
+/// and the common default of 1024 is easy to reach.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
     }
 }

@@ -45,7 +45,23 @@ fn jitter(d: Duration) -> Duration {
 
 /// Runs `attempt(deadline)` until it succeeds, fails permanently, or the budget is
 /// spent; returns the last error with the number of attempts.
-pub async fn run<T, F, Fut>(policy: Policy, what: &str, mut attempt: F) -> Result<T, String>
+pub async fn run<T, F, Fut>(policy: Policy, what: &str, attempt: F) -> Result<T, String>
+where
+    F: FnMut(Instant) -> Fut,
+    Fut: Future<Output = Result<T, Attempt>>,
+{
+    run_with(policy, what, true, attempt).await
+}
+
+/// Like `run`; with `bound_attempts` false an attempt itself may outlast the budget
+/// (a long NAR download that keeps making progress): the attempt bounds its own
+/// waits, and the budget only limits when a new attempt may start.
+pub async fn run_with<T, F, Fut>(
+    policy: Policy,
+    what: &str,
+    bound_attempts: bool,
+    mut attempt: F,
+) -> Result<T, String>
 where
     F: FnMut(Instant) -> Fut,
     Fut: Future<Output = Result<T, Attempt>>,
@@ -54,7 +70,11 @@ where
     let deadline = start + policy.budget;
     let mut backoff = Duration::from_millis(100);
     for n in 1.. {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = if bound_attempts {
+            deadline.saturating_duration_since(Instant::now())
+        } else {
+            Duration::MAX
+        };
         let r = match tokio::time::timeout(left, attempt(deadline)).await {
             Ok(r) => r,
             Err(_) => Err(Attempt::Transient(format!(

@@ -46,9 +46,22 @@ where
                 let map_ref = self.inflight.clone();
                 let k = key.clone();
                 let handle = tokio::spawn(async move {
-                    let r = fut.await.map_err(Arc::new);
-                    map_ref.lock().unwrap().remove(&k);
-                    r
+                    // removes the entry however the work ends, a panic included
+                    struct Done<K: Hash + Eq, V, E>(
+                        Arc<Mutex<HashMap<K, Flight<V, E>>>>,
+                        Option<K>,
+                    );
+                    impl<K: Hash + Eq, V, E> Drop for Done<K, V, E> {
+                        fn drop(&mut self) {
+                            if let Some(k) = self.1.take() {
+                                if let Ok(mut m) = self.0.lock() {
+                                    m.remove(&k);
+                                }
+                            }
+                        }
+                    }
+                    let _done = Done(map_ref, Some(k));
+                    fut.await.map_err(Arc::new)
                 });
                 let f = async move {
                     handle.await.unwrap_or_else(|e| {

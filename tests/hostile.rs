@@ -437,3 +437,29 @@ fn hostile_narinfos_are_refused_and_repairs_picked_up() {
     assert!(m.log_text().contains(&format!("describes /nix/store/{a}")));
     assert!(m.stop().success());
 }
+
+#[test]
+fn an_unpacked_copy_is_served_only_under_its_own_nar_hash() {
+    let s3 = S3Server::start();
+    let dir = s3.root.join(BUCKET).join("h");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
+    let cache = Cache {
+        dir: &dir,
+        sk: SecretKey::from_seed("hostile-test", [9; 32]),
+    };
+    let key = cache.sk.public().to_nix_string();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let first = file_nar(b"first push\n");
+    let base = cache.put("repushed", &first, Compression::None, &first, |_| {});
+    {
+        let m = Mounted::start(&s3.url(s3.port, "h"), &[&key], Some(cache_dir.path()), &[]);
+        assert_eq!(std::fs::read(m.p(&base)).unwrap(), b"first push\n");
+    }
+    // the same store path pushed again with other contents (a non-reproducible build)
+    let second = file_nar(b"second push\n");
+    cache.put("repushed", &second, Compression::None, &second, |_| {});
+    std::fs::remove_dir_all(cache_dir.path().join("narinfo")).unwrap();
+    let m = Mounted::start(&s3.url(s3.port, "h"), &[&key], Some(cache_dir.path()), &[]);
+    assert_eq!(std::fs::read(m.p(&base)).unwrap(), b"second push\n");
+}

@@ -31,7 +31,10 @@ fn ls_lr_of_the_closure_downloads_no_nar() {
     let app_nar = f.narinfo_field("narfs-test-app", "URL");
     assert_eq!(e.proxy.gets(".nar.xz"), 1, "{:?}", e.proxy.requests());
     assert_eq!(e.proxy.gets(&app_nar), 1);
-    assert_eq!(shape(&m.p(f.path("narfs-test-app"))), shape(&f.real("narfs-test-app")));
+    assert_eq!(
+        shape(&m.p(f.path("narfs-test-app"))),
+        shape(&f.real("narfs-test-app"))
+    );
     // reading one file fetches exactly its path's NAR
     let lib = m.p(f.path("narfs-test-lib"));
     assert_eq!(
@@ -358,15 +361,35 @@ fn a_forged_listing_never_redirects_a_symlink_or_a_path() {
             &format!("\"lib\":{{\"type\":\"symlink\",\"target\":\"/nix/store/{}/lib\"}}", f.path("narfs-test-lib")),
             "\"lib\":{\"type\":\"directory\",\"entries\":{\"secret\":{\"type\":\"regular\",\"size\":10}}}",
         );
-    assert!(forged.contains("/tmp/evil") && forged.contains("secret"), "{forged}");
+    assert!(
+        forged.contains("/tmp/evil") && forged.contains("secret"),
+        "{forged}"
+    );
     std::fs::write(&ls, forged).unwrap();
-    let m = Mounted::start(&e.url, &[&f.public_key], None, &["--prefetch-references", "false"]);
+    let m = Mounted::start(
+        &e.url,
+        &[&f.public_key],
+        None,
+        &["--prefetch-references", "false"],
+    );
     let app = m.p(f.path("narfs-test-app"));
     // the target shown is the NAR's
-    assert_eq!(std::fs::read_link(app.join("bin/app-link")).unwrap(), std::path::Path::new("app"));
+    assert_eq!(
+        std::fs::read_link(app.join("bin/app-link")).unwrap(),
+        std::path::Path::new("app")
+    );
     // the forged directory is gone, and what was looked up through it is stale
     let secret = app.join("lib/secret");
     let err = std::fs::read(&secret).unwrap_err();
-    assert!(matches!(err.raw_os_error(), Some(libc::ENOENT) | Some(libc::ESTALE) | Some(libc::ENOTDIR)), "{err}");
-    assert!(std::fs::symlink_metadata(app.join("lib")).unwrap().file_type().is_symlink());
+    assert!(
+        matches!(
+            err.raw_os_error(),
+            Some(libc::ENOENT) | Some(libc::ESTALE) | Some(libc::ENOTDIR)
+        ),
+        "{err}"
+    );
+    assert!(std::fs::symlink_metadata(app.join("lib"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
 }

@@ -63,8 +63,11 @@ impl Storage for S3Storage {
         match res {
             Ok(out) => Ok(Some(Box::pin(out.body.into_async_read()))),
             Err(e) => {
+                // 403 too: a bucket that does not grant listing answers AccessDenied for
+                // keys that do not exist (as Nix treats it).
                 let missing = e.as_service_error().is_some_and(|s| s.is_no_such_key())
-                    || e.raw_response().is_some_and(|r| r.status().as_u16() == 404);
+                    || e.raw_response()
+                        .is_some_and(|r| matches!(r.status().as_u16(), 403 | 404));
                 if missing {
                     Ok(None)
                 } else {

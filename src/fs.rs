@@ -336,10 +336,8 @@ impl Fs {
         Ready(Ok(out))
     }
 
-    /// Opens a file for the page-cache mode: no syscall, just a handle that pins the
-    /// path (opens are the hot path of a warm traversal). The verified contents must
-    /// be on disk first.
-    pub fn open_handle(&self, ino: u64) -> Outcome<u64> {
+    /// The path of regular file `ino`, once its verified contents are on disk.
+    fn unpacked_file(&self, ino: u64) -> Outcome<PathId> {
         let Some(n) = self.index.node(ino) else {
             return Ready(Err(Errno::ENOENT));
         };
@@ -353,10 +351,22 @@ impl Fs {
         if !self.index.is_unpacked(n.path) {
             return Wait(Need::Content(n.path));
         }
+        Ready(Ok(n.path))
+    }
+
+    /// Opens a file for the page-cache mode: no syscall, just a handle that pins the
+    /// path (opens are the hot path of a warm traversal). The verified contents must
+    /// be on disk first.
+    pub fn open_handle(&self, ino: u64) -> Outcome<u64> {
+        let path = match self.unpacked_file(ino) {
+            Ready(Ok(p)) => p,
+            Ready(Err(e)) => return Ready(Err(e)),
+            Wait(n) => return Wait(n),
+        };
         let fh = self
             .next_handle
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.handles.lock().unwrap().insert(fh, n.path);
+        self.handles.lock().unwrap().insert(fh, path);
         Ready(Ok(fh))
     }
 
@@ -389,18 +399,10 @@ impl Fs {
 
     /// Opens a file's verified contents in the disk cache; returns the descriptor.
     pub fn open(&self, ino: u64) -> Outcome<i32> {
-        let Some(n) = self.index.node(ino) else {
-            return Ready(Err(Errno::ENOENT));
-        };
-        match n.kind {
-            Kind::File { .. } => {}
-            Kind::Unloaded => return Wait(Need::Tree(n.path)),
-            Kind::Dir { .. } | Kind::Root => return Ready(Err(Errno::EISDIR)),
-            Kind::Symlink { .. } => return Ready(Err(Errno::EINVAL)),
-            Kind::Stale => return Ready(Err(Errno::ESTALE)),
-        }
-        if !self.index.is_unpacked(n.path) {
-            return Wait(Need::Content(n.path));
+        match self.unpacked_file(ino) {
+            Ready(Ok(_)) => {}
+            Ready(Err(e)) => return Ready(Err(e)),
+            Wait(n) => return Wait(n),
         }
         let Some((path, rel)) = self.index.relative_path(ino) else {
             return Ready(Err(Errno::ENOENT));

@@ -196,17 +196,32 @@ impl S3Server {
     pub fn start() -> Self {
         let root = tempfile::tempdir().unwrap().keep();
         std::fs::create_dir_all(root.join(BUCKET)).unwrap();
-        let port = free_port();
-        let child = Command::new("s3s-fs")
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-            .arg(&root)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("s3s-fs must be installed (see README)");
-        wait_port(port);
-        S3Server { root, port, child }
+        // A free port can be taken by a parallel test before s3s-fs binds it: then
+        // s3s-fs exits, and we try another.
+        for _ in 0..10 {
+            let port = free_port();
+            let mut child = spawn_s3s(port, &root);
+            let t = Instant::now();
+            loop {
+                if let Some(_st) = child.try_wait().unwrap() {
+                    break;
+                }
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    // ours, not another test's, if it is still alive a moment later
+                    std::thread::sleep(Duration::from_millis(50));
+                    if child.try_wait().unwrap().is_none() {
+                        return S3Server { root, port, child };
+                    }
+                    break;
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(20),
+                    "s3s-fs never listened"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("could not start s3s-fs on a free port");
     }
 
     /// Puts a whole `file://` cache under `prefix` in the bucket.
@@ -235,16 +250,20 @@ impl S3Server {
     /// Starts it again on the same port and root.
     pub fn restart(&mut self) {
         self.kill();
-        self.child = Command::new("s3s-fs")
-            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-            .arg(&self.root)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        self.child = spawn_s3s(self.port, &self.root);
         wait_port(self.port);
     }
+}
+
+fn spawn_s3s(port: u16, root: &Path) -> Child {
+    Command::new("s3s-fs")
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+        .arg(root)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("s3s-fs must be installed (see README)")
 }
 
 impl Drop for S3Server {

@@ -190,6 +190,11 @@ impl Fetcher {
         let mut neg = self.negative.lock().unwrap();
         match r {
             Ok(Lookup::Missing) => {
+                // keep the map bounded: drop expired entries when it grows
+                if neg.len() >= 65_536 {
+                    let ttl = self.negative_ttl;
+                    neg.retain(|_, t| t.elapsed() < ttl);
+                }
                 neg.insert(hash.to_owned(), Instant::now());
             }
             Ok(_) | Err(_) => {

@@ -146,7 +146,19 @@ pub fn parse_ls(bytes: &[u8], nar_size: u64) -> Result<Entry, ListingError> {
     if f.version != 1 {
         return Err(ListingError::Version(f.version));
     }
-    convert(f.root, &mut String::new(), 0, nar_size)
+    let tree = convert(f.root, &mut String::new(), 0, nar_size)?;
+    // Every NAR entry takes at least ~100 bytes of archive: a listing with more
+    // entries than that cannot describe this NAR (and would cost memory for nothing).
+    if tree.count() as u64 > nar_size / 64 + 1 {
+        return Err(ListingError::Entry {
+            path: "/".into(),
+            what: format!(
+                "{} entries cannot fit in a NAR of {nar_size} bytes",
+                tree.count()
+            ),
+        });
+    }
+    Ok(tree)
 }
 
 fn convert(
@@ -307,6 +319,19 @@ mod tests {
             "}}".repeat(400)
         );
         assert!(parse_ls(deep.as_bytes(), 1000).is_err());
+        // more entries than the NAR could hold
+        let many: Vec<String> = (0..100)
+            .map(|i| format!("\"f{i}\":{{\"type\":\"regular\",\"size\":0}}"))
+            .collect();
+        let text = format!(
+            r#"{{"version":1,"root":{{"type":"directory","entries":{{{}}}}}}}"#,
+            many.join(",")
+        );
+        assert!(parse_ls(text.as_bytes(), 1000)
+            .unwrap_err()
+            .to_string()
+            .contains("cannot fit"));
+        assert!(parse_ls(text.as_bytes(), 100_000).is_ok());
     }
 
     #[test]

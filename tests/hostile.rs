@@ -12,7 +12,6 @@ use narfs::formats::nar::Writer;
 use narfs::formats::narinfo::{Compression, NarInfo};
 use narfs::formats::store_path::StorePath;
 use std::io::Write;
-use std::path::Path;
 
 fn strings(parts: &[&[u8]]) -> Vec<u8> {
     let mut w = Writer::new(Vec::new());
@@ -110,12 +109,23 @@ fn bomb() -> Vec<u8> {
     e.finish().unwrap()
 }
 
-struct Cache<'a> {
-    dir: &'a Path,
+/// An empty cache under prefix `h` of the server, and the key that signs for it.
+struct Cache {
+    dir: std::path::PathBuf,
     sk: SecretKey,
 }
 
-impl Cache<'_> {
+impl Cache {
+    fn new(s3: &S3Server) -> Self {
+        let dir = s3.root.join(BUCKET).join("h");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
+        Cache {
+            dir,
+            sk: SecretKey::from_seed("hostile-test", [9; 32]),
+        }
+    }
+
     /// Puts `file` (the bytes at URL) and a narinfo signed by the trusted key, with
     /// `edit` applied to the narinfo before signing; returns the basename.
     fn put(
@@ -168,13 +178,7 @@ impl Cache<'_> {
 #[test]
 fn hostile_nars_are_refused_and_repairs_picked_up() {
     let s3 = S3Server::start();
-    let dir = s3.root.join(BUCKET).join("h");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
-    let cache = Cache {
-        dir: &dir,
-        sk: SecretKey::from_seed("hostile-test", [9; 32]),
-    };
+    let cache = Cache::new(&s3);
     let key = cache.sk.public().to_nix_string();
     let neighbour = cache.put_good("neighbour");
     let m = Mounted::start(
@@ -313,13 +317,8 @@ fn hostile_nars_are_refused_and_repairs_picked_up() {
 #[test]
 fn hostile_narinfos_are_refused_and_repairs_picked_up() {
     let s3 = S3Server::start();
-    let dir = s3.root.join(BUCKET).join("h");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
-    let cache = Cache {
-        dir: &dir,
-        sk: SecretKey::from_seed("hostile-test", [9; 32]),
-    };
+    let cache = Cache::new(&s3);
+    let dir = cache.dir.clone();
     let key = cache.sk.public().to_nix_string();
     let m = Mounted::start(
         &s3.url(s3.port, "h"),
@@ -441,13 +440,7 @@ fn hostile_narinfos_are_refused_and_repairs_picked_up() {
 #[test]
 fn an_unpacked_copy_is_served_only_under_its_own_nar_hash() {
     let s3 = S3Server::start();
-    let dir = s3.root.join(BUCKET).join("h");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
-    let cache = Cache {
-        dir: &dir,
-        sk: SecretKey::from_seed("hostile-test", [9; 32]),
-    };
+    let cache = Cache::new(&s3);
     let key = cache.sk.public().to_nix_string();
     let cache_dir = tempfile::tempdir().unwrap();
     let first = file_nar(b"first push\n");

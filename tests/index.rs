@@ -151,7 +151,7 @@ fn remount_serves_from_disk_without_gets() {
             Some(cache_dir.path()),
             &["--prefetch-references", "false"],
         );
-        wait_log(&m, "listed the cache");
+        m.wait_log("listed the cache");
         run(Command::new("cat").arg(m.p(f.path("narfs-test-app")).join("bin/app")));
         assert!(m.stop().success());
     }
@@ -163,7 +163,7 @@ fn remount_serves_from_disk_without_gets() {
         &["--refresh-interval", "0", "--prefetch-references", "false"],
     );
     // the root is ready from disk
-    wait_log(&m, "loaded verified paths from the cache directory");
+    m.wait_log("loaded verified paths from the cache directory");
     let t = Instant::now();
     assert_eq!(m.wait_root(f.paths.len()).len(), f.paths.len());
     eprintln!("root listing after remount: {} ms", t.elapsed().as_millis());
@@ -185,7 +185,7 @@ fn remount_serves_from_disk_without_gets() {
         Some(cache_dir.path()),
         &["--refresh-interval", "0"],
     );
-    wait_log(&m, "listed the cache");
+    m.wait_log("listed the cache");
     assert!(m.wait_root(0).is_empty());
 }
 
@@ -257,18 +257,6 @@ fn malformed_listing_falls_back_to_the_nar() {
     assert!(log.contains("its NAR will be used instead"), "{log}");
 }
 
-fn wait_log(m: &Mounted, needle: &str) {
-    let t = Instant::now();
-    while !m.log_text().contains(needle) {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "no '{needle}' in log:\n{}",
-            m.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn thousands_of_paths_list_across_pages() {
     let s3 = S3Server::start();
@@ -281,7 +269,7 @@ fn thousands_of_paths_list_across_pages() {
         None,
         &["--refresh-interval", "0"],
     );
-    wait_log(&m, "listed the cache");
+    m.wait_log("listed the cache");
     assert_eq!(m.wait_root(2500).len(), 2500);
     assert!(
         proxy.gets("list-type=2") >= 3,

@@ -204,7 +204,7 @@ fn untrusted_key_hides_everything() {
     let e = env();
     let other = "someone-else:Y0WaH1THk0KGJ1fKhNry+2UA2Y8ZRWVgN6aFARhAJAc=";
     let m = Mounted::start(&e.url, &[other], None, &[]);
-    wait_log(&m, "listed the cache");
+    m.wait_log("listed the cache");
     assert!(m.wait_root(0).is_empty());
     assert_eq!(read_err(&m.p(f.path("narfs-test-app"))), Some(libc::ENOENT));
     let log = m.log_text();
@@ -214,18 +214,6 @@ fn untrusted_key_hides_everything() {
     );
     assert!(log.contains(f.path("narfs-test-app")), "{log}");
     assert_eq!(e.proxy.gets(".nar.xz"), 0);
-}
-
-fn wait_log(m: &Mounted, needle: &str) {
-    let t = Instant::now();
-    while !m.log_text().contains(needle) {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "no '{needle}' in log:\n{}",
-            m.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]
@@ -241,7 +229,7 @@ fn unsigned_narinfo_is_not_served_and_neighbours_are() {
         .collect();
     std::fs::write(&key, unsigned).unwrap();
     let m = Mounted::start(&e.url, &[&f.public_key], None, &[]);
-    wait_log(&m, "listed the cache");
+    m.wait_log("listed the cache");
     let names = m.wait_root(f.paths.len() - 1);
     assert_eq!(names.len(), f.paths.len() - 1);
     assert!(!names.contains(&f.path("narfs-test-single.txt").to_owned()));
@@ -267,7 +255,7 @@ fn narinfo_for_another_path_is_rejected() {
     )
     .unwrap();
     let m = Mounted::start(&e.url, &[&f.public_key], None, &[]);
-    wait_log(&m, "listed the cache");
+    m.wait_log("listed the cache");
     assert_eq!(
         read_err(&m.p(f.path("narfs-test-single.txt"))),
         Some(libc::ENOENT)

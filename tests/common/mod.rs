@@ -387,6 +387,19 @@ impl Mounted {
         self.mnt.join(rel)
     }
 
+    /// Waits until narfs logs `needle`.
+    pub fn wait_log(&self, needle: &str) {
+        let t = Instant::now();
+        while !self.log_text().contains(needle) {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "no '{needle}' in log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits until the root lists `n` entries (the listing runs in the background).
     pub fn wait_root(&self, n: usize) -> Vec<String> {
         let t = Instant::now();

@@ -8,7 +8,14 @@ use std::path::PathBuf;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CacheUrl {
     S3(S3Url),
-    File { root: PathBuf },
+    File {
+        root: PathBuf,
+    },
+    /// `http(s)://HOST[/PATH]`: nix-serve, cache.nixos.org-style caches, a CDN or a
+    /// caching proxy in front of a bucket. Read by name only (HTTP cannot list).
+    Http {
+        base: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -176,8 +183,25 @@ pub fn parse(input: &str) -> Result<Parsed, UrlError> {
                 warnings,
             })
         }
+        "http" | "https" => {
+            let (host, _) = path.split_once('/').unwrap_or((path, ""));
+            if host.is_empty() {
+                return Err(err("missing host name"));
+            }
+            for (k, _) in params {
+                if !KNOWN_IGNORED.contains(&k.as_str()) {
+                    warnings.push(format!("ignoring unknown cache URL parameter '{k}'"));
+                }
+            }
+            Ok(Parsed {
+                url: CacheUrl::Http {
+                    base: format!("{scheme}://{}", path.trim_end_matches('/')),
+                },
+                warnings,
+            })
+        }
         other => Err(err(&format!(
-            "unsupported scheme '{other}://' (narfs reads s3:// and file:// caches)"
+            "unsupported scheme '{other}://' (narfs reads s3://, http(s):// and file:// caches)"
         ))),
     }
 }
@@ -202,6 +226,7 @@ impl fmt::Display for CacheUrl {
                 Ok(())
             }
             CacheUrl::File { root } => write!(f, "file://{}", root.display()),
+            CacheUrl::Http { base } => f.write_str(base),
         }
     }
 }
@@ -209,6 +234,29 @@ impl fmt::Display for CacheUrl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn http_urls() {
+        for (input, base) in [
+            ("https://cache.nixos.org", "https://cache.nixos.org"),
+            ("https://cache.nixos.org/", "https://cache.nixos.org"),
+            (
+                "http://127.0.0.1:8080/sub/dir/?priority=30",
+                "http://127.0.0.1:8080/sub/dir",
+            ),
+        ] {
+            assert_eq!(
+                parse(input).unwrap().url,
+                CacheUrl::Http { base: base.into() },
+                "{input}"
+            );
+        }
+        assert!(parse("http:///x").is_err());
+        assert_eq!(
+            parse("https://c.example?x=1").unwrap().warnings,
+            vec!["ignoring unknown cache URL parameter 'x'".to_owned()]
+        );
+    }
 
     fn s3(s: &str) -> S3Url {
         match parse(s).unwrap().url {

@@ -10,6 +10,7 @@ use crate::formats::listing::{parse_ls, Entry, MAX_LISTING_BYTES};
 use crate::formats::nar;
 use crate::formats::narinfo::{Compression, NarInfo, MAX_NARINFO_BYTES};
 use crate::formats::store_path::StorePath;
+use crate::metrics::Metrics;
 use crate::retry::{Attempt, Guarded, Policy};
 use crate::singleflight::SingleFlight;
 use crate::storage::{Storage, StorageError};
@@ -57,6 +58,7 @@ pub struct Fetcher {
     policy: Policy,
     /// Bounds parallel NAR downloads (`--jobs`).
     downloads: Arc<tokio::sync::Semaphore>,
+    metrics: Arc<Metrics>,
 }
 
 impl Fetcher {
@@ -78,6 +80,7 @@ impl Fetcher {
             negative_ttl,
             policy: Policy::default(),
             downloads: Arc::new(tokio::sync::Semaphore::new(4)),
+            metrics: Arc::default(),
         }
     }
 
@@ -129,6 +132,10 @@ impl Fetcher {
         &self.disk
     }
 
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     fn parse_kept(hash: &str, text: &str) -> Option<Arc<NarInfo>> {
         // Written by us after verification with one of the current keys; a record
         // without its signature line is torn and ignored.
@@ -162,6 +169,7 @@ impl Fetcher {
                 .load_narinfo(id, hash)
                 .and_then(|t| Self::parse_kept(hash, &t))
             {
+                Metrics::inc(&self.metrics.narinfo_disk_hits);
                 return Ok(Lookup::Found(info));
             }
         }
@@ -209,6 +217,7 @@ impl Fetcher {
         let t0 = Instant::now();
         let Some(bytes) = self.get_small_retrying(&key, MAX_NARINFO_BYTES).await? else {
             tracing::debug!(key, "no such narinfo");
+            Metrics::inc(&self.metrics.narinfo_missing);
             return Ok(Lookup::Missing);
         };
         let location = self.storage.location(&key);
@@ -216,11 +225,13 @@ impl Fetcher {
             Ok(i) => i,
             Err(e) => {
                 tracing::warn!("rejecting {location}: invalid narinfo: {e}");
+                Metrics::inc(&self.metrics.narinfo_invalid);
                 return Ok(Lookup::Rejected);
             }
         };
         match info.verify(hash, &self.keys) {
             Ok(signer) => {
+                Metrics::inc(&self.metrics.narinfo_fetched);
                 tracing::debug!(path = %info.store_path, signer = %signer.name, ms = t0.elapsed().as_millis() as u64, "narinfo verified");
                 if let Err(e) = self.disk.save_narinfo(&signer.id(), hash, &info.to_text()) {
                     tracing::warn!(
@@ -232,6 +243,7 @@ impl Fetcher {
             }
             Err(e) => {
                 tracing::warn!("rejecting {location}: {e}");
+                Metrics::inc(&self.metrics.narinfo_untrusted);
                 Ok(Lookup::Rejected)
             }
         }
@@ -284,6 +296,7 @@ impl Fetcher {
             .disk
             .has_verified(&basename, &info.nar_hash.to_nix_string())
         {
+            Metrics::inc(&self.metrics.nar_disk_hits);
             let disk = self.disk.clone();
             let b = basename.clone();
             return tokio::task::spawn_blocking(move || disk.load_tree(&b))
@@ -297,6 +310,7 @@ impl Fetcher {
                 });
         }
         let _slot = self.downloads.acquire().await;
+        let _in_flight = self.metrics.in_flight();
         let t0 = Instant::now();
         let location = self.storage.location(&info.url);
         let policy = self.policy;
@@ -313,6 +327,11 @@ impl Fetcher {
         .await;
         match res {
             Ok(tree) => {
+                self.metrics.fetched(
+                    t0.elapsed(),
+                    info.file_size.unwrap_or(info.nar_size),
+                    info.nar_size,
+                );
                 tracing::info!(
                     path = %info.store_path,
                     key = %info.url,
@@ -323,6 +342,7 @@ impl Fetcher {
                 Ok(tree)
             }
             Err(e) => {
+                Metrics::inc(&self.metrics.nar_failed);
                 let msg = format!("{} (NAR {location}): {e}", info.store_path);
                 tracing::error!("{msg}");
                 Err(msg.into())

@@ -67,6 +67,11 @@ pub struct Attr {
     pub size: u64,
     pub perm: u16,
     pub nlink: u32,
+    /// False for an empty file whose path is not verified yet: its size comes from the
+    /// unsigned listing, and the kernel answers reads of a file it believes empty
+    /// without asking. The kernel must not cache such attributes, so that a read asks
+    /// again (`getattr_open`), which waits for the verified contents.
+    pub cacheable: bool,
 }
 
 impl Attr {
@@ -97,9 +102,6 @@ pub struct Fs {
     /// Open file handles and the path each belongs to: open paths are never evicted.
     pins: std::sync::Mutex<HashMap<i32, PathId>>,
     me: std::sync::Weak<Fs>,
-    /// Open handles of the page-cache mode and the path each pins.
-    handles: std::sync::Mutex<HashMap<u64, PathId>>,
-    next_handle: std::sync::atomic::AtomicU64,
     fd_cache: std::sync::Mutex<lru::LruCache<u64, Arc<std::fs::File>>>,
     /// Bounds background prefetches so demand reads keep download slots.
     prefetch: Option<Arc<tokio::sync::Semaphore>>,
@@ -149,8 +151,6 @@ impl Fs {
             invalidator: std::sync::OnceLock::new(),
             pins: Default::default(),
             me: me.clone(),
-            handles: Default::default(),
-            next_handle: std::sync::atomic::AtomicU64::new(1),
             fd_cache: std::sync::Mutex::new(lru::LruCache::new(fd_cache_size())),
             prefetch: opts
                 .prefetch_references
@@ -211,7 +211,7 @@ impl Fs {
         &self.index
     }
 
-    fn attr_of(&self, ino: u64, kind: &Kind) -> Outcome<Attr> {
+    fn attr_of(&self, ino: u64, kind: &Kind, path: PathId) -> Outcome<Attr> {
         let (kind, size, perm, nlink) = match kind {
             Kind::Root => (FileKind::Dir, DIR_SIZE, 0o555, 2),
             Kind::Unloaded => {
@@ -235,19 +235,50 @@ impl Fs {
             Kind::Symlink { target } => (FileKind::Symlink, target.len() as u64, 0o777, 1),
             Kind::Stale => return Ready(Err(Errno::ESTALE)),
         };
+        let cacheable = !(kind == FileKind::File
+            && size == 0
+            && self.index.tree_source(path) != Some(TreeSource::Nar));
         Ready(Ok(Attr {
             ino,
             kind,
             size,
             perm,
             nlink,
+            cacheable,
         }))
     }
 
     pub fn getattr(&self, ino: u64) -> Outcome<Attr> {
         match self.index.node(ino) {
-            Some(n) => self.attr_of(ino, &n.kind),
+            Some(n) => self.attr_of(ino, &n.kind, n.path),
             None => Ready(Err(Errno::ENOENT)),
+        }
+    }
+
+    /// Attributes asked for by a read of an open file (the kernel checks the size of
+    /// a file before reading past what it believes is the end). Without FUSE opens,
+    /// this is where an empty file waits for its path's verified contents.
+    pub fn getattr_open(&self, ino: u64) -> Outcome<Attr> {
+        let Some(n) = self.index.node(ino) else {
+            return Ready(Err(Errno::ENOENT));
+        };
+        match n.kind {
+            Kind::File { .. } => {
+                if let Wait(need) = self.unpacked_file(ino) {
+                    return Wait(need);
+                }
+                self.getattr(ino)
+            }
+            // a file the NAR replaced: the attributes of what is served in its place
+            Kind::Stale => match self.index.current(ino) {
+                Some(c) => match self.getattr(c) {
+                    Ready(Ok(a)) if a.kind == FileKind::File => Ready(Ok(Attr { ino, ..a })),
+                    Ready(Ok(_)) => Ready(Err(Errno::ESTALE)),
+                    other => other,
+                },
+                None => Ready(Err(Errno::ESTALE)),
+            },
+            _ => self.getattr(ino),
         }
     }
 
@@ -338,9 +369,17 @@ impl Fs {
 
     /// The path of regular file `ino`, once its verified contents are on disk.
     fn unpacked_file(&self, ino: u64) -> Outcome<PathId> {
-        let Some(n) = self.index.node(ino) else {
+        let Some(mut n) = self.index.node(ino) else {
             return Ready(Err(Errno::ENOENT));
         };
+        if matches!(n.kind, Kind::Stale) {
+            // the kernel still holds a file of a listing the NAR replaced (it no
+            // longer opens files through narfs, so it does not look them up again)
+            match self.index.current(ino).and_then(|c| self.index.node(c)) {
+                Some(c) => n = c,
+                None => return Ready(Err(Errno::ESTALE)),
+            }
+        }
         match n.kind {
             Kind::File { .. } => {}
             Kind::Unloaded => return Wait(Need::Tree(n.path)),
@@ -352,26 +391,6 @@ impl Fs {
             return Wait(Need::Content(n.path));
         }
         Ready(Ok(n.path))
-    }
-
-    /// Opens a file for the page-cache mode: no syscall, just a handle that pins the
-    /// path (opens are the hot path of a warm traversal). The verified contents must
-    /// be on disk first.
-    pub fn open_handle(&self, ino: u64) -> Outcome<u64> {
-        let path = match self.unpacked_file(ino) {
-            Ready(Ok(p)) => p,
-            Ready(Err(e)) => return Ready(Err(e)),
-            Wait(n) => return Wait(n),
-        };
-        let fh = self
-            .next_handle
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.handles.lock().unwrap().insert(fh, path);
-        Ready(Ok(fh))
-    }
-
-    pub fn release_handle(&self, fh: u64) {
-        self.handles.lock().unwrap().remove(&fh);
     }
 
     /// Reads by inode through a per-inode descriptor cache (one open per file, not
@@ -482,7 +501,6 @@ impl Fs {
 
     fn is_pinned(&self, id: PathId) -> bool {
         self.pins.lock().unwrap().values().any(|&p| p == id)
-            || self.handles.lock().unwrap().values().any(|&p| p == id)
     }
 
     /// Keeps the disk cache within its quota after `id` was unpacked.
@@ -494,6 +512,7 @@ impl Fs {
                 .is_some_and(|p| self.is_pinned(p))
         });
         for name in evicted {
+            crate::metrics::Metrics::inc(&self.fetcher.metrics().evictions);
             tracing::info!(path = name, "evicted from the cache directory");
             if let Some(p) = self.index.path_by_basename(&name) {
                 self.index.set_unpacked(p, false);
@@ -509,6 +528,83 @@ impl Fs {
                 }
             }
         }
+    }
+
+    /// The mount's metrics in the Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        let disk = self.fetcher.disk();
+        self.fetcher.metrics().render(&crate::metrics::Gauges {
+            cache_bytes_used: disk.used(),
+            cache_bytes_quota: disk.quota(),
+            paths_known: self.index.path_count() as u64,
+        })
+    }
+
+    /// Fetches the closures of `roots` (store path basenames) into the disk cache, for
+    /// `narfs prefetch`: first every narinfo of the closure (`on_closure` gets the
+    /// path count and NAR bytes), then the NARs, `jobs` at a time, each reported to
+    /// `on_path` with its outcome. Returns how many failed.
+    pub async fn prefetch_closure(
+        &self,
+        roots: Vec<String>,
+        jobs: usize,
+        on_closure: impl FnOnce(usize, u64),
+        on_path: impl Fn(&StorePath, Result<(), String>),
+    ) -> usize {
+        let mut seen = std::collections::HashSet::new();
+        let mut todo: Vec<String> = roots;
+        let mut closure = Vec::new();
+        let mut failed = 0;
+        while let Some(name) = todo.pop() {
+            if !seen.insert(name.clone()) {
+                continue;
+            }
+            let bad = |why: &str| Err(why.to_owned());
+            let Ok(sp) = StorePath::from_basename(&name) else {
+                failed += 1;
+                on_path(
+                    &StorePath::from_basename("00000000000000000000000000000000-invalid")
+                        .expect("valid placeholder"),
+                    bad(&format!("'{name}' is not a store path")),
+                );
+                continue;
+            };
+            if self.satisfy(Need::NarInfo(name.clone())).await.is_err() {
+                failed += 1;
+                on_path(&sp, bad("the cache has no valid, trusted narinfo for it"));
+                continue;
+            }
+            let Some(id) = self.index.path_by_basename(&name) else {
+                continue;
+            };
+            let Ok(info) = self.info(id).await else {
+                failed += 1;
+                on_path(&sp, bad("its narinfo went away"));
+                continue;
+            };
+            for r in &info.references {
+                todo.push(r.basename().to_owned());
+            }
+            closure.push((id, info));
+        }
+        on_closure(closure.len(), closure.iter().map(|(_, i)| i.nar_size).sum());
+        let results: Vec<(StorePath, Result<(), Errno>)> = futures::stream::iter(closure)
+            .map(|(id, info)| async move {
+                let r = self.satisfy(Need::Content(id)).await;
+                (info.store_path.clone(), r)
+            })
+            .buffer_unordered(jobs.max(1))
+            .inspect(|(sp, r)| {
+                on_path(
+                    sp,
+                    r.map_err(|_| {
+                        "fetching or verifying its NAR failed (see the mount's log)".into()
+                    }),
+                )
+            })
+            .collect()
+            .await;
+        failed + results.iter().filter(|(_, r)| r.is_err()).count()
     }
 
     pub fn statfs(&self) -> StatFs {

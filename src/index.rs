@@ -282,6 +282,20 @@ impl Index {
         Some((path, rel))
     }
 
+    /// The live node at a stale node's place: the same relative path in the tree that
+    /// replaced it, if that path is still there (walking directories only, never
+    /// through a symlink). A reader that held the old inode reads the verified file.
+    pub fn current(&self, ino: u64) -> Option<u64> {
+        let (path, rel) = self.relative_path(ino)?;
+        let mut cur = self.path_ino(path);
+        if !rel.is_empty() {
+            for part in rel.split(|&b| b == b'/') {
+                cur = self.child(cur, part)?;
+            }
+        }
+        Some(cur)
+    }
+
     pub fn subdir_count(&self, ino: u64) -> u32 {
         let g = self.inner.read().unwrap();
         match g.nodes.get((ino.wrapping_sub(2)) as usize).map(|n| &n.kind) {

@@ -5,6 +5,7 @@
 //! only `fuse` knows fuser.
 
 pub mod cache_url;
+pub mod control;
 pub mod disk_cache;
 pub mod fetch;
 pub mod formats;
@@ -12,7 +13,9 @@ pub mod fs;
 pub mod fuse;
 pub mod index;
 pub mod inspect;
+pub mod metrics;
 pub mod mount;
+pub mod push;
 pub mod retry;
 pub mod singleflight;
 pub mod storage;

@@ -29,6 +29,43 @@ enum Cmd {
         /// Where the public key goes
         public_file: PathBuf,
     },
+    /// Push the closures of store paths from the local store to a cache, as
+    /// `nix copy --to` does: signed narinfos, NARs, `.ls` listings, nix-cache-info.
+    /// Paths the cache already has are skipped.
+    Push {
+        /// Sign with this secret key (as from `narfs keygen` or
+        /// `nix-store --generate-binary-cache-key`); existing signatures are kept.
+        #[arg(long, value_name = "SECRET_FILE")]
+        key_file: Option<PathBuf>,
+        /// How NARs are compressed in the cache.
+        #[arg(long, value_name = "xz|zstd|none", default_value = "xz")]
+        compression: String,
+        /// The local store to read, as nix's --store (e.g. local?root=/some/dir);
+        /// default: nix's own.
+        #[arg(long, value_name = "STORE")]
+        store: Option<String>,
+        /// Paths packed and uploaded in parallel [default: the number of CPUs].
+        #[arg(long, value_name = "N")]
+        jobs: Option<usize>,
+        /// s3://BUCKET[/PREFIX]?endpoint=...&region=... or file:///DIR
+        cache_url: String,
+        /// Store paths (or symlinks to them, such as ./result)
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+    /// Fetch the closures of store paths into a mount's disk cache ahead of use.
+    Prefetch {
+        /// Where narfs is mounted
+        mountpoint: PathBuf,
+        /// Store paths (/nix/store/HASH-NAME or HASH-NAME)
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+    /// Print a running mount's counters (the same as its --metrics-addr serves).
+    Stats {
+        /// Where narfs is mounted
+        mountpoint: PathBuf,
+    },
     /// List a store path in a cache without mounting (like `nix store ls --store`).
     Ls {
         #[command(flatten)]
@@ -118,6 +155,9 @@ struct MountArgs {
     /// read fails with EIO and the next access tries afresh.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     timeout: u64,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
     /// More logging (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = ArgAction::Count)]
     verbose: u8,
@@ -187,6 +227,175 @@ fn keygen(name: &str, secret: &std::path::Path, public: &std::path::Path) -> Res
         .map_err(|e| format!("{}: {e}", secret.display()))?;
     std::fs::write(public, sk.public().to_nix_string())
         .map_err(|e| format!("{}: {e}", public.display()))
+}
+
+/// A bar on a terminal; a line per path otherwise (logs, CI).
+struct PushProgress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl narfs::push::Progress for PushProgress {
+    fn start(&self, paths: usize, bytes: u64) {
+        match &self.bar {
+            Some(b) => {
+                b.set_length(bytes);
+                b.set_message(format!("{paths} paths"));
+            }
+            None => eprintln!("pushing {paths} paths ({} MiB of NAR)", bytes >> 20),
+        }
+    }
+    fn done(&self, path: &narfs::formats::store_path::StorePath, nar: u64, file: u64) {
+        match &self.bar {
+            Some(b) => {
+                b.inc(nar);
+                b.set_message(path.name().to_owned());
+            }
+            None => eprintln!("pushed {path} ({nar} bytes of NAR, {file} uploaded)"),
+        }
+    }
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn push(
+    key_file: Option<PathBuf>,
+    compression: &str,
+    store: Option<String>,
+    jobs: Option<usize>,
+    cache_url: &str,
+    paths: &[String],
+) -> Result<narfs::push::Summary, String> {
+    use narfs::formats::narinfo::Compression;
+    let compression = match compression {
+        "xz" => Compression::Xz,
+        "zstd" => Compression::Zstd,
+        "none" => Compression::None,
+        other => return Err(format!("unknown compression '{other}' (xz, zstd or none)")),
+    };
+    let key = match &key_file {
+        Some(f) => {
+            let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
+            Some(
+                narfs::formats::keys::SecretKey::parse(text.trim())
+                    .map_err(|e| format!("{}: {e}", f.display()))?,
+            )
+        }
+        None => None,
+    };
+    let url = narfs::cache_url::parse(cache_url).map_err(|e| e.to_string())?;
+    let infos = narfs::push::query_closure(store.as_deref(), paths)?;
+    let opts = narfs::push::PushOptions {
+        store,
+        key,
+        compression,
+        jobs: jobs.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
+        }),
+    };
+    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+            )
+            .expect("progress template"),
+        );
+        b
+    });
+    let progress = PushProgress { bar };
+    runtime().block_on(async {
+        let storage = narfs::storage::open(&url.url).await;
+        narfs::push::push(storage, infos, &opts, &progress).await
+    })
+}
+
+/// The store path basename in `/nix/store/HASH-NAME[/...]`, `MNT/HASH-NAME` or
+/// `HASH-NAME`.
+fn basename_of(arg: &str) -> Option<String> {
+    arg.split('/')
+        .find(|c| narfs::formats::store_path::StorePath::from_basename(c).is_ok())
+        .map(str::to_owned)
+}
+
+fn prefetch(mountpoint: &std::path::Path, paths: &[String]) -> Result<usize, String> {
+    let mut names = Vec::new();
+    for p in paths {
+        names.push(basename_of(p).ok_or_else(|| format!("'{p}' is not a store path"))?);
+    }
+    let answer = narfs::control::request(mountpoint, &format!("prefetch {}", names.join(" ")))?;
+    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} paths {msg}")
+                .expect("progress template"),
+        );
+        b
+    });
+    let mut failed = None;
+    for line in narfs::control::lines(answer) {
+        let mut w = line.splitn(3, ' ');
+        match (w.next(), w.next(), w.next()) {
+            (Some("closure"), Some(n), Some(bytes)) => {
+                let n: u64 = n.parse().unwrap_or(0);
+                let mib = bytes.parse::<u64>().unwrap_or(0) >> 20;
+                match &bar {
+                    Some(b) => b.set_length(n),
+                    None => eprintln!("prefetching {n} paths ({mib} MiB of NAR)"),
+                }
+            }
+            (Some("ok"), Some(name), _) => match &bar {
+                Some(b) => {
+                    b.inc(1);
+                    b.set_message(name.to_owned());
+                }
+                None => eprintln!("fetched /nix/store/{name}"),
+            },
+            (Some("failed"), Some(name), why) => {
+                let msg = format!("FAILED /nix/store/{name}: {}", why.unwrap_or(""));
+                match &bar {
+                    Some(b) => b.println(msg),
+                    None => eprintln!("{msg}"),
+                }
+            }
+            (Some("end"), Some(n), _) => failed = n.parse().ok(),
+            _ => return Err(format!("unexpected answer from the mount: {line}")),
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    failed.ok_or_else(|| "the mount stopped answering".to_owned())
+}
+
+/// Prometheus text made readable: names without the prefix, byte counts in MiB.
+fn stats(mountpoint: &std::path::Path) -> Result<(), String> {
+    let answer = narfs::control::request(mountpoint, "metrics")?;
+    let mut out = Vec::new();
+    for line in narfs::control::lines(answer) {
+        if line.starts_with('#') || line.contains("_bucket{") {
+            continue;
+        }
+        let Some((name, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let name = name.trim_start_matches("narfs_");
+        let value = match value.parse::<f64>() {
+            Ok(v) if name.contains("bytes") => format!("{value} ({:.1} MiB)", v / 1048576.0),
+            _ => value.to_owned(),
+        };
+        out.push((name.to_owned(), value));
+    }
+    if out.is_empty() {
+        return Err("the mount sent no metrics".into());
+    }
+    let w = out.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+    for (n, v) in out {
+        println!("{n:w$}  {v}");
+    }
+    Ok(())
 }
 
 fn inspect(cmd: Cmd) -> ExitCode {
@@ -326,6 +535,38 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(e),
         },
+        Cmd::Push {
+            key_file,
+            compression,
+            store,
+            jobs,
+            cache_url,
+            paths,
+        } => {
+            init_logging(0);
+            match push(key_file, &compression, store, jobs, &cache_url, &paths) {
+                Ok(s) => {
+                    eprintln!(
+                        "{} paths pushed ({} MiB of NAR, {} MiB uploaded), {} already in the cache",
+                        s.pushed,
+                        s.nar_bytes >> 20,
+                        s.uploaded_bytes >> 20,
+                        s.skipped
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Cmd::Prefetch { mountpoint, paths } => match prefetch(&mountpoint, &paths) {
+            Ok(0) => ExitCode::SUCCESS,
+            Ok(n) => fail(format!("{n} paths could not be fetched")),
+            Err(e) => fail(e),
+        },
+        Cmd::Stats { mountpoint } => match stats(&mountpoint) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        },
         cmd @ (Cmd::Ls { .. } | Cmd::Cat { .. } | Cmd::Verify { .. }) => {
             init_logging(0);
             inspect(cmd)
@@ -353,6 +594,7 @@ fn main() -> ExitCode {
                 jobs: a.jobs.max(1),
                 prefetch_references: a.prefetch_references,
                 passthrough: a.passthrough,
+                metrics_addr: a.metrics_addr,
             };
             match mount::run(opts) {
                 Ok(()) => ExitCode::SUCCESS,

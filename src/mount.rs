@@ -24,6 +24,8 @@ pub struct MountOptions {
     pub jobs: usize,
     pub prefetch_references: bool,
     pub passthrough: bool,
+    /// `HOST:PORT` to serve Prometheus metrics on.
+    pub metrics_addr: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +163,27 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
         },
     );
     rt.spawn(keep_listing(fs.clone(), opts.refresh_interval));
+    if let Some(addr) = &opts.metrics_addr {
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .map_err(|e| MountError::Failed(format!("--metrics-addr {addr}: {e}")))?;
+        let f = fs.clone();
+        rt.spawn(crate::metrics::serve(
+            listener,
+            Arc::new(move || f.metrics_text()),
+        ));
+        tracing::info!(addr, "serving metrics at /metrics");
+    }
+    let _control = {
+        let _rt = rt.enter();
+        match crate::control::listen(fs.clone(), &opts.mountpoint, opts.jobs) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!("no control socket (narfs prefetch and stats will not work): {e}");
+                None
+            }
+        }
+    };
 
     let mut config = fuser::Config::default();
     config.mount_options = vec![
@@ -243,6 +266,12 @@ async fn keep_listing(fs: Arc<Fs>, interval: Duration) {
             ms = t.elapsed().as_millis() as u64,
             "loaded verified paths from the cache directory"
         );
+    }
+    if !fs.fetcher().storage().can_list() {
+        tracing::info!(
+            "this cache cannot be listed: store paths appear as they are looked up by name"
+        );
+        return;
     }
     loop {
         let t = Instant::now();

@@ -235,6 +235,50 @@ fn listing_disagreeing_with_the_nar_loses() {
 }
 
 #[test]
+fn an_empty_file_is_read_only_after_its_path_is_verified() {
+    // without FUSE opens the kernel answers reads of a file it believes empty by
+    // itself; its size comes from the unsigned listing, so it must ask first
+    let f = fixture();
+    let e = env();
+    let args = ["--prefetch-references", "false"];
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &args);
+    let empty = m.p(f.path("narfs-test-lib")).join("share/empty-file");
+    assert_eq!(std::fs::metadata(&empty).unwrap().len(), 0);
+    assert_eq!(e.proxy.gets(".nar.xz"), 0);
+    assert_eq!(std::fs::read(&empty).unwrap(), b"");
+    assert_eq!(e.proxy.gets(".nar.xz"), 1, "{:?}", e.proxy.requests());
+    drop(m);
+
+    // a listing that claims a non-empty file is empty is never believed
+    let e = env();
+    let ls = e.object(&format!("{}.ls", f.hash("narfs-test-lib")));
+    let text = std::fs::read_to_string(&ls).unwrap();
+    let lie = text.replace(
+        "\"a file with spaces\":{\"type\":\"regular\",\"size\":11",
+        "\"a file with spaces\":{\"type\":\"regular\",\"size\":0",
+    );
+    assert_ne!(lie, text);
+    std::fs::write(&ls, lie).unwrap();
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &args);
+    let lies = m
+        .p(f.path("narfs-test-lib"))
+        .join("share/a file with spaces");
+    assert_eq!(std::fs::metadata(&lies).unwrap().len(), 0);
+    // the inode the kernel holds goes stale once the NAR disagrees
+    match std::fs::read(&lies) {
+        Ok(b) => assert_eq!(b, b"with space\n"),
+        Err(err) => assert_eq!(err.raw_os_error(), Some(libc::ESTALE), "{err}"),
+    }
+    assert_eq!(e.proxy.gets(".nar.xz"), 1);
+    // and a fresh lookup shows the verified contents
+    let t = Instant::now();
+    while std::fs::read(&lies).ok().as_deref() != Some(&b"with space\n"[..]) {
+        assert!(t.elapsed() < Duration::from_secs(5), "{}", m.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
 fn malformed_listing_falls_back_to_the_nar() {
     let f = fixture();
     let e = env();

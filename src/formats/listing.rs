@@ -135,6 +135,44 @@ pub enum ListingError {
     Entry { path: String, what: String },
 }
 
+/// Writes a `.ls` listing as `nix copy --to ...?write-nar-listing=1` does (keys in
+/// NAR order). `None` when a name or link target is not UTF-8, which JSON cannot hold;
+/// such a path is pushed without a listing (readers fall back to its NAR).
+pub fn to_ls_json(root: &Entry) -> Option<String> {
+    fn node(e: &Entry) -> Option<serde_json::Value> {
+        use serde_json::{json, Map, Value};
+        Some(match e {
+            Entry::Regular {
+                size,
+                executable,
+                nar_offset,
+            } => {
+                let mut m = Map::new();
+                m.insert("type".into(), json!("regular"));
+                m.insert("size".into(), json!(size));
+                if *executable {
+                    m.insert("executable".into(), json!(true));
+                }
+                if let Some(o) = nar_offset {
+                    m.insert("narOffset".into(), json!(o));
+                }
+                Value::Object(m)
+            }
+            Entry::Symlink { target } => {
+                json!({"type": "symlink", "target": std::str::from_utf8(target).ok()?})
+            }
+            Entry::Directory { entries } => {
+                let mut m = Map::new();
+                for (name, child) in entries {
+                    m.insert(std::str::from_utf8(name).ok()?.to_owned(), node(child)?);
+                }
+                json!({"type": "directory", "entries": Value::Object(m)})
+            }
+        })
+    }
+    Some(serde_json::json!({"version": 1, "root": node(root)?}).to_string())
+}
+
 /// Parses a `.ls` listing (written by `nix copy --to ...?write-nar-listing=1`) and
 /// checks it could describe a NAR of `nar_size` bytes: valid names and targets, no
 /// file larger than the NAR, no deeper nesting than a NAR may have.
@@ -224,6 +262,17 @@ mod tests {
     use super::*;
 
     // Written by `nix copy --to file://...?write-nar-listing=1` (Nix 2.8).
+    #[test]
+    fn written_listings_read_back_the_same() {
+        let tree = parse_ls(NIX_LS.as_bytes(), 10_000).unwrap();
+        let text = to_ls_json(&tree).unwrap();
+        assert_eq!(parse_ls(text.as_bytes(), 10_000).unwrap(), tree);
+        let bad = Entry::Symlink {
+            target: b"\xff"[..].into(),
+        };
+        assert_eq!(to_ls_json(&bad), None);
+    }
+
     const NIX_LS: &str = r#"{"version":1,"root":{"type":"directory","entries":{"bin":{"type":"directory","entries":{"app":{"type":"regular","size":90,"executable":true,"narOffset":400},"app-link":{"type":"symlink","target":"app"},"dangling":{"type":"symlink","target":"/nonexistent/dangling"}}},"lib":{"type":"symlink","target":"/nix/store/01i3s2rvgbyv8zgcga77aa80qdgg4lx5-narfs-test-lib/lib"}}}}"#;
 
     #[test]

@@ -1,6 +1,6 @@
 //! `file:///DIR` caches, as `nix copy --to file://` writes them.
 
-use super::{Body, ListPage, Storage, StorageError};
+use super::{Body, ListPage, Storage, StorageError, Upload};
 use async_trait::async_trait;
 use std::io::ErrorKind;
 use std::path::PathBuf;
@@ -48,5 +48,43 @@ impl Storage for FileStorage {
 
     fn location(&self, key: &str) -> String {
         format!("file://{}", self.root.join(key).display())
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool, StorageError> {
+        match tokio::fs::symlink_metadata(self.root.join(key)).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(StorageError {
+                op: "stat",
+                location: self.location(key),
+                detail: e.to_string(),
+            }),
+        }
+    }
+
+    async fn put(&self, key: &str, data: Upload, _content_type: &str) -> Result<(), StorageError> {
+        let dest = self.root.join(key);
+        let err = |e: std::io::Error| StorageError {
+            op: "write",
+            location: self.location(key),
+            detail: e.to_string(),
+        };
+        let dir = dest.parent().unwrap_or(&self.root).to_owned();
+        tokio::fs::create_dir_all(&dir).await.map_err(err)?;
+        tokio::task::spawn_blocking(move || {
+            let mut tmp = tempfile::NamedTempFile::new_in(&dir)?;
+            match data {
+                Upload::Bytes(b) => std::io::Write::write_all(&mut tmp, &b)?,
+                Upload::File(p) => {
+                    std::io::copy(&mut std::fs::File::open(p)?, &mut tmp)?;
+                }
+            }
+            tmp.as_file().sync_all()?;
+            tmp.persist(&dest).map_err(|e| e.error)?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| err(std::io::Error::other(e)))?
+        .map_err(err)
     }
 }

@@ -2,9 +2,11 @@
 //! rest of narfs sees keys relative to the cache root and byte streams.
 
 mod file;
+mod http;
 mod s3;
 
 pub use file::FileStorage;
+pub use http::HttpStorage;
 pub use s3::S3Storage;
 
 use crate::cache_url::CacheUrl;
@@ -14,6 +16,13 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 pub type Body = Pin<Box<dyn AsyncRead + Send>>;
+
+/// What `put` uploads: small objects from memory, NARs from a file (never whole in
+/// memory).
+pub enum Upload {
+    Bytes(Vec<u8>),
+    File(std::path::PathBuf),
+}
 
 /// One page of a listing of the cache root (no recursion into `nar/`).
 #[derive(Debug, Default)]
@@ -36,10 +45,19 @@ pub struct StorageError {
 pub trait Storage: Send + Sync + 'static {
     /// `Ok(None)` when the object does not exist.
     async fn get(&self, key: &str) -> Result<Option<Body>, StorageError>;
+    /// Whether `list_page` can work at all (HTTP caches cannot be listed).
+    fn can_list(&self) -> bool {
+        true
+    }
     /// Lists keys at the cache root, one page at a time.
     async fn list_page(&self, token: Option<String>) -> Result<ListPage, StorageError>;
     /// Human-readable location of a key, for logs and errors.
     fn location(&self, key: &str) -> String;
+    /// Whether the object exists, without reading it.
+    async fn exists(&self, key: &str) -> Result<bool, StorageError>;
+    /// Writes an object whole; readers see the old object or the new one, never a
+    /// part (S3 PUT semantics; a temp file and a rename for files).
+    async fn put(&self, key: &str, data: Upload, content_type: &str) -> Result<(), StorageError>;
 }
 
 /// Reads a small object whole, refusing more than `max` bytes (a hostile cache must
@@ -75,5 +93,6 @@ pub async fn open(url: &CacheUrl) -> Arc<dyn Storage> {
     match url {
         CacheUrl::S3(u) => Arc::new(S3Storage::new(u).await),
         CacheUrl::File { root } => Arc::new(FileStorage::new(root.clone())),
+        CacheUrl::Http { base } => Arc::new(HttpStorage::new(base)),
     }
 }

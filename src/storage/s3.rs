@@ -2,7 +2,7 @@
 //! (environment, `profile=` from the shared files, instance metadata) and path-style
 //! requests whenever an endpoint is given.
 
-use super::{Body, ListPage, Storage, StorageError};
+use super::{Body, ListPage, Storage, StorageError, Upload};
 use crate::cache_url::S3Url;
 use async_trait::async_trait;
 use aws_sdk_s3::config::Region;
@@ -100,6 +100,51 @@ impl Storage for S3Storage {
             keys,
             next: out.next_continuation_token().map(str::to_owned),
         })
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool, StorageError> {
+        let res = self
+            .client
+            .head_object()
+            .bucket(&self.url.bucket)
+            .key(self.url.key(key))
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                let missing = e.as_service_error().is_some_and(|s| s.is_not_found())
+                    || e.raw_response()
+                        .is_some_and(|r| matches!(r.status().as_u16(), 403 | 404));
+                if missing {
+                    Ok(false)
+                } else {
+                    Err(self.error("HEAD", key, e))
+                }
+            }
+        }
+    }
+
+    async fn put(&self, key: &str, data: Upload, content_type: &str) -> Result<(), StorageError> {
+        use aws_sdk_s3::primitives::ByteStream;
+        let body = match data {
+            Upload::Bytes(b) => ByteStream::from(b),
+            Upload::File(p) => ByteStream::from_path(&p).await.map_err(|e| StorageError {
+                op: "PUT",
+                location: self.location(key),
+                detail: format!("{}: {e}", p.display()),
+            })?,
+        };
+        self.client
+            .put_object()
+            .bucket(&self.url.bucket)
+            .key(self.url.key(key))
+            .content_type(content_type)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.error("PUT", key, e))?;
+        Ok(())
     }
 
     fn location(&self, key: &str) -> String {

@@ -28,7 +28,7 @@ pub fn run(cmd: &mut Command) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn nix(args: &[&str]) -> Command {
+pub fn nix(args: &[&str]) -> Command {
     let mut c = Command::new("nix");
     c.args(["--experimental-features", "nix-command"])
         .args(args)

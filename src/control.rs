@@ -1,0 +1,148 @@
+//! The control socket of a running mount: how `narfs prefetch MOUNTPOINT` and
+//! `narfs stats MOUNTPOINT` talk to it. It lives at a path derived from the mount
+//! point, so a client needs only the mount point. A line-based protocol:
+//!
+//! - `metrics` → the Prometheus text, then the connection closes;
+//! - `prefetch BASENAME...` → `closure N BYTES`, then `ok BASENAME` or
+//!   `failed BASENAME WHY` per path, then `end FAILED`.
+
+use crate::fs::Fs;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+/// `/run/narfs/` for root, else `$XDG_RUNTIME_DIR/narfs/` (or `/tmp/narfs-UID/`),
+/// plus a hash of the canonical mount point.
+pub fn socket_path(mountpoint: &Path) -> PathBuf {
+    let canonical = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.into());
+    let digest = crate::formats::hash::Sha256::digest(canonical.as_os_str().as_encoded_bytes());
+    let name = format!(
+        "{}.sock",
+        &crate::formats::nixbase32::encode(&digest.0)[..20]
+    );
+    let uid = unsafe { libc::getuid() };
+    let dir = if uid == 0 {
+        PathBuf::from("/run/narfs")
+    } else if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        PathBuf::from(d).join("narfs")
+    } else {
+        PathBuf::from(format!("/tmp/narfs-{uid}"))
+    };
+    dir.join(name)
+}
+
+/// Removes the socket file when the mount ends.
+pub struct Listening {
+    path: PathBuf,
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds the socket (replacing one a dead mount left) and serves it on the runtime.
+pub fn listen(fs: Arc<Fs>, mountpoint: &Path, jobs: usize) -> std::io::Result<Listening> {
+    let path = socket_path(mountpoint);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+    }
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else {
+                continue;
+            };
+            let fs = fs.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = sock.into_split();
+                let mut line = String::new();
+                let mut r = tokio::io::BufReader::new(r);
+                if r.read_line(&mut line).await.is_err() {
+                    return;
+                }
+                let mut words = line.split_whitespace();
+                match words.next() {
+                    Some("metrics") => {
+                        let _ = w.write_all(fs.metrics_text().as_bytes()).await;
+                    }
+                    Some("prefetch") => {
+                        let roots: Vec<String> = words.map(str::to_owned).collect();
+                        prefetch(&fs, roots, jobs, &mut w).await;
+                    }
+                    _ => {
+                        let _ = w.write_all(b"error unknown request\n").await;
+                    }
+                }
+            });
+        }
+    });
+    Ok(Listening { path })
+}
+
+async fn prefetch(
+    fs: &Fs,
+    roots: Vec<String>,
+    jobs: usize,
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+) {
+    // lines go out through a channel: the callbacks are synchronous
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let tx2 = tx.clone();
+    let work = fs.prefetch_closure(
+        roots,
+        jobs,
+        move |n, bytes| {
+            let _ = tx.send(format!("closure {n} {bytes}\n"));
+        },
+        move |sp, r| {
+            let _ = tx2.send(match r {
+                Ok(()) => format!("ok {}\n", sp.basename()),
+                Err(why) => format!("failed {} {why}\n", sp.basename()),
+            });
+        },
+    );
+    let mut work = std::pin::pin!(work);
+    let failed = loop {
+        tokio::select! {
+            failed = &mut work => break failed,
+            Some(line) = rx.recv() => {
+                if w.write_all(line.as_bytes()).await.is_err() {
+                    return; // the client went away; fetches already done stay done
+                }
+            }
+        }
+    };
+    while let Ok(line) = rx.try_recv() {
+        let _ = w.write_all(line.as_bytes()).await;
+    }
+    let _ = w.write_all(format!("end {failed}\n").as_bytes()).await;
+}
+
+/// Sends one request to the mount at `mountpoint`; the answer is read line by line.
+pub fn request(
+    mountpoint: &Path,
+    req: &str,
+) -> Result<BufReader<std::os::unix::net::UnixStream>, String> {
+    let path = socket_path(mountpoint);
+    let mut s = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
+        format!(
+            "no narfs mount answers for {} ({}: {e}); is it mounted by narfs, by this user?",
+            mountpoint.display(),
+            path.display()
+        )
+    })?;
+    s.write_all(format!("{req}\n").as_bytes())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(BufReader::new(s))
+}
+
+/// Reads every line of an answer.
+pub fn lines(r: BufReader<std::os::unix::net::UnixStream>) -> impl Iterator<Item = String> {
+    r.lines().map_while(Result::ok)
+}

@@ -1,0 +1,257 @@
+//! Counters a running mount keeps, rendered in the Prometheus text format for
+//! `--metrics-addr` and for `narfs stats`.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the NAR fetch latency histogram.
+const BUCKETS: [f64; 11] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+#[derive(Default)]
+pub struct Metrics {
+    pub narinfo_disk_hits: AtomicU64,
+    pub narinfo_fetched: AtomicU64,
+    pub narinfo_missing: AtomicU64,
+    pub narinfo_invalid: AtomicU64,
+    pub narinfo_untrusted: AtomicU64,
+    pub nar_disk_hits: AtomicU64,
+    pub nar_fetched: AtomicU64,
+    pub nar_failed: AtomicU64,
+    pub bytes_fetched: AtomicU64,
+    pub bytes_unpacked: AtomicU64,
+    pub evictions: AtomicU64,
+    pub inflight: AtomicI64,
+    fetch_buckets: [AtomicU64; BUCKETS.len()],
+    fetch_count: AtomicU64,
+    fetch_micros: AtomicU64,
+}
+
+/// What the metrics do not count themselves: read from the cache and index on demand.
+pub struct Gauges {
+    pub cache_bytes_used: u64,
+    pub cache_bytes_quota: u64,
+    pub paths_known: u64,
+}
+
+/// Decrements the in-flight gauge however the fetch ends.
+pub struct InFlight<'a>(&'a Metrics);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Metrics {
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Relaxed);
+    }
+
+    pub fn in_flight(&self) -> InFlight<'_> {
+        self.inflight.fetch_add(1, Relaxed);
+        InFlight(self)
+    }
+
+    /// One NAR fetched, verified and unpacked.
+    pub fn fetched(&self, took: Duration, file_bytes: u64, nar_bytes: u64) {
+        Self::inc(&self.nar_fetched);
+        self.bytes_fetched.fetch_add(file_bytes, Relaxed);
+        self.bytes_unpacked.fetch_add(nar_bytes, Relaxed);
+        let s = took.as_secs_f64();
+        for (b, le) in self.fetch_buckets.iter().zip(BUCKETS) {
+            if s <= le {
+                b.fetch_add(1, Relaxed);
+            }
+        }
+        self.fetch_count.fetch_add(1, Relaxed);
+        self.fetch_micros
+            .fetch_add(took.as_micros() as u64, Relaxed);
+    }
+
+    pub fn render(&self, g: &Gauges) -> String {
+        let mut s = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, String)]| {
+            let _ = writeln!(s, "# HELP narfs_{name} {help}\n# TYPE narfs_{name} {kind}");
+            for (labels, v) in samples {
+                let _ = writeln!(s, "narfs_{name}{labels} {v}");
+            }
+        };
+        let get = |c: &AtomicU64| c.load(Relaxed).to_string();
+        metric(
+            "narinfo_lookups_total",
+            "counter",
+            "narinfo lookups by result (disk_hit: verified before, no request)",
+            &[
+                ("{result=\"disk_hit\"}", get(&self.narinfo_disk_hits)),
+                ("{result=\"fetched\"}", get(&self.narinfo_fetched)),
+                ("{result=\"missing\"}", get(&self.narinfo_missing)),
+            ],
+        );
+        metric(
+            "nar_requests_total",
+            "counter",
+            "store path contents asked for, by result (disk_hit: already unpacked)",
+            &[
+                ("{result=\"disk_hit\"}", get(&self.nar_disk_hits)),
+                ("{result=\"fetched\"}", get(&self.nar_fetched)),
+                ("{result=\"failed\"}", get(&self.nar_failed)),
+            ],
+        );
+        metric(
+            "verification_failures_total",
+            "counter",
+            "objects refused, by kind",
+            &[
+                ("{kind=\"narinfo_invalid\"}", get(&self.narinfo_invalid)),
+                ("{kind=\"narinfo_untrusted\"}", get(&self.narinfo_untrusted)),
+                ("{kind=\"nar\"}", get(&self.nar_failed)),
+            ],
+        );
+        metric(
+            "fetched_bytes_total",
+            "counter",
+            "compressed NAR bytes downloaded",
+            &[("", get(&self.bytes_fetched))],
+        );
+        metric(
+            "unpacked_bytes_total",
+            "counter",
+            "NAR bytes verified and unpacked",
+            &[("", get(&self.bytes_unpacked))],
+        );
+        let mut h: Vec<(String, String)> = BUCKETS
+            .iter()
+            .zip(&self.fetch_buckets)
+            .map(|(le, c)| (format!("_bucket{{le=\"{le}\"}}"), get(c)))
+            .collect();
+        h.push(("_bucket{le=\"+Inf\"}".into(), get(&self.fetch_count)));
+        h.push((
+            "_sum".into(),
+            format!("{}", self.fetch_micros.load(Relaxed) as f64 / 1e6),
+        ));
+        h.push(("_count".into(), get(&self.fetch_count)));
+        let h: Vec<(&str, String)> = h.iter().map(|(l, v)| (l.as_str(), v.clone())).collect();
+        metric(
+            "nar_fetch_seconds",
+            "histogram",
+            "time to fetch, verify and unpack one NAR",
+            &h,
+        );
+        metric(
+            "fetches_in_flight",
+            "gauge",
+            "NAR downloads running now",
+            &[("", self.inflight.load(Relaxed).to_string())],
+        );
+        metric(
+            "evictions_total",
+            "counter",
+            "store paths evicted from the cache directory",
+            &[("", get(&self.evictions))],
+        );
+        metric(
+            "cache_bytes",
+            "gauge",
+            "bytes of unpacked paths in the cache directory",
+            &[("", g.cache_bytes_used.to_string())],
+        );
+        metric(
+            "cache_quota_bytes",
+            "gauge",
+            "the cache directory's quota",
+            &[("", g.cache_bytes_quota.to_string())],
+        );
+        metric(
+            "store_paths",
+            "gauge",
+            "store paths the mount knows",
+            &[("", g.paths_known.to_string())],
+        );
+        s
+    }
+}
+
+/// Serves `render()` at `GET /metrics` on `addr` until the runtime stops. A scrape
+/// endpoint needs nothing of HTTP beyond one GET and a reply, so this is not worth a
+/// web framework.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    render: std::sync::Arc<dyn Fn() -> String + Send + Sync>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let render = render.clone();
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            // the request head, at most 8 KiB, within 5 s
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
+                    match sock.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                true
+            })
+            .await;
+            if !matches!(read, Ok(true)) {
+                return;
+            }
+            let line = buf.split(|&b| b == b'\r').next().unwrap_or_default();
+            let (status, ctype, body) =
+                if line.starts_with(b"GET /metrics ") || line.starts_with(b"GET / ") {
+                    ("200 OK", "text/plain; version=0.0.4", render())
+                } else {
+                    ("404 Not Found", "text/plain", "try /metrics\n".to_owned())
+                };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = sock.write_all(head.as_bytes()).await;
+            let _ = sock.write_all(body.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        m.fetched(Duration::from_millis(300), 100, 400);
+        Metrics::inc(&m.narinfo_fetched);
+        let t = m.render(&Gauges {
+            cache_bytes_used: 5,
+            cache_bytes_quota: 10,
+            paths_known: 3,
+        });
+        assert!(
+            t.contains("narfs_narinfo_lookups_total{result=\"fetched\"} 1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("narfs_nar_fetch_seconds_bucket{le=\"0.25\"} 0\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("narfs_nar_fetch_seconds_bucket{le=\"0.5\"} 1\n"),
+            "{t}"
+        );
+        assert!(t.contains("narfs_nar_fetch_seconds_count 1\n"), "{t}");
+        assert!(t.contains("narfs_fetched_bytes_total 100\n"), "{t}");
+        assert!(t.contains("narfs_cache_quota_bytes 10\n"), "{t}");
+        assert!(
+            t.contains("# TYPE narfs_nar_fetch_seconds histogram\n"),
+            "{t}"
+        );
+    }
+}

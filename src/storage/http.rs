@@ -1,0 +1,112 @@
+//! `http(s)://` caches (nix-serve, cache.nixos.org-style servers, a CDN or a caching
+//! proxy in front of a bucket). HTTP cannot list a cache: paths are found by name.
+
+use super::{Body, ListPage, Storage, StorageError, Upload};
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use std::time::Duration;
+
+pub struct HttpStorage {
+    client: reqwest::Client,
+    base: String,
+}
+
+impl HttpStorage {
+    pub fn new(base: &str) -> Self {
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("narfs/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(5))
+            .read_timeout(Duration::from_secs(30))
+            .build()
+            .expect("HTTP client with default TLS settings");
+        HttpStorage {
+            client,
+            base: base.to_owned(),
+        }
+    }
+
+    fn url(&self, key: &str) -> String {
+        format!("{}/{key}", self.base)
+    }
+
+    fn error(&self, op: &'static str, key: &str, detail: String) -> StorageError {
+        StorageError {
+            op,
+            location: self.location(key),
+            detail,
+        }
+    }
+
+    /// `None` for the statuses Nix treats as "not in this cache".
+    async fn send(
+        &self,
+        op: &'static str,
+        key: &str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<Option<reqwest::Response>, StorageError> {
+        let res = req
+            .send()
+            .await
+            .map_err(|e| self.error(op, key, error_chain(&e)))?;
+        match res.status().as_u16() {
+            200..=299 => Ok(Some(res)),
+            403 | 404 | 410 => Ok(None),
+            s => Err(self.error(op, key, format!("HTTP status {s}"))),
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s = format!("{s}: {m}");
+        }
+        cur = c.source();
+    }
+    s
+}
+
+#[async_trait]
+impl Storage for HttpStorage {
+    async fn get(&self, key: &str) -> Result<Option<Body>, StorageError> {
+        let Some(res) = self
+            .send("GET", key, self.client.get(self.url(key)))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let stream = res.bytes_stream().map_err(std::io::Error::other);
+        Ok(Some(Box::pin(tokio_util::io::StreamReader::new(stream))))
+    }
+
+    async fn list_page(&self, _token: Option<String>) -> Result<ListPage, StorageError> {
+        Err(self.error("LIST", "", "an HTTP cache cannot be listed".into()))
+    }
+
+    fn can_list(&self) -> bool {
+        false
+    }
+
+    fn location(&self, key: &str) -> String {
+        self.url(key)
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool, StorageError> {
+        Ok(self
+            .send("HEAD", key, self.client.head(self.url(key)))
+            .await?
+            .is_some())
+    }
+
+    async fn put(&self, key: &str, _data: Upload, _ct: &str) -> Result<(), StorageError> {
+        Err(self.error(
+            "PUT",
+            key,
+            "narfs does not write to HTTP caches; push to the s3:// or file:// cache behind it"
+                .into(),
+        ))
+    }
+}

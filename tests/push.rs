@@ -1,0 +1,215 @@
+//! `narfs push` writes a cache the real nix accepts, from the real nix's local store,
+//! to the real S3 server.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::process::Command;
+
+fn out(cmd: &mut Command) -> (i32, String, String) {
+    let o = cmd.output().unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// NarHash of every path of a closure, as a store registered it.
+fn nar_hashes(store: &str, top: &str) -> Vec<(String, String)> {
+    let json = run(nix(&["path-info", "--json", "-r", "--store", store]).arg(top));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let mut out: Vec<(String, String)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["path"].as_str().unwrap().to_owned(),
+                p["narHash"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn keygen(dir: &Path, name: &str) -> (String, String) {
+    let (sk, pk) = (
+        dir.join(format!("{name}.sec")),
+        dir.join(format!("{name}.pub")),
+    );
+    run(narfs().arg("keygen").arg(name).arg(&sk).arg(&pk));
+    (
+        sk.display().to_string(),
+        std::fs::read_to_string(pk).unwrap().trim().to_owned(),
+    )
+}
+
+#[test]
+fn pushed_closures_are_accepted_by_nix_and_narfs() {
+    let f = fixture();
+    let s3 = S3Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, pk) = keygen(tmp.path(), "push-test-1");
+    let url = s3.url(s3.port, "pushed");
+    let app = format!("/nix/store/{}", f.path("narfs-test-app"));
+    let (code, _, err) = out(narfs()
+        .args(["push", "--store", &f.store, "--key-file", &sk])
+        .arg(&url)
+        .arg(&app));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("4 paths pushed"), "{err}");
+    assert!(err.contains("0 already in the cache"), "{err}");
+    let cache = s3.root.join(BUCKET).join("pushed");
+    // nix's own signature is kept and ours is added
+    let info = std::fs::read_to_string(cache.join(format!("{}.narinfo", f.hash("narfs-test-app"))))
+        .unwrap();
+    assert!(info.contains("Sig: narfs-test-1:"), "{info}");
+    assert!(info.contains("Sig: push-test-1:"), "{info}");
+    assert!(info.contains("Compression: xz"), "{info}");
+    assert!(cache
+        .join(format!("{}.ls", f.hash("narfs-test-lib")))
+        .is_file());
+    assert_eq!(
+        std::fs::read_to_string(cache.join("nix-cache-info")).unwrap(),
+        "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n"
+    );
+
+    // the real nix copies the closure back, trusting only our key
+    let back = tmp.path().join("back");
+    let back_store = format!("local?root={}", back.display());
+    run(nix(&["copy", "--option", "substituters", ""])
+        .args(["--option", "trusted-public-keys", &pk])
+        .arg("--from")
+        .arg(format!("file://{}", cache.display()))
+        .args(["--to", &back_store])
+        .arg(&app));
+    assert_eq!(nar_hashes(&back_store, &app), nar_hashes(&f.store, &app));
+
+    // narfs reads it, verified with our key alone
+    let (code, text, err) = out(narfs()
+        .args(["cat", "--trusted-public-key", &pk, &url])
+        .arg(format!(
+            "/nix/store/{}/lib/greet.sh",
+            f.path("narfs-test-lib")
+        )));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(text, "greet() { echo \"hello from lib\"; }\n");
+    let (code, text, err) = out(narfs().args(["verify", "--trusted-public-key", &pk, &url]));
+    assert_eq!(code, 0, "{text}{err}");
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("ok ")).count(),
+        4,
+        "{text}"
+    );
+
+    // a second push finds everything there
+    let (code, _, err) = out(narfs()
+        .args(["push", "--store", &f.store, "--key-file", &sk])
+        .arg(&url)
+        .arg(&app));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("0 paths pushed"), "{err}");
+    assert!(err.contains("4 already in the cache"), "{err}");
+}
+
+#[test]
+fn zstd_and_uncompressed_pushes_to_file_caches() {
+    let f = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, pk) = keygen(tmp.path(), "push-test-2");
+    let lib = format!("/nix/store/{}", f.path("narfs-test-lib"));
+    for c in ["zstd", "none"] {
+        let cache = tmp.path().join(c);
+        let url = format!("file://{}", cache.display());
+        let (code, _, err) = out(narfs()
+            .args([
+                "push",
+                "--compression",
+                c,
+                "--store",
+                &f.store,
+                "--key-file",
+                &sk,
+            ])
+            .arg(&url)
+            .arg(&lib));
+        assert_eq!(code, 0, "{err}");
+        let back = format!(
+            "local?root={}",
+            tmp.path().join(format!("back-{c}")).display()
+        );
+        run(nix(&["copy", "--option", "substituters", ""])
+            .args(["--option", "trusted-public-keys", &pk])
+            .args(["--from", &url, "--to", &back])
+            .arg(&lib));
+        assert_eq!(nar_hashes(&back, &lib), nar_hashes(&f.store, &lib), "{c}");
+    }
+}
+
+#[test]
+fn push_refuses_clearly() {
+    let f = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", tmp.path().join("c").display());
+    let lib = format!("/nix/store/{}", f.path("narfs-test-lib"));
+    // a path the store does not have
+    let (code, _, err) = out(narfs()
+        .args(["push", "--store", &f.store])
+        .arg(&url)
+        .arg("/nix/store/00000000000000000000000000000000-nothing"));
+    assert_eq!(code, 1);
+    assert!(err.contains("nix path-info failed"), "{err}");
+    // a missing key file, a bad compression
+    let (code, _, err) = out(narfs()
+        .args([
+            "push",
+            "--store",
+            &f.store,
+            "--key-file",
+            "/nonexistent/key",
+        ])
+        .arg(&url)
+        .arg(&lib));
+    assert_eq!(code, 1);
+    assert!(err.contains("/nonexistent/key"), "{err}");
+    let (code, _, err) = out(narfs()
+        .args(["push", "--compression", "lz4", "--store", &f.store])
+        .arg(&url)
+        .arg(&lib));
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown compression 'lz4'"), "{err}");
+    // files that no longer match the store's NarHash are never uploaded
+    let copy = tmp.path().join("root");
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(f.dir.join("root"))
+        .arg(&copy));
+    let copied_file = copy
+        .join("nix/store")
+        .join(f.path("narfs-test-lib"))
+        .join("lib/greet.sh");
+    run(Command::new("chmod").arg("-R").arg("u+w").arg(&copy));
+    std::fs::write(&copied_file, "tampered\n").unwrap();
+    let (code, _, err) = out(narfs()
+        .args(["push", "--store", &format!("local?root={}", copy.display())])
+        .arg(&url)
+        .arg(&lib));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("do not match what the store registered"),
+        "{err}"
+    );
+    assert!(!tmp
+        .path()
+        .join("c")
+        .join(format!("{}.narinfo", f.hash("narfs-test-lib")))
+        .exists());
+    let _ = Command::new("chmod")
+        .arg("-R")
+        .arg("u+w")
+        .arg(&copy)
+        .status();
+}

@@ -1,0 +1,213 @@
+//! Running narfs in the Nix world: HTTP caches, `narfs prefetch`, `narfs stats` and
+//! `--metrics-addr`, against caches the real nix wrote.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn out(cmd: &mut Command) -> (i32, String, String) {
+    let o = cmd.output().unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// `python3 -m http.server` over a directory, as a stand-in for nix-serve or a CDN.
+struct HttpServer {
+    child: Child,
+    port: u16,
+}
+
+impl HttpServer {
+    fn start(dir: &std::path::Path) -> Self {
+        for _ in 0..10 {
+            let port = free_port();
+            let mut child = Command::new("python3")
+                .args([
+                    "-m",
+                    "http.server",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                ])
+                .arg("--directory")
+                .arg(dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(10) {
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return HttpServer { child, port };
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("could not start python3 -m http.server");
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn http_caches_are_read_by_name() {
+    let f = fixture();
+    let http = HttpServer::start(&f.cache);
+    let url = format!("http://127.0.0.1:{}/", http.port);
+    let m = Mounted::start(&url, &[&f.public_key], None, &[]);
+    m.wait_log("cannot be listed");
+    // nothing is listed, but every path is there by name, verified
+    assert!(std::fs::read_dir(&m.mnt).unwrap().next().is_none());
+    for name in ["narfs-test-app", "narfs-test-lib", "narfs-test-big"] {
+        assert_eq!(shape(&m.p(f.path(name))), shape(&f.real(name)), "{name}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(m.p(f.path("narfs-test-lib")).join("lib/greet.sh")).unwrap(),
+        "greet() { echo \"hello from lib\"; }\n"
+    );
+    assert_eq!(
+        read_err(&m.p("00000000000000000000000000000000-missing")),
+        Some(libc::ENOENT)
+    );
+    // looked-up paths now show in the root
+    assert!(std::fs::read_dir(&m.mnt).unwrap().count() >= 3);
+    // an untrusted key sees nothing, as with S3
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, pk) = (tmp.path().join("sk"), tmp.path().join("pk"));
+    run(narfs().args(["keygen", "other-1"]).arg(&sk).arg(&pk));
+    let other = std::fs::read_to_string(&pk).unwrap();
+    let m2 = Mounted::start(&url, &[other.trim()], None, &[]);
+    assert_eq!(
+        read_err(&m2.p(f.path("narfs-test-lib"))),
+        Some(libc::ENOENT)
+    );
+    // the inspecting commands read HTTP caches too
+    let (code, text, err) = out(narfs()
+        .args(["cat", "--trusted-public-key", &f.public_key, &url])
+        .arg(format!("/nix/store/{}", f.path("narfs-test-single.txt"))));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(text, "asdf");
+    // and cannot write to them
+    let empty = HttpServer::start(tmp.path());
+    let (code, _, err) = out(narfs()
+        .args(["push", "--store", &f.store])
+        .arg(format!("http://127.0.0.1:{}", empty.port))
+        .arg(format!("/nix/store/{}", f.path("narfs-test-single.txt"))));
+    assert_eq!(code, 1);
+    assert!(err.contains("does not write to HTTP caches"), "{err}");
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut r = String::new();
+    s.read_to_string(&mut r).unwrap();
+    r
+}
+
+#[test]
+fn prefetch_stats_and_metrics() {
+    let f = fixture();
+    let e = env();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let m = Mounted::start(
+        &e.url,
+        &[&f.public_key],
+        None,
+        &["--prefetch-references", "false", "--metrics-addr", &addr],
+    );
+    let app = format!("/nix/store/{}", f.path("narfs-test-app"));
+    let (code, _, err) = out(narfs().arg("prefetch").arg(&m.mnt).arg(&app));
+    assert_eq!(code, 0, "{err}\n{}", m.log_text());
+    assert!(err.contains("prefetching 4 paths"), "{err}");
+    assert_eq!(err.matches("fetched /nix/store/").count(), 4, "{err}");
+    assert_eq!(e.proxy.gets(".nar.xz"), 4);
+    for name in f.paths.values() {
+        assert!(m.cache_dir.join("store").join(name).exists(), "{name}");
+    }
+    // reading after a prefetch downloads nothing more
+    let big = m.p(f.path("narfs-test-big")).join("data/small.txt");
+    assert_eq!(std::fs::read_to_string(big).unwrap(), "small\n");
+    assert_eq!(e.proxy.gets(".nar.xz"), 4);
+    // a second prefetch finds everything there
+    let (code, _, err) = out(narfs()
+        .arg("prefetch")
+        .arg(&m.mnt)
+        .arg(f.path("narfs-test-lib")));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(e.proxy.gets(".nar.xz"), 4);
+
+    let (code, text, err) = out(narfs().arg("stats").arg(&m.mnt));
+    assert_eq!(code, 0, "{err}");
+    let line = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(
+        line("nar_requests_total{result=\"fetched\"}"),
+        "4",
+        "{text}"
+    );
+    assert_eq!(line("store_paths"), "4", "{text}");
+    assert_eq!(line("fetches_in_flight"), "0", "{text}");
+    let fetched: u64 = line("fetched_bytes_total").parse().unwrap();
+    let want: u64 = f
+        .paths
+        .keys()
+        .map(|n| f.narinfo_field(n, "FileSize").parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(fetched, want);
+
+    let r = http_get(port, "/metrics");
+    assert!(r.starts_with("HTTP/1.1 200 OK"), "{r}");
+    assert!(
+        r.contains("narfs_nar_requests_total{result=\"fetched\"} 4\n"),
+        "{r}"
+    );
+    assert!(r.contains("narfs_nar_fetch_seconds_count 4\n"), "{r}");
+    assert!(http_get(port, "/other").starts_with("HTTP/1.1 404"));
+
+    // what cannot be fetched is reported, and the exit status says so
+    let (code, _, err) = out(narfs()
+        .arg("prefetch")
+        .arg(&m.mnt)
+        .arg("/nix/store/00000000000000000000000000000000-missing"));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("FAILED /nix/store/00000000000000000000000000000000-missing"),
+        "{err}"
+    );
+    let (code, _, err) = out(narfs()
+        .arg("prefetch")
+        .arg(&m.mnt)
+        .arg("/tmp/not-a-store-path"));
+    assert_eq!(code, 1);
+    assert!(err.contains("not a store path"), "{err}");
+    // a directory narfs does not serve
+    let (code, _, err) = out(narfs().arg("stats").arg("/tmp"));
+    assert_eq!(code, 1);
+    assert!(err.contains("no narfs mount answers for /tmp"), "{err}");
+}

@@ -114,6 +114,8 @@ in
         EnvironmentFile = optional (cfg.environmentFile != null) cfg.environmentFile;
         Restart = "on-failure";
         RestartSec = 5;
+        # /run/narfs: the control socket `narfs prefetch` and `narfs stats` talk to
+        RuntimeDirectory = "narfs";
         # Hardening that still allows /dev/fuse and the mount itself.
         DeviceAllow = [ "/dev/fuse rw" ];
         DevicePolicy = "closed";

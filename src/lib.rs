@@ -11,6 +11,7 @@ pub mod fetch;
 pub mod formats;
 pub mod fs;
 pub mod fuse;
+pub mod helper;
 pub mod index;
 pub mod inspect;
 pub mod metrics;

@@ -155,6 +155,14 @@ struct MountArgs {
     /// read fails with EIO and the next access tries afresh.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     timeout: u64,
+    /// Return once mounted and keep serving in the background (what mount(8) expects;
+    /// the fstab form implies it). Logs go to --log-file.
+    #[arg(long)]
+    daemon: bool,
+    /// Write logs to FILE (appending) instead of stderr
+    /// [default with --daemon: narfs.log in the cache directory].
+    #[arg(long, value_name = "FILE")]
+    log_file: Option<PathBuf>,
     /// Serve Prometheus metrics at http://HOST:PORT/metrics.
     #[arg(long, value_name = "HOST:PORT")]
     metrics_addr: Option<String>,
@@ -167,7 +175,7 @@ struct MountArgs {
     mountpoint: PathBuf,
 }
 
-fn init_logging(verbose: u8) {
+fn init_logging(verbose: u8, file: Option<&std::path::Path>) {
     let default = match verbose {
         0 => "narfs=info",
         1 => "narfs=debug",
@@ -175,11 +183,28 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let b = tracing_subscriber::fmt().with_env_filter(filter);
+    let opened = file.map(|f| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(f)
+            .map_err(|e| format!("log file {}: {e}", f.display()))
+    });
+    match opened {
+        Some(Ok(f)) => b
+            .with_writer(std::sync::Mutex::new(f))
+            .with_ansi(false)
+            .init(),
+        Some(Err(e)) => {
+            eprintln!("narfs: {e}; logging to stderr");
+            b.with_writer(std::io::stderr).init()
+        }
+        None => b
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
 }
 
 fn default_cache_dir() -> Option<PathBuf> {
@@ -525,7 +550,33 @@ fn inspect(cmd: Cmd) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::CommandFactory;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let subcommands: Vec<String> = Cli::command()
+        .get_subcommands()
+        .map(|c| c.get_name().to_owned())
+        .chain(["help".to_owned()])
+        .collect();
+    let subcommands: Vec<&str> = subcommands.iter().map(String::as_str).collect();
+    let cli = if narfs::helper::is_helper_form(&args, &subcommands) {
+        let Some(args) = args
+            .iter()
+            .map(|a| a.to_str().map(str::to_owned))
+            .collect::<Option<Vec<String>>>()
+        else {
+            eprintln!("narfs: arguments must be UTF-8");
+            return ExitCode::from(2);
+        };
+        match narfs::helper::translate(&args) {
+            Ok(a) => Cli::parse_from(a),
+            Err(e) => {
+                eprintln!("narfs: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        Cli::parse()
+    };
     match cli.cmd {
         Cmd::Keygen {
             name,
@@ -543,7 +594,7 @@ fn main() -> ExitCode {
             cache_url,
             paths,
         } => {
-            init_logging(0);
+            init_logging(0, None);
             match push(key_file, &compression, store, jobs, &cache_url, &paths) {
                 Ok(s) => {
                     eprintln!(
@@ -568,11 +619,29 @@ fn main() -> ExitCode {
             Err(e) => fail(e),
         },
         cmd @ (Cmd::Ls { .. } | Cmd::Cat { .. } | Cmd::Verify { .. }) => {
-            init_logging(0);
+            init_logging(0, None);
             inspect(cmd)
         }
         Cmd::Mount(a) => {
-            init_logging(a.verbose);
+            let child = std::env::var_os(narfs::helper::READY_ENV).is_some();
+            if a.daemon && !child {
+                let Some(cache_dir) = a.cache_dir.clone().or_else(default_cache_dir) else {
+                    eprintln!(
+                        "narfs: no --cache-dir given and neither XDG_CACHE_HOME nor HOME is set"
+                    );
+                    return ExitCode::from(2);
+                };
+                let log = a.log_file.clone().unwrap_or(cache_dir.join("narfs.log"));
+                return match narfs::helper::daemon(&log) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err((code, msg)) => {
+                        eprintln!("narfs: {msg}");
+                        ExitCode::from(code)
+                    }
+                };
+            }
+            // a background mount's stderr already is its log file
+            init_logging(a.verbose, a.log_file.as_deref().filter(|_| !child));
             let mut keys = a.trusted_public_keys.clone();
             if let Ok(env) = std::env::var("NARFS_TRUSTED_PUBLIC_KEYS") {
                 keys.extend(env.split_whitespace().map(str::to_owned));

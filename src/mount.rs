@@ -217,6 +217,10 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
         .map_err(|e| MountError::Failed(format!("cannot start the FUSE session: {e}")))?;
     tracing::info!(mountpoint = %opts.mountpoint.display(), ms = t0.elapsed().as_millis() as u64, "mounted");
     sd_notify("READY=1");
+    if let Some(p) = std::env::var_os(crate::helper::READY_ENV) {
+        // the foreground half of `--daemon` waits for this
+        let _ = std::os::unix::net::UnixDatagram::unbound().and_then(|s| s.send_to(b"READY=1", p));
+    }
 
     let signalled = rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};

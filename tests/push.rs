@@ -7,15 +7,6 @@ use common::*;
 use std::path::Path;
 use std::process::Command;
 
-fn out(cmd: &mut Command) -> (i32, String, String) {
-    let o = cmd.output().unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
 /// NarHash of every path of a closure, as a store registered it.
 fn nar_hashes(store: &str, top: &str) -> Vec<(String, String)> {
     let json = run(nix(&["path-info", "--json", "-r", "--store", store]).arg(top));

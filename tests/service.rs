@@ -9,15 +9,6 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn out(cmd: &mut Command) -> (i32, String, String) {
-    let o = cmd.output().unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
 /// `python3 -m http.server` over a directory, as a stand-in for nix-serve or a CDN.
 struct HttpServer {
     child: Child,
@@ -210,4 +201,144 @@ fn prefetch_stats_and_metrics() {
     let (code, _, err) = out(narfs().arg("stats").arg("/tmp"));
     assert_eq!(code, 1);
     assert!(err.contains("no narfs mount answers for /tmp"), "{err}");
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn fstab_form_mounts_in_the_background() {
+    let f = fixture();
+    let e = env();
+    let tmp = tempfile::tempdir().unwrap();
+    let (mnt, cache) = (tmp.path().join("mnt"), tmp.path().join("cache"));
+    std::fs::create_dir(&mnt).unwrap();
+    let opts = format!(
+        "ro,nofail,_netdev,x-systemd.automount,trusted-public-key={},cache-dir={}",
+        f.public_key,
+        cache.display()
+    );
+    // what an fstab line does: mount(8) → mount.fuse3 → `narfs URL DIR -o OPTS`, which
+    // must return once the mount serves (`PROG#SOURCE` names the program for
+    // mount.fuse3 without installing it)
+    let t = Instant::now();
+    let mut mount = Command::new("mount");
+    for (k, v) in narfs().get_envs() {
+        if let Some(v) = v {
+            mount.env(k, v);
+        }
+    }
+    let (code, _, err) = out(mount
+        .args(["-t", "fuse"])
+        .arg(format!("{}#{}", env!("CARGO_BIN_EXE_narfs"), e.url))
+        .arg(&mnt)
+        .args(["-o", &opts]));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        is_mounted(&mnt),
+        "mount returned before the mount was there"
+    );
+    eprintln!("mount(8) returned after {:?}", t.elapsed());
+    let lib = mnt.join(f.path("narfs-test-lib")).join("lib/greet.sh");
+    assert_eq!(
+        std::fs::read_to_string(&lib).unwrap(),
+        "greet() { echo \"hello from lib\"; }\n"
+    );
+    let log = cache.join("narfs.log");
+    assert!(std::fs::read_to_string(&log).unwrap().contains("mounted"));
+    run(Command::new("umount").arg(&mnt));
+    wait_for("the background mount to exit", || {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("unmounted from outside")
+    });
+    let mnt_s = mnt.to_str().unwrap().to_owned();
+    wait_for("the background mount to exit", || {
+        !Command::new("pgrep")
+            .args(["-f", &mnt_s])
+            .status()
+            .unwrap()
+            .success()
+    });
+
+    // the same form, run directly, with options narfs does not know or a cache
+    // that does not answer: a clear error, nothing mounted
+    let (code, _, err) = out(narfs().arg(&e.url).arg(&mnt).args(["-o", "colour=red"]));
+    assert_eq!(code, 2);
+    assert!(err.contains("unknown mount option 'colour=red'"), "{err}");
+    let dead = format!(
+        "s3://{BUCKET}/cache?endpoint=127.0.0.1:{}&scheme=http&region=us-east-1",
+        free_port()
+    );
+    let (code, _, err) = out(narfs()
+        .arg(&dead)
+        .arg(&mnt)
+        .args(["-o", &format!("{opts},timeout=2")]));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("the mount failed"), "{err}");
+    assert!(err.contains("cannot reach the cache"), "{err}");
+    assert!(!is_mounted(&mnt));
+}
+
+#[test]
+fn mounted_at_nix_store_in_a_private_namespace_programs_run_from_the_cache() {
+    // narfs at /nix/store inside `unshare -m`: a program from the cache runs, and
+    // what it loads from another cached path resolves through the same mount. A
+    // tmpfs goes over /nix first, so the host's /nix is never touched.
+    let f = fixture();
+    let e = env();
+    let tmp = tempfile::tempdir().unwrap();
+    let (app, lib) = (f.path("narfs-test-app"), f.path("narfs-test-lib"));
+    let script = format!(
+        r#"set -e
+mount -t tmpfs narfs-test /nix
+mkdir /nix/store
+"$NARFS" mount --cache-dir "$DIR/cache" --trusted-public-key "$KEY" "$URL" /nix/store 2>"$DIR/log" &
+pid=$!
+i=0
+until [ -d /nix/store/{app} ]; do
+  i=$((i+1)); [ $i -lt 400 ] || {{ echo "never mounted"; cat "$DIR/log"; exit 1; }}
+  sleep 0.05
+done
+/nix/store/{app}/bin/app
+. /nix/store/{app}/lib/greet.sh
+greet
+readlink /nix/store/{app}/lib
+kill $pid
+wait $pid
+"#
+    );
+    let mut cmd = Command::new("unshare");
+    for (k, v) in narfs().get_envs() {
+        if let Some(v) = v {
+            cmd.env(k, v);
+        }
+    }
+    let (code, text, err) = out(cmd
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .env("NARFS", env!("CARGO_BIN_EXE_narfs"))
+        .env("DIR", tmp.path())
+        .env("KEY", &f.public_key)
+        .env("URL", &e.url));
+    assert_eq!(code, 0, "{text}\n{err}");
+    assert_eq!(
+        text,
+        format!("hello from lib\nhello from lib\n/nix/store/{lib}/lib\n"),
+        "{err}"
+    );
+    // both paths came from the cache, verified
+    assert_eq!(e.proxy.gets(&f.narinfo_field("narfs-test-lib", "URL")), 1);
+    assert_eq!(e.proxy.gets(&f.narinfo_field("narfs-test-app", "URL")), 1);
+    // and nothing of it is visible outside the namespace
+    assert!(!std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .contains(" /nix/store "));
 }

@@ -28,6 +28,16 @@ pub fn run(cmd: &mut Command) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Exit status, stdout and stderr of a command that may fail.
+pub fn out(cmd: &mut Command) -> (i32, String, String) {
+    let o = cmd.output().unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
 pub fn nix(args: &[&str]) -> Command {
     let mut c = Command::new("nix");
     c.args(["--experimental-features", "nix-command"])
@@ -318,7 +328,7 @@ pub fn narfs() -> Command {
     c
 }
 
-fn is_mounted(mnt: &Path) -> bool {
+pub fn is_mounted(mnt: &Path) -> bool {
     let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let m = mnt.to_str().unwrap();
     mi.lines().any(|l| l.split(' ').nth(4) == Some(m))

@@ -48,14 +48,31 @@ pub fn listen(fs: Arc<Fs>, mountpoint: &Path, jobs: usize) -> std::io::Result<Li
     let path = socket_path(mountpoint);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
+        // the directory must be ours and not a symlink someone put there first
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(dir)?;
+        if !m.is_dir() || m.uid() != unsafe { libc::getuid() } {
+            return Err(std::io::Error::other(format!(
+                "{} is not a directory owned by this user",
+                dir.display()
+            )));
+        }
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+    }
+    if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+        return Err(std::io::Error::other(format!(
+            "{} already answers for this mount point",
+            path.display()
+        )));
     }
     let _ = std::fs::remove_file(&path);
     let listener = tokio::net::UnixListener::bind(&path)?;
     tokio::spawn(async move {
         loop {
             let Ok((sock, _)) = listener.accept().await else {
+                // out of descriptors, say: do not spin
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             };
             let fs = fs.clone();

@@ -67,11 +67,6 @@ pub struct Attr {
     pub size: u64,
     pub perm: u16,
     pub nlink: u32,
-    /// False for an empty file whose path is not verified yet: its size comes from the
-    /// unsigned listing, and the kernel answers reads of a file it believes empty
-    /// without asking. The kernel must not cache such attributes, so that a read asks
-    /// again (`getattr_open`), which waits for the verified contents.
-    pub cacheable: bool,
 }
 
 impl Attr {
@@ -98,13 +93,99 @@ pub struct Fs {
     index: Arc<Index>,
     fetcher: Arc<Fetcher>,
     list_jobs: usize,
+    use_listings: bool,
     invalidator: std::sync::OnceLock<Arc<dyn Invalidator>>,
     /// Open file handles and the path each belongs to: open paths are never evicted.
     pins: std::sync::Mutex<HashMap<i32, PathId>>,
     me: std::sync::Weak<Fs>,
+    /// Open handles of the page-cache mode and the path each pins.
+    handles: std::sync::Mutex<HashMap<u64, PathId>>,
+    next_handle: std::sync::atomic::AtomicU64,
     fd_cache: std::sync::Mutex<lru::LruCache<u64, Arc<std::fs::File>>>,
     /// Bounds background prefetches so demand reads keep download slots.
     prefetch: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+/// Opens `rel` (empty: `dir` itself) for reading without following any symlink on the
+/// way, so a name can never leave the unpacked path, whatever the index believed about
+/// it. Returns the descriptor, or -1 with errno set (ELOOP for a symlink).
+fn open_beneath(dir: &std::ffi::CStr, rel: &std::ffi::CStr) -> i32 {
+    let flags = libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW;
+    if rel.is_empty() {
+        return unsafe { libc::open(dir.as_ptr(), flags) };
+    }
+    let dfd = unsafe {
+        libc::open(
+            dir.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+        )
+    };
+    if dfd < 0 {
+        return -1;
+    }
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = flags as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    let mut fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dfd,
+            rel.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    } as i32;
+    if fd < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+        // kernels before 5.6: one component at a time, none followed
+        fd = walk_beneath(dfd, rel.to_bytes(), flags);
+    }
+    let e = std::io::Error::last_os_error();
+    unsafe { libc::close(dfd) };
+    if fd < 0 {
+        unsafe { *libc::__errno_location() = e.raw_os_error().unwrap_or(libc::EIO) };
+    }
+    fd
+}
+
+fn walk_beneath(dfd: i32, rel: &[u8], flags: i32) -> i32 {
+    let parts: Vec<&[u8]> = rel.split(|&b| b == b'/').collect();
+    let mut cur = unsafe { libc::dup(dfd) };
+    for (i, part) in parts.iter().enumerate() {
+        if cur < 0 {
+            return -1;
+        }
+        let Ok(name) = CString::new(*part) else {
+            unsafe { libc::close(cur) };
+            unsafe { *libc::__errno_location() = libc::EINVAL };
+            return -1;
+        };
+        if part.is_empty() || *part == b"." || *part == b".." {
+            unsafe { libc::close(cur) };
+            unsafe { *libc::__errno_location() = libc::EINVAL };
+            return -1;
+        }
+        let last = i + 1 == parts.len();
+        let f = if last {
+            flags
+        } else {
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW
+        };
+        let next = unsafe { libc::openat(cur, name.as_ptr(), f) };
+        let e = std::io::Error::last_os_error();
+        unsafe { libc::close(cur) };
+        if next < 0 {
+            // a symlink in the middle reads as "not a directory"
+            let code = match e.raw_os_error() {
+                Some(libc::ENOTDIR) => libc::ELOOP,
+                Some(c) => c,
+                None => libc::EIO,
+            };
+            unsafe { *libc::__errno_location() = code };
+            return -1;
+        }
+        cur = next;
+    }
+    cur
 }
 
 /// A quarter of the open-file limit, at most 1024: the rest is for sockets, unpacking
@@ -129,6 +210,10 @@ pub struct FsOptions {
     pub prefetch_references: bool,
     /// Parallel NAR downloads.
     pub jobs: usize,
+    /// Take names, types and sizes from `.ls` listings before the NAR is fetched.
+    /// Off for the no-open mode, where the kernel could use a listing's size to serve
+    /// a file without asking narfs.
+    pub use_listings: bool,
 }
 
 impl Default for FsOptions {
@@ -136,6 +221,7 @@ impl Default for FsOptions {
         FsOptions {
             prefetch_references: true,
             jobs: 4,
+            use_listings: true,
         }
     }
 }
@@ -148,9 +234,12 @@ impl Fs {
             index,
             fetcher,
             list_jobs: 64,
+            use_listings: opts.use_listings,
             invalidator: std::sync::OnceLock::new(),
             pins: Default::default(),
             me: me.clone(),
+            handles: Default::default(),
+            next_handle: std::sync::atomic::AtomicU64::new(1),
             fd_cache: std::sync::Mutex::new(lru::LruCache::new(fd_cache_size())),
             prefetch: opts
                 .prefetch_references
@@ -211,7 +300,7 @@ impl Fs {
         &self.index
     }
 
-    fn attr_of(&self, ino: u64, kind: &Kind, path: PathId) -> Outcome<Attr> {
+    fn attr_of(&self, ino: u64, kind: &Kind) -> Outcome<Attr> {
         let (kind, size, perm, nlink) = match kind {
             Kind::Root => (FileKind::Dir, DIR_SIZE, 0o555, 2),
             Kind::Unloaded => {
@@ -235,50 +324,19 @@ impl Fs {
             Kind::Symlink { target } => (FileKind::Symlink, target.len() as u64, 0o777, 1),
             Kind::Stale => return Ready(Err(Errno::ESTALE)),
         };
-        let cacheable = !(kind == FileKind::File
-            && size == 0
-            && self.index.tree_source(path) != Some(TreeSource::Nar));
         Ready(Ok(Attr {
             ino,
             kind,
             size,
             perm,
             nlink,
-            cacheable,
         }))
     }
 
     pub fn getattr(&self, ino: u64) -> Outcome<Attr> {
         match self.index.node(ino) {
-            Some(n) => self.attr_of(ino, &n.kind, n.path),
+            Some(n) => self.attr_of(ino, &n.kind),
             None => Ready(Err(Errno::ENOENT)),
-        }
-    }
-
-    /// Attributes asked for by a read of an open file (the kernel checks the size of
-    /// a file before reading past what it believes is the end). Without FUSE opens,
-    /// this is where an empty file waits for its path's verified contents.
-    pub fn getattr_open(&self, ino: u64) -> Outcome<Attr> {
-        let Some(n) = self.index.node(ino) else {
-            return Ready(Err(Errno::ENOENT));
-        };
-        match n.kind {
-            Kind::File { .. } => {
-                if let Wait(need) = self.unpacked_file(ino) {
-                    return Wait(need);
-                }
-                self.getattr(ino)
-            }
-            // a file the NAR replaced: the attributes of what is served in its place
-            Kind::Stale => match self.index.current(ino) {
-                Some(c) => match self.getattr(c) {
-                    Ready(Ok(a)) if a.kind == FileKind::File => Ready(Ok(Attr { ino, ..a })),
-                    Ready(Ok(_)) => Ready(Err(Errno::ESTALE)),
-                    other => other,
-                },
-                None => Ready(Err(Errno::ESTALE)),
-            },
-            _ => self.getattr(ino),
         }
     }
 
@@ -317,7 +375,7 @@ impl Fs {
         };
         match n.kind {
             Kind::Symlink { target } => {
-                if self.index.tree_source(n.path) != Some(TreeSource::Nar) {
+                if n.tree != Some(TreeSource::Nar) {
                     return Wait(Need::Content(n.path));
                 }
                 Ready(Ok(target.into_vec()))
@@ -369,17 +427,9 @@ impl Fs {
 
     /// The path of regular file `ino`, once its verified contents are on disk.
     fn unpacked_file(&self, ino: u64) -> Outcome<PathId> {
-        let Some(mut n) = self.index.node(ino) else {
+        let Some(n) = self.index.node(ino) else {
             return Ready(Err(Errno::ENOENT));
         };
-        if matches!(n.kind, Kind::Stale) {
-            // the kernel still holds a file of a listing the NAR replaced (it no
-            // longer opens files through narfs, so it does not look them up again)
-            match self.index.current(ino).and_then(|c| self.index.node(c)) {
-                Some(c) => n = c,
-                None => return Ready(Err(Errno::ESTALE)),
-            }
-        }
         match n.kind {
             Kind::File { .. } => {}
             Kind::Unloaded => return Wait(Need::Tree(n.path)),
@@ -387,10 +437,32 @@ impl Fs {
             Kind::Symlink { .. } => return Ready(Err(Errno::EINVAL)),
             Kind::Stale => return Ready(Err(Errno::ESTALE)),
         }
-        if !self.index.is_unpacked(n.path) {
+        if !n.unpacked {
             return Wait(Need::Content(n.path));
         }
         Ready(Ok(n.path))
+    }
+
+    /// Opens a file for the page-cache mode: no syscall, just a handle that pins the
+    /// path. The verified contents must be on disk first: this wait is what keeps a
+    /// file whose size came from the unsigned listing from being read before its NAR
+    /// is verified (a disagreeing listing's inode then goes stale, and the kernel looks
+    /// the name up again).
+    pub fn open_handle(&self, ino: u64) -> Outcome<u64> {
+        let path = match self.unpacked_file(ino) {
+            Ready(Ok(p)) => p,
+            Ready(Err(e)) => return Ready(Err(e)),
+            Wait(n) => return Wait(n),
+        };
+        let fh = self
+            .next_handle
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.handles.lock().unwrap().insert(fh, path);
+        Ready(Ok(fh))
+    }
+
+    pub fn release_handle(&self, fh: u64) {
+        self.handles.lock().unwrap().remove(&fh);
     }
 
     /// Reads by inode through a per-inode descriptor cache (one open per file, not
@@ -427,25 +499,16 @@ impl Fs {
             return Ready(Err(Errno::ENOENT));
         };
         let sp = self.index.store_path(path);
-        let mut p = self
+        let dir = self
             .fetcher
             .disk()
             .path_dir(sp.basename())
             .into_os_string()
             .into_vec();
-        if !rel.is_empty() {
-            p.push(b'/');
-            p.extend_from_slice(&rel);
-        }
-        let Ok(c) = CString::new(p) else {
+        let (Ok(c), Ok(rel_c)) = (CString::new(dir), CString::new(rel)) else {
             return Ready(Err(Errno::EIO));
         };
-        let fd = unsafe {
-            libc::open(
-                c.as_ptr(),
-                libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
-            )
-        };
+        let fd = open_beneath(&c, &rel_c);
         if fd >= 0 {
             self.pins.lock().unwrap().insert(fd, path);
             self.fetcher.disk().touch(sp.basename());
@@ -458,9 +521,15 @@ impl Fs {
             // The unpacked copy went away (evicted or removed by hand): fetch again.
             return Wait(Need::Content(path));
         }
+        if err.raw_os_error() == Some(libc::ELOOP) {
+            // the name passes through a symlink of the verified tree: it came from a
+            // listing the NAR replaced, and is never followed out of the path
+            return Ready(Err(Errno::ESTALE));
+        }
         tracing::error!(
-            "cannot open {} in the cache directory: {err}",
-            String::from_utf8_lossy(c.as_bytes())
+            "cannot open {}/{} in the cache directory: {err}",
+            String::from_utf8_lossy(c.as_bytes()),
+            String::from_utf8_lossy(rel_c.as_bytes())
         );
         Ready(Err(Errno::EIO))
     }
@@ -501,6 +570,7 @@ impl Fs {
 
     fn is_pinned(&self, id: PathId) -> bool {
         self.pins.lock().unwrap().values().any(|&p| p == id)
+            || self.handles.lock().unwrap().values().any(|&p| p == id)
     }
 
     /// Keeps the disk cache within its quota after `id` was unpacked.
@@ -659,7 +729,7 @@ impl Fs {
                     return Ok(());
                 }
                 let info = self.info(id).await?;
-                if !self.fetcher.disk().has_path(info.store_path.basename()) {
+                if self.use_listings && !self.fetcher.disk().has_path(info.store_path.basename()) {
                     match self.fetcher.listing(info).await {
                         Ok(Some(tree)) => {
                             self.index.attach_tree(id, &tree, TreeSource::Listing);

@@ -22,7 +22,20 @@ pub struct NarFuse {
     fs: Arc<Fs>,
     rt: tokio::runtime::Handle,
     passthrough: Arc<Passthrough>,
-    want_passthrough: bool,
+    mode: OpenMode,
+}
+
+/// How files are opened and read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Each open waits for the verified contents (a round trip); reads then come to
+    /// narfs once and stay in the kernel's page cache (`FOPEN_KEEP_CACHE`).
+    PageCache,
+    /// The kernel is told opens need no answer: no round trip per file, for mounts
+    /// that do not use listings (`--no-open`).
+    NoOpen,
+    /// At open narfs hands the kernel the unpacked file; reads bypass narfs.
+    Passthrough,
 }
 
 /// FUSE passthrough: reads of unpacked files go from the kernel straight to the file in
@@ -78,15 +91,12 @@ impl Passthrough {
 }
 
 impl NarFuse {
-    /// `passthrough`: hand the kernel the unpacked file at open so reads bypass narfs
-    /// (a backing-file ioctl per open); otherwise reads come to narfs once and then
-    /// stay in the kernel's page cache (`FOPEN_KEEP_CACHE`).
-    pub fn new(fs: Arc<Fs>, rt: tokio::runtime::Handle, passthrough: bool) -> Self {
+    pub fn new(fs: Arc<Fs>, rt: tokio::runtime::Handle, mode: OpenMode) -> Self {
         NarFuse {
             fs,
             rt,
             passthrough: Arc::default(),
-            want_passthrough: passthrough,
+            mode,
         }
     }
 
@@ -164,11 +174,9 @@ fn to_attr(a: &Attr) -> FileAttr {
     }
 }
 
-fn ttl_for(a: &Attr) -> Duration {
-    if a.ino == crate::index::ROOT {
+fn ttl_for(ino: u64) -> Duration {
+    if ino == crate::index::ROOT {
         ROOT_TTL
-    } else if !a.cacheable {
-        Duration::ZERO
     } else {
         TTL
     }
@@ -189,7 +197,7 @@ impl fuser::Filesystem for NarFuse {
                 tracing::debug!("kernel does not offer {cap:?}");
             }
         }
-        if self.want_passthrough
+        if self.mode == OpenMode::Passthrough
             && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(1).is_ok()
         {
@@ -207,26 +215,18 @@ impl fuser::Filesystem for NarFuse {
         self.run(
             move |fs| fs.lookup(parent.0, &name),
             move |r| match r {
-                Ok(a) => reply.entry_with_ttls(&ttl_for(&a), &TTL, &to_attr(&a), Generation(0)),
+                Ok(a) => reply.entry(&TTL, &to_attr(&a), Generation(0)),
                 Err(e) => reply.error(errno(e)),
             },
         );
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        tracing::trace!(ino = ino.0, open = fh.is_some(), "getattr");
-        // With a handle the kernel is about to read: see `Fs::getattr_open`.
-        let open = fh.is_some();
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        tracing::trace!(ino = ino.0, "getattr");
         self.run(
-            move |fs| {
-                if open {
-                    fs.getattr_open(ino.0)
-                } else {
-                    fs.getattr(ino.0)
-                }
-            },
+            move |fs| fs.getattr(ino.0),
             move |r| match r {
-                Ok(a) => reply.attr(&ttl_for(&a), &to_attr(&a)),
+                Ok(a) => reply.attr(&ttl_for(a.ino), &to_attr(&a)),
                 Err(e) => reply.error(errno(e)),
             },
         );
@@ -248,13 +248,24 @@ impl fuser::Filesystem for NarFuse {
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
             return reply.error(fuser::Errno::EROFS);
         }
-        if !self.want_passthrough {
-            // "No open" mode: ENOSYS tells the kernel that opens always succeed, so it
-            // stops sending them (and releases) and keeps the page cache across opens.
-            // That removes a round trip per file from every warm traversal. Nothing
-            // unverified is served: reads wait for the verified contents (`read_ino`),
-            // and so does the size check before reading an empty file (`getattr_open`).
-            return reply.error(fuser::Errno::ENOSYS);
+        match self.mode {
+            OpenMode::NoOpen => {
+                // ENOSYS tells the kernel that opens always succeed: it stops sending
+                // opens and releases and keeps the page cache across opens, a round
+                // trip less per file. Sound only because this mode never uses
+                // listings: every file the kernel knows of is already verified.
+                return reply.error(fuser::Errno::ENOSYS);
+            }
+            OpenMode::PageCache => {
+                return self.run(
+                    move |fs| fs.open_handle(ino.0),
+                    move |r| match r {
+                        Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                        Err(e) => reply.error(errno(e)),
+                    },
+                );
+            }
+            OpenMode::Passthrough => {}
         }
         let pt = self.passthrough.clone();
         self.run(
@@ -278,7 +289,7 @@ impl fuser::Filesystem for NarFuse {
         reply: ReplyData,
     ) {
         tracing::trace!(ino = ino.0, offset, size, "read");
-        if !self.want_passthrough {
+        if self.mode != OpenMode::Passthrough {
             return self.run(
                 move |fs| fs.read_ino(ino.0, offset, size),
                 move |r| match r {
@@ -303,9 +314,13 @@ impl fuser::Filesystem for NarFuse {
         _flush: bool,
         reply: fuser::ReplyEmpty,
     ) {
-        if self.want_passthrough {
-            self.passthrough.release(fh.0);
-            self.fs.release(fh.0 as i32);
+        match self.mode {
+            OpenMode::Passthrough => {
+                self.passthrough.release(fh.0);
+                self.fs.release(fh.0 as i32);
+            }
+            OpenMode::PageCache => self.fs.release_handle(fh.0),
+            OpenMode::NoOpen => {}
         }
         reply.ok();
     }
@@ -374,7 +389,7 @@ impl fuser::Filesystem for NarFuse {
                 Ok(entries) => {
                     for (e, attr) in entries {
                         let (ttl, attr) = match attr {
-                            Some(a) => (ttl_for(&a).min(TTL), to_attr(&a)),
+                            Some(a) => (ttl_for(a.ino).min(TTL), to_attr(&a)),
                             None => (
                                 Duration::ZERO,
                                 to_attr(&Attr {
@@ -383,7 +398,6 @@ impl fuser::Filesystem for NarFuse {
                                     size: 0,
                                     perm: 0o555,
                                     nlink: 1,
-                                    cacheable: false,
                                 }),
                             ),
                         };

@@ -27,6 +27,7 @@ const FLAGS: &[(&str, &str)] = &[
     ("allow_other", "--allow-other"),
     ("allow-other", "--allow-other"),
     ("passthrough", "--passthrough"),
+    ("no-open", "--no-open"),
 ];
 
 /// Generic mount options that mean nothing to narfs (a narfs mount is always
@@ -147,7 +148,16 @@ pub fn daemon(log: &Path) -> Result<(), (u8, String)> {
     }
     let mut child = cmd.spawn().map_err(|e| fail(e.to_string()))?;
     let mut buf = [0u8; 64];
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(fail(format!(
+                "the mount did not come up within 120 s (see {})",
+                log.display()
+            )));
+        }
         if let Ok(n) = sock.recv(&mut buf) {
             if &buf[..n] == b"READY=1" {
                 return Ok(());

@@ -89,6 +89,11 @@ pub struct NodeView {
     pub parent: u64,
     pub path: PathId,
     pub kind: Kind,
+    /// Where its path's tree came from and whether the verified contents are on disk,
+    /// read under the same lock as `kind`: a check of either against a node read
+    /// separately could pair a listing's node with the NAR's state.
+    pub tree: Option<TreeSource>,
+    pub unpacked: bool,
 }
 
 impl Index {
@@ -205,14 +210,19 @@ impl Index {
                 parent: ROOT,
                 path: PathId::MAX,
                 kind: Kind::Root,
+                tree: None,
+                unpacked: false,
             });
         }
         let n = g.nodes.get(ino.checked_sub(2)? as usize)?;
+        let p = &g.paths[n.path as usize];
         Some(NodeView {
             ino,
             parent: n.parent,
             path: n.path,
             kind: n.kind.clone(),
+            tree: p.tree,
+            unpacked: p.unpacked,
         })
     }
 
@@ -280,20 +290,6 @@ impl Index {
             rel.extend_from_slice(p);
         }
         Some((path, rel))
-    }
-
-    /// The live node at a stale node's place: the same relative path in the tree that
-    /// replaced it, if that path is still there (walking directories only, never
-    /// through a symlink). A reader that held the old inode reads the verified file.
-    pub fn current(&self, ino: u64) -> Option<u64> {
-        let (path, rel) = self.relative_path(ino)?;
-        let mut cur = self.path_ino(path);
-        if !rel.is_empty() {
-            for part in rel.split(|&b| b == b'/') {
-                cur = self.child(cur, part)?;
-            }
-        }
-        Some(cur)
     }
 
     pub fn subdir_count(&self, ino: u64) -> u32 {

@@ -35,11 +35,13 @@ enum Cmd {
     Push {
         /// Sign with this secret key (as from `narfs keygen` or
         /// `nix-store --generate-binary-cache-key`); existing signatures are kept.
+        /// Also taken from the URL's secret-key= parameter, as nix copy does.
         #[arg(long, value_name = "SECRET_FILE")]
         key_file: Option<PathBuf>,
-        /// How NARs are compressed in the cache.
-        #[arg(long, value_name = "xz|zstd|none", default_value = "xz")]
-        compression: String,
+        /// How NARs are compressed in the cache [default: the URL's compression=,
+        /// else xz].
+        #[arg(long, value_name = "xz|zstd|none")]
+        compression: Option<String>,
         /// The local store to read, as nix's --store (e.g. local?root=/some/dir);
         /// default: nix's own.
         #[arg(long, value_name = "STORE")]
@@ -149,8 +151,13 @@ struct MountArgs {
     /// Serve reads with FUSE passthrough: at open narfs hands the kernel the unpacked
     /// file and reads bypass narfs (default: reads reach narfs once, then stay in the
     /// kernel's page cache).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "no_open")]
     passthrough: bool,
+    /// Tell the kernel opens need no answer: no round trip per opened file (the
+    /// fastest warm reads). Listings are then not used, so the first look inside a
+    /// path fetches its NAR: only verified attributes ever reach the kernel.
+    #[arg(long)]
+    no_open: bool,
     /// Time budget in seconds for fetching one object, retries included; after it the
     /// read fails with EIO and the next access tries afresh.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
@@ -285,16 +292,39 @@ impl narfs::push::Progress for PushProgress {
     }
 }
 
+/// A query parameter of a cache URL (`nix copy --to` takes `secret-key=` and
+/// `compression=` there).
+fn url_param(url: &str, name: &str) -> Option<String> {
+    let (_, q) = url.split_once('?')?;
+    q.split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
+}
+
 fn push(
     key_file: Option<PathBuf>,
-    compression: &str,
+    compression: Option<String>,
     store: Option<String>,
     jobs: Option<usize>,
     cache_url: &str,
     paths: &[String],
 ) -> Result<narfs::push::Summary, String> {
     use narfs::formats::narinfo::Compression;
-    let compression = match compression {
+    let url = narfs::cache_url::parse(cache_url).map_err(|e| e.to_string())?;
+    for w in &url.warnings {
+        eprintln!("narfs: warning: {w}");
+    }
+    if matches!(url.url, narfs::cache_url::CacheUrl::Http { .. }) {
+        return Err(format!(
+            "{cache_url}: narfs does not write to HTTP caches; push to the s3:// or file:// cache behind it"
+        ));
+    }
+    let compression = compression
+        .or_else(|| url_param(cache_url, "compression"))
+        .unwrap_or_else(|| "xz".to_owned());
+    let key_file = key_file.or_else(|| url_param(cache_url, "secret-key").map(PathBuf::from));
+    let compression = match compression.as_str() {
         "xz" => Compression::Xz,
         "zstd" => Compression::Zstd,
         "none" => Compression::None,
@@ -310,7 +340,6 @@ fn push(
         }
         None => None,
     };
-    let url = narfs::cache_url::parse(cache_url).map_err(|e| e.to_string())?;
     let infos = narfs::push::query_closure(store.as_deref(), paths)?;
     let opts = narfs::push::PushOptions {
         store,
@@ -595,7 +624,7 @@ fn main() -> ExitCode {
             paths,
         } => {
             init_logging(0, None);
-            match push(key_file, &compression, store, jobs, &cache_url, &paths) {
+            match push(key_file, compression, store, jobs, &cache_url, &paths) {
                 Ok(s) => {
                     eprintln!(
                         "{} paths pushed ({} MiB of NAR, {} MiB uploaded), {} already in the cache",
@@ -663,6 +692,7 @@ fn main() -> ExitCode {
                 jobs: a.jobs.max(1),
                 prefetch_references: a.prefetch_references,
                 passthrough: a.passthrough,
+                no_open: a.no_open,
                 metrics_addr: a.metrics_addr,
             };
             match mount::run(opts) {

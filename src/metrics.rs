@@ -180,12 +180,19 @@ pub async fn serve(
     render: std::sync::Arc<dyn Fn() -> String + Send + Sync>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // a scraper needs one connection; a flood must not take narfs's descriptors
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
     loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let Ok((mut sock, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
         let render = render.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut buf = Vec::new();
             let mut chunk = [0u8; 1024];
             // the request head, at most 8 KiB, within 5 s

@@ -24,6 +24,8 @@ pub struct MountOptions {
     pub jobs: usize,
     pub prefetch_references: bool,
     pub passthrough: bool,
+    /// No FUSE opens; metadata only from verified NARs.
+    pub no_open: bool,
     /// `HOST:PORT` to serve Prometheus metrics on.
     pub metrics_addr: Option<String>,
 }
@@ -160,6 +162,7 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
         crate::fs::FsOptions {
             prefetch_references: opts.prefetch_references,
             jobs: opts.jobs,
+            use_listings: !opts.no_open,
         },
     );
     rt.spawn(keep_listing(fs.clone(), opts.refresh_interval));
@@ -201,7 +204,17 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
     config.n_threads = Some(4);
     config.clone_fd = true;
     let session = fuser::Session::new(
-        crate::fuse::NarFuse::new(fs.clone(), rt.handle().clone(), opts.passthrough),
+        crate::fuse::NarFuse::new(
+            fs.clone(),
+            rt.handle().clone(),
+            if opts.passthrough {
+                crate::fuse::OpenMode::Passthrough
+            } else if opts.no_open {
+                crate::fuse::OpenMode::NoOpen
+            } else {
+                crate::fuse::OpenMode::PageCache
+            },
+        ),
         &opts.mountpoint,
         &config,
     )

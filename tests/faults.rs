@@ -300,7 +300,7 @@ fn the_disk_quota_holds_while_reading_three_times_its_size_twice() {
 }
 
 #[test]
-fn open_paths_and_paths_over_the_quota_are_served() {
+fn an_open_path_is_never_evicted_and_a_path_over_the_quota_is_still_served() {
     let s3 = S3Server::start();
     let dir = s3.root.join(BUCKET).join("q");
     let (key, names) = generate_nar_cache(&dir, 3, 4 << 20);
@@ -319,14 +319,10 @@ fn open_paths_and_paths_over_the_quota_are_served() {
         for name in &names[1..] {
             std::fs::read(m.p(name).join("f1")).unwrap();
         }
-        // passthrough opens pin their path; without FUSE opens narfs cannot know
-        // the file is open, and its path may go (and is fetched again when read)
-        if passthrough {
-            assert!(
-                m.cache_dir.join("store").join(&names[0]).exists(),
-                "an open path was evicted in passthrough mode"
-            );
-        }
+        assert!(
+            m.cache_dir.join("store").join(&names[0]).exists(),
+            "an open path was evicted (passthrough: {passthrough})"
+        );
         drop_page_cache();
         // the reader goes on reading the same verified bytes either way
         let mut rest = Vec::new();

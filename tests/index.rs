@@ -235,9 +235,9 @@ fn listing_disagreeing_with_the_nar_loses() {
 }
 
 #[test]
-fn an_empty_file_is_read_only_after_its_path_is_verified() {
-    // without FUSE opens the kernel answers reads of a file it believes empty by
-    // itself; its size comes from the unsigned listing, so it must ask first
+fn listing_sizes_never_shorten_or_empty_a_file() {
+    // sizes come from the unsigned listing until the NAR is verified; an open waits
+    // for the NAR, so a lying size can neither empty nor cut what is read
     let f = fixture();
     let e = env();
     let args = ["--prefetch-references", "false"];
@@ -249,33 +249,69 @@ fn an_empty_file_is_read_only_after_its_path_is_verified() {
     assert_eq!(e.proxy.gets(".nar.xz"), 1, "{:?}", e.proxy.requests());
     drop(m);
 
-    // a listing that claims a non-empty file is empty is never believed
     let e = env();
     let ls = e.object(&format!("{}.ls", f.hash("narfs-test-lib")));
     let text = std::fs::read_to_string(&ls).unwrap();
-    let lie = text.replace(
-        "\"a file with spaces\":{\"type\":\"regular\",\"size\":11",
-        "\"a file with spaces\":{\"type\":\"regular\",\"size\":0",
+    let lie = text
+        .replace(
+            "\"a file with spaces\":{\"type\":\"regular\",\"size\":11",
+            "\"a file with spaces\":{\"type\":\"regular\",\"size\":0",
+        )
+        .replace(
+            "\"greet.sh\":{\"type\":\"regular\",\"size\":35",
+            "\"greet.sh\":{\"type\":\"regular\",\"size\":5",
+        );
+    assert_eq!(
+        lie.matches("\"size\":0").count(),
+        text.matches("\"size\":0").count() + 1
     );
-    assert_ne!(lie, text);
     std::fs::write(&ls, lie).unwrap();
     let m = Mounted::start(&e.url, &[&f.public_key], None, &args);
-    let lies = m
-        .p(f.path("narfs-test-lib"))
-        .join("share/a file with spaces");
-    assert_eq!(std::fs::metadata(&lies).unwrap().len(), 0);
-    // the inode the kernel holds goes stale once the NAR disagrees
-    match std::fs::read(&lies) {
-        Ok(b) => assert_eq!(b, b"with space\n"),
-        Err(err) => assert_eq!(err.raw_os_error(), Some(libc::ESTALE), "{err}"),
-    }
+    let lib = m.p(f.path("narfs-test-lib"));
+    let spaces = lib.join("share/a file with spaces");
+    let greet = lib.join("lib/greet.sh");
+    assert_eq!(std::fs::metadata(&spaces).unwrap().len(), 0);
+    assert_eq!(std::fs::metadata(&greet).unwrap().len(), 5);
+    assert_eq!(std::fs::read(&spaces).unwrap(), b"with space\n");
+    assert_eq!(
+        std::fs::read_to_string(&greet).unwrap(),
+        "greet() { echo \"hello from lib\"; }\n"
+    );
+    // mmap after fstat, as many readers do
+    let py = run(Command::new("python3").arg("-c").arg(
+        "import mmap,sys\nwith open(sys.argv[1],'rb') as f:\n  m=mmap.mmap(f.fileno(),0,prot=mmap.PROT_READ)\n  sys.stdout.write(m[:].decode())",
+    ).arg(&greet));
+    assert_eq!(py, "greet() { echo \"hello from lib\"; }\n");
     assert_eq!(e.proxy.gets(".nar.xz"), 1);
-    // and a fresh lookup shows the verified contents
-    let t = Instant::now();
-    while std::fs::read(&lies).ok().as_deref() != Some(&b"with space\n"[..]) {
-        assert!(t.elapsed() < Duration::from_secs(5), "{}", m.log_text());
-        std::thread::sleep(Duration::from_millis(50));
+}
+
+#[test]
+fn no_open_mode_uses_no_listing_and_serves_the_closure() {
+    let f = fixture();
+    let e = env();
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &["--no-open"]);
+    for name in f.paths.keys() {
+        assert_eq!(shape(&m.p(f.path(name))), shape(&f.real(name)), "{name}");
     }
+    let lib = m.p(f.path("narfs-test-lib"));
+    assert_eq!(std::fs::read(lib.join("share/empty-file")).unwrap(), b"");
+    assert_eq!(
+        std::fs::read_to_string(lib.join("lib/greet.sh")).unwrap(),
+        "greet() { echo \"hello from lib\"; }\n"
+    );
+    // the first look inside each path fetched its NAR; no listing was asked for
+    assert_eq!(e.proxy.gets(".ls"), 0, "{:?}", e.proxy.requests());
+    assert_eq!(e.proxy.gets(".nar.xz"), f.paths.len());
+    // and reading everything again asks for nothing
+    let before = e.proxy.requests().len();
+    for name in f.paths.keys() {
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg("find . -type f -exec cat {} + >/dev/null")
+            .current_dir(m.p(f.path(name)))
+            .status();
+    }
+    assert_eq!(e.proxy.requests().len(), before);
 }
 
 #[test]

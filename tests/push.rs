@@ -115,19 +115,24 @@ fn zstd_and_uncompressed_pushes_to_file_caches() {
     for c in ["zstd", "none"] {
         let cache = tmp.path().join(c);
         let url = format!("file://{}", cache.display());
-        let (code, _, err) = out(narfs()
-            .args([
-                "push",
-                "--compression",
-                c,
-                "--store",
-                &f.store,
-                "--key-file",
-                &sk,
-            ])
-            .arg(&url)
-            .arg(&lib));
+        // as nix copy takes them: in the URL (zstd), or as flags (none)
+        let mut cmd = narfs();
+        cmd.args(["push", "--store", &f.store]);
+        if c == "zstd" {
+            cmd.arg(format!("{url}?compression=zstd&secret-key={sk}"));
+        } else {
+            cmd.args(["--compression", c, "--key-file", &sk]).arg(&url);
+        }
+        let (code, _, err) = out(cmd.arg(&lib));
         assert_eq!(code, 0, "{err}");
+        let narinfo = cache.join(format!("{}.narinfo", f.hash("narfs-test-lib")));
+        let text = std::fs::read_to_string(&narinfo).unwrap();
+        assert!(text.contains(&format!("Compression: {c}\n")), "{text}");
+        assert!(text.contains("Sig: push-test-2:"), "{text}");
+        // readable by a web server, as nix writes them
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&narinfo).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o644);
         let back = format!(
             "local?root={}",
             tmp.path().join(format!("back-{c}")).display()

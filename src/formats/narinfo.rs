@@ -221,7 +221,11 @@ impl NarInfo {
 
     /// What Nix signs: `1;<path>;sha256:<nix32>;<size>;<refs as full paths, comma-joined>`.
     pub fn fingerprint(&self) -> String {
-        let refs: Vec<String> = self.references.iter().map(|r| r.absolute()).collect();
+        // Nix holds references in a sorted set: the order a narinfo lists them in
+        // does not matter
+        let mut refs: Vec<String> = self.references.iter().map(|r| r.absolute()).collect();
+        refs.sort();
+        refs.dedup();
         format!(
             "1;{};{};{};{}",
             self.store_path,

@@ -79,6 +79,10 @@ impl Storage for FileStorage {
                     std::io::copy(&mut std::fs::File::open(p)?, &mut tmp)?;
                 }
             }
+            // readable by a web server or another user, as nix writes it
+            use std::os::unix::fs::PermissionsExt;
+            tmp.as_file()
+                .set_permissions(std::fs::Permissions::from_mode(0o644))?;
             tmp.as_file().sync_all()?;
             tmp.persist(&dest).map_err(|e| e.error)?;
             Ok(())

@@ -91,7 +91,18 @@ impl Storage for HttpStorage {
     }
 
     fn location(&self, key: &str) -> String {
-        self.url(key)
+        // never show credentials given as https://user:password@host
+        let url = self.url(key);
+        match url.split_once("://") {
+            Some((scheme, rest)) => match rest.split_once('/') {
+                Some((host, path)) if host.contains('@') => format!(
+                    "{scheme}://{}/{path}",
+                    host.rsplit('@').next().unwrap_or(host)
+                ),
+                _ => url,
+            },
+            None => url,
+        }
     }
 
     async fn exists(&self, key: &str) -> Result<bool, StorageError> {

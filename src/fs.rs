@@ -458,6 +458,10 @@ impl Fs {
             .next_handle
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.handles.lock().unwrap().insert(fh, path);
+        // in use: the last to be evicted
+        self.fetcher
+            .disk()
+            .touch(self.index.store_path(path).basename());
         Ready(Ok(fh))
     }
 

@@ -386,6 +386,16 @@ impl Fs {
         }
     }
 
+    /// Whether directory `ino` can never change again: it lies in a path whose tree
+    /// came from the verified NAR. Such a directory's entries may stay in the kernel's
+    /// cache; the root (refreshed) and listing-built directories (the NAR may yet
+    /// replace them) may not.
+    pub fn dir_is_final(&self, ino: u64) -> bool {
+        self.index
+            .node(ino)
+            .is_some_and(|n| matches!(n.kind, Kind::Dir { .. }) && n.tree == Some(TreeSource::Nar))
+    }
+
     /// Entries from `offset` on (0 = start; "." and ".." first), at most `max`.
     pub fn readdir(&self, ino: u64, offset: u64, max: usize) -> Outcome<Vec<DirEntry>> {
         let Some(n) = self.index.node(ino) else {

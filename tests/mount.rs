@@ -584,3 +584,50 @@ fn passthrough_mode_serves_the_same_bytes() {
         "hello from lib\n"
     );
 }
+
+#[test]
+fn directories_of_verified_paths_are_listed_by_narfs_once() {
+    use std::os::unix::fs::MetadataExt;
+    let f = fixture();
+    let e = env();
+    let m = Mounted::start_logging(&e.url, &[&f.public_key], "trace");
+    m.wait_root(f.paths.len());
+    let lib = m.p(f.path("narfs-test-lib"));
+    let dir = lib.join("lib");
+    let ino = std::fs::metadata(&dir).unwrap().ino();
+    let lists = |ino: u64| {
+        m.log_text()
+            .lines()
+            .filter(|l| l.contains(" readdir") && l.contains(&format!(" ino={ino} offset=0")))
+            .count()
+    };
+    let list = |d: &Path| {
+        let mut names: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        names
+    };
+    let names = list(&dir);
+    assert!(names.iter().any(|n| n == "greet.sh"), "{names:?}");
+
+    // built from the unsigned listing: asked every time (its NAR may yet replace it)
+    assert_eq!(list(&dir), names);
+    assert_eq!(lists(ino), 2, "{}", m.log_text());
+    // the root changes when the bucket is listed again: asked every time
+    let before = lists(1);
+    list(&m.mnt);
+    list(&m.mnt);
+    assert_eq!(lists(1), before + 2);
+
+    // verified: asked once more, then listed from the kernel's cache
+    assert_eq!(
+        std::fs::read_to_string(dir.join("greet.sh")).unwrap(),
+        "greet() { echo \"hello from lib\"; }\n"
+    );
+    for _ in 0..3 {
+        assert_eq!(list(&dir), names);
+    }
+    assert_eq!(lists(ino), 3, "{}", m.log_text());
+}

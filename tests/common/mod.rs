@@ -340,11 +340,33 @@ impl Mounted {
             .unwrap_or_else(|(st, log)| panic!("narfs exited {st:?}:\n{log}"))
     }
 
+    /// Like `start`, with narfs logging at `level` (e.g. "trace" for each FUSE op).
+    pub fn start_logging(url: &str, keys: &[&str], level: &str) -> Self {
+        Self::try_start_env(
+            url,
+            keys,
+            None,
+            &[],
+            &[("RUST_LOG", &format!("narfs={level}"))],
+        )
+        .unwrap_or_else(|(st, log)| panic!("narfs exited {st:?}:\n{log}"))
+    }
+
     pub fn try_start(
         url: &str,
         keys: &[&str],
         cache_dir: Option<&Path>,
         extra: &[&str],
+    ) -> Result<Self, (ExitStatus, String)> {
+        Self::try_start_env(url, keys, cache_dir, extra, &[])
+    }
+
+    fn try_start_env(
+        url: &str,
+        keys: &[&str],
+        cache_dir: Option<&Path>,
+        extra: &[&str],
+        envs: &[(&str, &str)],
     ) -> Result<Self, (ExitStatus, String)> {
         let base = tempfile::tempdir().unwrap().keep();
         let mnt = base.join("mnt");
@@ -358,7 +380,10 @@ impl Mounted {
         for k in keys {
             cmd.args(["--trusted-public-key", k]);
         }
-        cmd.args(extra).arg(url).arg(&mnt);
+        cmd.args(extra)
+            .arg(url)
+            .arg(&mnt)
+            .envs(envs.iter().copied());
         let child = cmd
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())

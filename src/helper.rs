@@ -54,6 +54,14 @@ fn ignored(opt: &str) -> bool {
             | "atime"
             | "noatime"
             | "relatime"
+            | "strictatime"
+            | "lazytime"
+            | "diratime"
+            | "nodiratime"
+            | "async"
+            | "sync"
+            | "owner"
+            | "group"
     ) || opt.starts_with("x-")
         || opt.starts_with("comment=")
 }
@@ -198,7 +206,7 @@ mod tests {
             "s3://b?endpoint=h:1&region=r",
             "/mnt",
             "-o",
-            "rw,nodev,nosuid,_netdev,x-systemd.automount,trusted-public-key=k-1:abc=,cache-dir=/var/cache/narfs,allow_other",
+            "rw,nodev,nosuid,async,noatime,_netdev,x-systemd.automount,trusted-public-key=k-1:abc=,cache-dir=/var/cache/narfs,allow_other",
             "-o",
             "cache-size=5G,log=/var/log/narfs.log",
         ]))

@@ -378,13 +378,21 @@ impl Fetcher {
         let base = basename.to_owned();
         // Unpack, verify and commit off the runtime: big trees must not stall lookups.
         let res = tokio::task::spawn_blocking(move || {
-            let r = unpack_verified(reader, &info, &tmp).and_then(|tree| {
-                disk.commit(&tmp, &base, &info.nar_hash.to_nix_string())
-                    .map(|()| tree)
-                    .map_err(|e| {
-                        format!("cannot move the unpacked path into the cache directory: {e}")
-                    })
-            });
+            // (whether the NAR itself was refused, why)
+            let r = unpack_verified(reader, &info, &tmp)
+                .map_err(|e| (true, e))
+                .and_then(|tree| {
+                    disk.commit(&tmp, &base, &info.nar_hash.to_nix_string())
+                        .map(|()| tree)
+                        .map_err(|e| {
+                            (
+                                false,
+                                format!(
+                                    "cannot move the unpacked path into the cache directory: {e}"
+                                ),
+                            )
+                        })
+                });
             if r.is_err() {
                 let _ = remove_any(&tmp);
             }
@@ -392,10 +400,14 @@ impl Fetcher {
         })
         .await
         .map_err(|e| Attempt::Permanent(e.to_string()))?;
-        res.map_err(|e| {
+        res.map_err(|(refused, e)| {
             if stream_failed.load(std::sync::atomic::Ordering::SeqCst) {
+                // a cut or stalled stream, not a verdict on the NAR
                 Attempt::Transient(e)
             } else {
+                if refused {
+                    Metrics::inc(&self.metrics.nar_refused);
+                }
                 Attempt::Permanent(e)
             }
         })

@@ -18,6 +18,9 @@ pub struct Metrics {
     pub nar_disk_hits: AtomicU64,
     pub nar_fetched: AtomicU64,
     pub nar_failed: AtomicU64,
+    /// Complete NARs that failed verification (hash, size or format), as opposed to
+    /// fetches that failed for want of an answer.
+    pub nar_refused: AtomicU64,
     pub bytes_fetched: AtomicU64,
     pub bytes_unpacked: AtomicU64,
     pub evictions: AtomicU64,
@@ -105,7 +108,7 @@ impl Metrics {
             &[
                 ("{kind=\"narinfo_invalid\"}", get(&self.narinfo_invalid)),
                 ("{kind=\"narinfo_untrusted\"}", get(&self.narinfo_untrusted)),
-                ("{kind=\"nar\"}", get(&self.nar_failed)),
+                ("{kind=\"nar\"}", get(&self.nar_refused)),
             ],
         );
         metric(

@@ -71,6 +71,9 @@ fn a_stalled_stream_fails_within_the_timeout_and_the_next_access_works() {
         std::fs::read_dir(m.cache_dir.join("tmp")).unwrap().count(),
         0
     );
+    // a failure to fetch, not a verdict on the NAR
+    assert!(m.stat("nar_requests_total{result=\"failed\"}") >= 1);
+    assert_eq!(m.stat("verification_failures_total{kind=\"nar\"}"), 0);
     e.proxy.clear_faults();
     assert!(std::fs::read(m.p(&rel)).unwrap() == want);
     eprintln!("stalled read failed after {} ms", took.as_millis());

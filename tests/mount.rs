@@ -335,6 +335,7 @@ fn nar_with_one_byte_flipped_is_never_served() {
         log.contains(&format!("/nix/store/{}", f.path("narfs-test-lib"))),
         "{log}"
     );
+    assert!(m.stat("verification_failures_total{kind=\"nar\"}") >= 1);
     // nothing of it is on disk
     assert!(!m
         .cache_dir

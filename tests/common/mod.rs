@@ -414,6 +414,18 @@ impl Mounted {
         }
     }
 
+    /// One figure of `narfs stats` (e.g. `nar_requests_total{result="fetched"}`).
+    pub fn stat(&self, name: &str) -> u64 {
+        let (code, text, err) = out(narfs().arg("stats").arg(&self.mnt));
+        assert_eq!(code, 0, "{err}");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

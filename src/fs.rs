@@ -624,6 +624,30 @@ impl Fs {
         })
     }
 
+    /// A closure member's verified narinfo, or the path and why it cannot be had.
+    async fn closure_member(
+        &self,
+        name: String,
+    ) -> Result<Option<(PathId, Arc<crate::formats::narinfo::NarInfo>)>, (StorePath, String)> {
+        let Ok(sp) = StorePath::from_basename(&name) else {
+            return Err((
+                StorePath::from_basename("00000000000000000000000000000000-invalid")
+                    .expect("valid placeholder"),
+                format!("'{name}' is not a store path"),
+            ));
+        };
+        if self.satisfy(Need::NarInfo(name.clone())).await.is_err() {
+            return Err((sp, "the cache has no valid, trusted narinfo for it".into()));
+        }
+        let Some(id) = self.index.path_by_basename(&name) else {
+            return Ok(None);
+        };
+        match self.info(id).await {
+            Ok(info) => Ok(Some((id, info))),
+            Err(_) => Err((sp, "its narinfo went away".into())),
+        }
+    }
+
     /// Fetches the closures of `roots` (store path basenames) into the disk cache, for
     /// `narfs prefetch`: first every narinfo of the closure (`on_closure` gets the
     /// path count and NAR bytes), then the NARs, `jobs` at a time, each reported to
@@ -635,41 +659,32 @@ impl Fs {
         on_closure: impl FnOnce(usize, u64),
         on_path: impl Fn(&StorePath, Result<(), String>),
     ) -> usize {
+        // The closure is walked one level at a time, each level's narinfos fetched
+        // concurrently.
         let mut seen = std::collections::HashSet::new();
-        let mut todo: Vec<String> = roots;
+        let mut level: Vec<String> = roots;
         let mut closure = Vec::new();
         let mut failed = 0;
-        while let Some(name) = todo.pop() {
-            if !seen.insert(name.clone()) {
-                continue;
+        while !level.is_empty() {
+            let names: Vec<String> = level.drain(..).filter(|n| seen.insert(n.clone())).collect();
+            let found: Vec<_> = futures::stream::iter(names)
+                .map(|name| self.closure_member(name))
+                .buffer_unordered(16)
+                .collect()
+                .await;
+            for r in found {
+                match r {
+                    Ok(Some((id, info))) => {
+                        level.extend(info.references.iter().map(|r| r.basename().to_owned()));
+                        closure.push((id, info));
+                    }
+                    Ok(None) => {}
+                    Err((sp, why)) => {
+                        failed += 1;
+                        on_path(&sp, Err(why));
+                    }
+                }
             }
-            let bad = |why: &str| Err(why.to_owned());
-            let Ok(sp) = StorePath::from_basename(&name) else {
-                failed += 1;
-                on_path(
-                    &StorePath::from_basename("00000000000000000000000000000000-invalid")
-                        .expect("valid placeholder"),
-                    bad(&format!("'{name}' is not a store path")),
-                );
-                continue;
-            };
-            if self.satisfy(Need::NarInfo(name.clone())).await.is_err() {
-                failed += 1;
-                on_path(&sp, bad("the cache has no valid, trusted narinfo for it"));
-                continue;
-            }
-            let Some(id) = self.index.path_by_basename(&name) else {
-                continue;
-            };
-            let Ok(info) = self.info(id).await else {
-                failed += 1;
-                on_path(&sp, bad("its narinfo went away"));
-                continue;
-            };
-            for r in &info.references {
-                todo.push(r.basename().to_owned());
-            }
-            closure.push((id, info));
         }
         on_closure(closure.len(), closure.iter().map(|(_, i)| i.nar_size).sum());
         let results: Vec<(StorePath, Result<(), Errno>)> = futures::stream::iter(closure)

@@ -209,3 +209,57 @@ fn push_refuses_clearly() {
         .arg(&copy)
         .status();
 }
+
+#[test]
+fn a_nar_over_64_mib_goes_up_to_s3_in_parts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = format!("local?root={}", tmp.path().join("root").display());
+    let big = run(Command::new("nix-build")
+        .args(["--store", &store, "--no-out-link"])
+        .args(["--option", "sandbox", "true"])
+        .args(["--option", "sandbox-paths", "/bin /usr /lib /lib64"])
+        .args(["--option", "substituters", ""])
+        .args([
+            "-E",
+            r#"derivation { name = "narfs-test-70m"; system = builtins.currentSystem;
+             builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+             args = [ "-c" "head -c 70000000 /dev/urandom > $out" ]; }"#,
+        ])
+        .env("PATH", "/usr/bin:/bin")
+        .env_remove("NIX_REMOTE"));
+    let big = big.trim();
+    let (sk, pk) = keygen(tmp.path(), "push-test-3");
+    let s3 = S3Server::start();
+    let url = s3.url(s3.port, "big");
+    let (code, _, err) = out(narfs()
+        .args([
+            "push",
+            "--store",
+            &store,
+            "--compression",
+            "none",
+            "--key-file",
+            &sk,
+        ])
+        .arg(&url)
+        .arg(big));
+    assert_eq!(code, 0, "{err}");
+    // 70 MB in 16 MiB parts
+    assert!(
+        err.contains("uploaded in parts") && err.contains("parts=5"),
+        "{err}"
+    );
+    let (code, text, err) = out(narfs().args(["verify", "--trusted-public-key", &pk, &url]));
+    assert_eq!(code, 0, "{text}{err}");
+    assert!(text.contains(&format!("ok {big}")), "{text}");
+    // and the real nix gets the same path back
+    let back = format!("local?root={}", tmp.path().join("back").display());
+    let cache = s3.root.join(BUCKET).join("big");
+    run(nix(&["copy", "--option", "substituters", ""])
+        .args(["--option", "trusted-public-keys", &pk])
+        .arg("--from")
+        .arg(format!("file://{}", cache.display()))
+        .args(["--to", &back])
+        .arg(big));
+    assert_eq!(nar_hashes(&back, big), nar_hashes(&store, big));
+}

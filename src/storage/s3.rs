@@ -50,6 +50,116 @@ impl S3Storage {
     }
 }
 
+/// One PUT takes at most 5 GB; above this size a file goes up in parts.
+const MULTIPART_OVER: u64 = 64 << 20;
+/// Smallest part; S3 allows at most 10000 parts, so big files get bigger parts.
+const MIN_PART: u64 = 16 << 20;
+
+impl S3Storage {
+    /// A multipart upload of `path`; on any failure the upload is aborted, so no
+    /// parts are left behind to be billed.
+    async fn put_multipart(
+        &self,
+        key: &str,
+        path: &std::path::Path,
+        size: u64,
+        content_type: &str,
+    ) -> Result<(), StorageError> {
+        use aws_sdk_s3::primitives::{ByteStream, Length};
+        use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+        let full_key = self.url.key(key);
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.url.bucket)
+            .key(&full_key)
+            .content_type(content_type)
+            .send()
+            .await
+            .map_err(|e| self.error("PUT", key, e))?;
+        let Some(id) = created.upload_id() else {
+            return Err(StorageError {
+                op: "PUT",
+                location: self.location(key),
+                detail: "the server started a multipart upload without an upload id".into(),
+            });
+        };
+        let part_size = MIN_PART.max(size.div_ceil(9_000));
+        let upload = async {
+            let mut parts = Vec::new();
+            let mut offset = 0;
+            for number in 1.. {
+                if offset >= size {
+                    break;
+                }
+                let len = part_size.min(size - offset);
+                let body = ByteStream::read_from()
+                    .path(path)
+                    .offset(offset)
+                    .length(Length::Exact(len))
+                    .build()
+                    .await
+                    .map_err(|e| StorageError {
+                        op: "PUT",
+                        location: self.location(key),
+                        detail: format!("{}: {e}", path.display()),
+                    })?;
+                let done = self
+                    .client
+                    .upload_part()
+                    .bucket(&self.url.bucket)
+                    .key(&full_key)
+                    .upload_id(id)
+                    .part_number(number)
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|e| self.error("PUT", key, e))?;
+                parts.push(
+                    CompletedPart::builder()
+                        .part_number(number)
+                        .set_e_tag(done.e_tag().map(str::to_owned))
+                        .build(),
+                );
+                offset += len;
+            }
+            let parts_done = parts.len();
+            self.client
+                .complete_multipart_upload()
+                .bucket(&self.url.bucket)
+                .key(&full_key)
+                .upload_id(id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(|e| self.error("PUT", key, e))?;
+            tracing::debug!(
+                key = full_key,
+                size,
+                parts = parts_done,
+                "uploaded in parts"
+            );
+            Ok(())
+        };
+        let r = upload.await;
+        if r.is_err() {
+            let _ = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.url.bucket)
+                .key(&full_key)
+                .upload_id(id)
+                .send()
+                .await;
+        }
+        r
+    }
+}
+
 #[async_trait]
 impl Storage for S3Storage {
     async fn get(&self, key: &str) -> Result<Option<Body>, StorageError> {
@@ -127,13 +237,22 @@ impl Storage for S3Storage {
 
     async fn put(&self, key: &str, data: Upload, content_type: &str) -> Result<(), StorageError> {
         use aws_sdk_s3::primitives::ByteStream;
+        let file_err = |p: &std::path::Path, e: &dyn std::fmt::Display| StorageError {
+            op: "PUT",
+            location: self.location(key),
+            detail: format!("{}: {e}", p.display()),
+        };
         let body = match data {
             Upload::Bytes(b) => ByteStream::from(b),
-            Upload::File(p) => ByteStream::from_path(&p).await.map_err(|e| StorageError {
-                op: "PUT",
-                location: self.location(key),
-                detail: format!("{}: {e}", p.display()),
-            })?,
+            Upload::File(p) => {
+                let size = std::fs::metadata(&p).map_err(|e| file_err(&p, &e))?.len();
+                if size > MULTIPART_OVER {
+                    return self.put_multipart(key, &p, size, content_type).await;
+                }
+                ByteStream::from_path(&p)
+                    .await
+                    .map_err(|e| file_err(&p, &e))?
+            }
         };
         self.client
             .put_object()

@@ -262,7 +262,8 @@ impl Fetcher {
                 let Some(bytes) = me.get_small_retrying(&key, MAX_LISTING_BYTES).await? else {
                     return Ok(None);
                 };
-                match parse_ls(&bytes, info.nar_size) {
+                let json = crate::decompress::listing_json(bytes, MAX_LISTING_BYTES);
+                match json.and_then(|j| parse_ls(&j, info.nar_size).map_err(|e| e.to_string())) {
                     Ok(tree) => Ok(Some(Arc::new(tree))),
                     Err(e) => {
                         tracing::warn!(
@@ -528,17 +529,7 @@ pub fn unpack_verified<R: Read + Send>(
     std::thread::scope(|scope| {
         let decoding = scope.spawn(move || -> Result<Hasher, String> {
             {
-                let mut decoder: Box<dyn Read + '_> = match &compression {
-                    Compression::None => Box::new(&mut file),
-                    Compression::Xz => {
-                        Box::new(liblzma::read::XzDecoder::new_multi_decoder(&mut file))
-                    }
-                    Compression::Zstd => Box::new(
-                        zstd::stream::read::Decoder::new(&mut file).map_err(|e| e.to_string())?,
-                    ),
-                    Compression::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(&mut file)),
-                    Compression::Unknown(_) => unreachable!(),
-                };
+                let mut decoder = crate::decompress::nar_reader(&compression, &mut file)?;
                 loop {
                     let mut buf = vec![0u8; CHUNK];
                     match decoder.read(&mut buf) {
@@ -626,21 +617,7 @@ mod tests {
     }
 
     fn compress(c: &Compression, data: &[u8]) -> Vec<u8> {
-        match c {
-            Compression::None => data.to_vec(),
-            Compression::Xz => {
-                let mut w = liblzma::write::XzEncoder::new(Vec::new(), 6);
-                w.write_all(data).unwrap();
-                w.finish().unwrap()
-            }
-            Compression::Zstd => zstd::encode_all(data, 3).unwrap(),
-            Compression::Bzip2 => {
-                let mut w = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::default());
-                w.write_all(data).unwrap();
-                w.finish().unwrap()
-            }
-            Compression::Unknown(_) => data.to_vec(),
-        }
+        crate::decompress::compressed(c, data)
     }
 
     fn info_for(c: Compression, nar: &[u8], file: &[u8]) -> NarInfo {
@@ -672,6 +649,8 @@ mod tests {
             Compression::Xz,
             Compression::Zstd,
             Compression::Bzip2,
+            Compression::Br,
+            Compression::Gzip,
         ] {
             let file = compress(&c, &nar);
             let info = info_for(c.clone(), &nar, &file);

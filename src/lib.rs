@@ -6,6 +6,7 @@
 
 pub mod cache_url;
 pub mod control;
+pub mod decompress;
 pub mod disk_cache;
 pub mod fetch;
 pub mod formats;

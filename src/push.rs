@@ -255,6 +255,8 @@ fn extension(c: &Compression) -> &'static str {
         Compression::Xz => ".xz",
         Compression::Zstd => ".zst",
         Compression::Bzip2 => ".bz2",
+        Compression::Br => ".br",
+        Compression::Gzip => ".gz",
         _ => "",
     }
 }

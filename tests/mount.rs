@@ -632,3 +632,61 @@ fn directories_of_verified_paths_are_listed_by_narfs_once() {
     }
     assert_eq!(lists(ino), 3, "{}", m.log_text());
 }
+
+/// As the real nix writes them (`compression=br` or `gzip`), with the listings
+/// brotli-compressed as nix's S3 store stores them for `ls-compression=br` (the
+/// setting cache.nixos.org uses).
+#[test]
+fn br_and_gzip_caches_with_compressed_listings() {
+    use std::io::Write;
+    let f = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let s3 = S3Server::start();
+    let proxy = common::proxy::Proxy::start(s3.port);
+    let lib = format!("/nix/store/{}", f.path("narfs-test-lib"));
+    for c in ["br", "gzip"] {
+        let cache = tmp.path().join(c);
+        run(
+            nix(&["copy", "--store", &f.store, "--option", "substituters", ""])
+                .arg("--to")
+                .arg(format!(
+                    "file://{}?compression={c}&write-nar-listing=1",
+                    cache.display()
+                ))
+                .arg(&lib),
+        );
+        for e in std::fs::read_dir(&cache).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "ls") {
+                let json = std::fs::read(&p).unwrap();
+                let mut w = brotli::CompressorWriter::new(Vec::new(), 4096, 5, 22);
+                w.write_all(&json).unwrap();
+                std::fs::write(&p, w.into_inner()).unwrap();
+            }
+        }
+        s3.upload_cache(&cache, c);
+        let m = Mounted::start(&s3.url(proxy.port, c), &[&f.public_key], None, &[]);
+        let mounted = m.p(f.path("narfs-test-lib"));
+        // sizes from the compressed listing: no NAR fetched
+        assert_eq!(
+            std::fs::metadata(mounted.join("lib/greet.sh"))
+                .unwrap()
+                .len(),
+            35
+        );
+        assert_eq!(proxy.gets(&format!("{c}/nar/")), 0, "{}", m.log_text());
+        assert!(
+            !m.log_text().contains("ignoring listing"),
+            "{}",
+            m.log_text()
+        );
+        // contents from the verified NAR, identical to the store's
+        assert_eq!(shape(&mounted), shape(&f.real("narfs-test-lib")), "{c}");
+        run(Command::new("diff")
+            .arg("-r")
+            .arg("--no-dereference")
+            .arg(&mounted)
+            .arg(f.real("narfs-test-lib")));
+        assert_eq!(proxy.gets(&format!("{c}/nar/")), 1, "{c}");
+    }
+}

@@ -21,6 +21,8 @@ pub enum Compression {
     Xz,
     Zstd,
     Bzip2,
+    Br,
+    Gzip,
     /// Kept so the narinfo still lists; fetching its NAR fails with a clear error.
     Unknown(String),
 }
@@ -33,6 +35,8 @@ impl Compression {
             "zstd" => Compression::Zstd,
             // Nix's default when the field is missing or empty.
             "bzip2" | "" => Compression::Bzip2,
+            "br" => Compression::Br,
+            "gzip" => Compression::Gzip,
             other => Compression::Unknown(truncate(other)),
         }
     }
@@ -42,6 +46,8 @@ impl Compression {
             Compression::Xz => "xz",
             Compression::Zstd => "zstd",
             Compression::Bzip2 => "bzip2",
+            Compression::Br => "br",
+            Compression::Gzip => "gzip",
             Compression::Unknown(s) => s,
         }
     }

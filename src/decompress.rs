@@ -1,0 +1,138 @@
+//! The compressions Nix writes NARs and listings with, as readers: one place, so NARs
+//! and listings accept the same set (Nix's `compression=` and `ls-compression=`).
+
+use crate::formats::narinfo::Compression;
+use std::io::Read;
+#[cfg(test)]
+use std::io::Write;
+
+/// A reader of the NAR inside `r`, compressed as its narinfo says.
+pub fn nar_reader<'a, R: Read + 'a>(c: &Compression, r: R) -> Result<Box<dyn Read + 'a>, String> {
+    Ok(match c {
+        Compression::None => Box::new(r),
+        Compression::Xz => Box::new(liblzma::read::XzDecoder::new_multi_decoder(r)),
+        Compression::Zstd => {
+            Box::new(zstd::stream::read::Decoder::new(r).map_err(|e| e.to_string())?)
+        }
+        Compression::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(r)),
+        Compression::Br => Box::new(brotli::Decompressor::new(r, 64 * 1024)),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(r)),
+        Compression::Unknown(c) => return Err(format!("unsupported compression '{c}'")),
+    })
+}
+
+/// A listing's JSON. Nix may store listings compressed (`ls-compression=br` on
+/// cache.nixos.org), and S3 and plain web servers hand them over as stored, so the
+/// compression is told from the bytes: JSON starts with `{`, xz, zstd, gzip and
+/// bzip2 have magic numbers, and brotli, which has none, is tried last. At most `max`
+/// bytes come out, however well the input compresses.
+pub fn listing_json(raw: Vec<u8>, max: usize) -> Result<Vec<u8>, String> {
+    let first = raw.iter().find(|b| !b.is_ascii_whitespace()).copied();
+    if first == Some(b'{') || first.is_none() {
+        return Ok(raw);
+    }
+    let c = if raw.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
+        Compression::Xz
+    } else if raw.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Compression::Zstd
+    } else if raw.starts_with(&[0x1f, 0x8b]) {
+        Compression::Gzip
+    } else if raw.starts_with(b"BZh") {
+        Compression::Bzip2
+    } else {
+        Compression::Br
+    };
+    let mut out = Vec::new();
+    nar_reader(&c, &raw[..])?
+        .take(max as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("neither JSON nor a {}-compressed listing ({e})", c.as_str()))?;
+    if out.len() > max {
+        return Err(format!("decompresses to more than {max} bytes"));
+    }
+    Ok(out)
+}
+
+/// `data` compressed with `c`, for tests of the readers.
+#[cfg(test)]
+pub(crate) fn compressed(c: &Compression, data: &[u8]) -> Vec<u8> {
+    match c {
+        Compression::Xz => {
+            let mut w = liblzma::write::XzEncoder::new(Vec::new(), 6);
+            w.write_all(data).unwrap();
+            w.finish().unwrap()
+        }
+        Compression::Zstd => zstd::encode_all(data, 3).unwrap(),
+        Compression::Bzip2 => {
+            let mut w = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::default());
+            w.write_all(data).unwrap();
+            w.finish().unwrap()
+        }
+        Compression::Br => {
+            let mut w = brotli::CompressorWriter::new(Vec::new(), 4096, 5, 22);
+            w.write_all(data).unwrap();
+            w.into_inner()
+        }
+        Compression::Gzip => {
+            let mut w = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            w.write_all(data).unwrap();
+            w.finish().unwrap()
+        }
+        _ => data.to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const JSON: &[u8] = br#"{"version":1,"root":{"type":"regular","size":3}}"#;
+
+    const ALL: [Compression; 6] = [
+        Compression::None,
+        Compression::Xz,
+        Compression::Zstd,
+        Compression::Bzip2,
+        Compression::Br,
+        Compression::Gzip,
+    ];
+
+    #[test]
+    fn every_compression_of_a_listing_is_recognised() {
+        for c in &ALL {
+            assert_eq!(
+                listing_json(compressed(c, JSON), 1 << 20).unwrap(),
+                JSON,
+                "{c:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_nar_compression_reads_back() {
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        for c in &ALL {
+            let mut out = Vec::new();
+            nar_reader(c, &compressed(c, &data)[..])
+                .unwrap()
+                .read_to_end(&mut out)
+                .unwrap();
+            assert!(out == data, "{c:?}");
+        }
+        let e = nar_reader(&Compression::Unknown("lz4".into()), &b""[..]).err();
+        assert_eq!(e.unwrap(), "unsupported compression 'lz4'");
+    }
+
+    #[test]
+    fn listings_that_are_neither_fail_and_bombs_are_bounded() {
+        let e = listing_json(b"garbage, not brotli".to_vec(), 1 << 20).unwrap_err();
+        assert!(
+            e.contains("neither JSON nor a br-compressed listing"),
+            "{e}"
+        );
+        let bomb = compressed(&Compression::Zstd, &vec![b' '; 10 << 20]);
+        assert!(bomb.len() < 4096);
+        let e = listing_json(bomb, 1 << 20).unwrap_err();
+        assert!(e.contains("more than 1048576 bytes"), "{e}");
+    }
+}

@@ -440,47 +440,73 @@ pub async fn push(
     progress.start(infos.len(), infos.iter().map(|i| i.nar_size).sum());
     let root = Arc::new(store_root(opts.store.as_deref()));
     let tmp = Arc::new(tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?);
-    // NARs and listings first, in parallel; a narinfo only once its NAR is there
-    let packed: Vec<NarInfo> = futures::stream::iter(infos.iter().cloned())
+    // NARs and listings first, in parallel; a narinfo only once its NAR is there.
+    // After a failure no new upload starts, but those under way finish (or abort)
+    // rather than being dropped halfway.
+    let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let results: Vec<Result<NarInfo, String>> = futures::stream::iter(infos.iter().cloned())
         .map(|info| {
             let (root, tmp, storage) = (root.clone(), tmp.clone(), storage.clone());
             let c = opts.compression.clone();
+            let failed = failed.clone();
             async move {
-                let p = tokio::task::spawn_blocking(move || pack(&root, &info, &c, tmp.path()))
-                    .await
-                    .map_err(|e| format!("packing: {e}"))??;
-                if !storage.exists(&p.info.url).await.map_err(e)? {
-                    storage
-                        .put(
-                            &p.info.url,
-                            Upload::File(p.file.to_path_buf()),
-                            "application/x-nix-nar",
-                        )
-                        .await
-                        .map_err(e)?;
+                if failed.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err(String::new());
                 }
-                if let Some(ls) = &p.listing {
-                    let key = format!("{}.ls", p.info.store_path.hash_part());
-                    storage
-                        .put(
-                            &key,
-                            Upload::Bytes(ls.clone().into_bytes()),
-                            "application/json",
-                        )
+                let r = async {
+                    let p = tokio::task::spawn_blocking(move || pack(&root, &info, &c, tmp.path()))
                         .await
-                        .map_err(e)?;
+                        .map_err(|e| format!("packing: {e}"))??;
+                    if !storage.exists(&p.info.url).await.map_err(e)? {
+                        storage
+                            .put(
+                                &p.info.url,
+                                Upload::File(p.file.to_path_buf()),
+                                "application/x-nix-nar",
+                            )
+                            .await
+                            .map_err(e)?;
+                    }
+                    if let Some(ls) = &p.listing {
+                        let key = format!("{}.ls", p.info.store_path.hash_part());
+                        storage
+                            .put(
+                                &key,
+                                Upload::Bytes(ls.clone().into_bytes()),
+                                "application/json",
+                            )
+                            .await
+                            .map_err(e)?;
+                    }
+                    progress.done(
+                        &p.info.store_path,
+                        p.info.nar_size,
+                        p.info.file_size.unwrap_or(0),
+                    );
+                    Ok::<_, String>(p.info)
                 }
-                progress.done(
-                    &p.info.store_path,
-                    p.info.nar_size,
-                    p.info.file_size.unwrap_or(0),
-                );
-                Ok::<_, String>(p.info)
+                .await;
+                if r.is_err() {
+                    failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                r
             }
         })
         .buffered(opts.jobs.max(1))
-        .try_collect()
-        .await?;
+        .collect()
+        .await;
+    let mut packed = Vec::new();
+    let mut first_error = None;
+    for r in results {
+        match r {
+            Ok(info) => packed.push(info),
+            Err(why) if !why.is_empty() && first_error.is_none() => first_error = Some(why),
+            Err(_) => {}
+        }
+    }
+    if let Some(why) = first_error {
+        return Err(why);
+    }
     for info in &packed {
         summary.nar_bytes += info.nar_size;
         summary.uploaded_bytes += info.file_size.unwrap_or(0);

@@ -12,6 +12,8 @@ pub struct S3Storage {
     client: aws_sdk_s3::Client,
     url: S3Url,
     endpoint: String,
+    /// AWS itself (no endpoint given), not another S3 implementation.
+    aws: bool,
 }
 
 impl S3Storage {
@@ -30,7 +32,17 @@ impl S3Storage {
         let shared = loader.load().await;
         let mut conf = aws_sdk_s3::config::Builder::from(&shared);
         if let Some(e) = url.endpoint_url() {
-            conf = conf.endpoint_url(e).force_path_style(true);
+            // Other S3 implementations do not all take the checksums the SDK adds by
+            // default (NARs are verified by their hashes anyway).
+            conf = conf
+                .endpoint_url(e)
+                .force_path_style(true)
+                .request_checksum_calculation(
+                    aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
+                )
+                .response_checksum_validation(
+                    aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
+                );
         }
         S3Storage {
             client: aws_sdk_s3::Client::from_conf(conf.build()),
@@ -38,6 +50,7 @@ impl S3Storage {
                 .endpoint_url()
                 .unwrap_or_else(|| format!("AWS S3 {}", url.region)),
             url: url.clone(),
+            aws: url.endpoint_url().is_none(),
         }
     }
 
@@ -56,8 +69,8 @@ const MULTIPART_OVER: u64 = 64 << 20;
 const MIN_PART: u64 = 16 << 20;
 
 impl S3Storage {
-    /// A multipart upload of `path`; on any failure the upload is aborted, so no
-    /// parts are left behind to be billed.
+    /// A multipart upload of `path`. Whatever ends it early (an error, or the push
+    /// being dropped) aborts it, so no parts are left behind to be billed.
     async fn put_multipart(
         &self,
         key: &str,
@@ -66,17 +79,25 @@ impl S3Storage {
         content_type: &str,
     ) -> Result<(), StorageError> {
         use aws_sdk_s3::primitives::{ByteStream, Length};
-        use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+        use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
         let full_key = self.url.key(key);
+        let step = |what: &str, e: &dyn std::error::Error| {
+            let mut err = self.error("PUT", key, e);
+            err.detail = format!("{what}: {}", err.detail);
+            err
+        };
+        // On AWS the SDK checksums each part; the upload must then say so up front.
+        let checksum = self.aws.then_some(ChecksumAlgorithm::Crc32);
         let created = self
             .client
             .create_multipart_upload()
             .bucket(&self.url.bucket)
             .key(&full_key)
             .content_type(content_type)
+            .set_checksum_algorithm(checksum.clone())
             .send()
             .await
-            .map_err(|e| self.error("PUT", key, e))?;
+            .map_err(|e| step("starting a multipart upload", &e))?;
         let Some(id) = created.upload_id() else {
             return Err(StorageError {
                 op: "PUT",
@@ -84,79 +105,112 @@ impl S3Storage {
                 detail: "the server started a multipart upload without an upload id".into(),
             });
         };
+        let mut guard = AbortOnDrop {
+            client: self.client.clone(),
+            bucket: self.url.bucket.clone(),
+            key: full_key.clone(),
+            id: id.to_owned(),
+            armed: true,
+        };
         let part_size = MIN_PART.max(size.div_ceil(9_000));
-        let upload = async {
-            let mut parts = Vec::new();
-            let mut offset = 0;
-            for number in 1.. {
-                if offset >= size {
-                    break;
-                }
-                let len = part_size.min(size - offset);
-                let body = ByteStream::read_from()
-                    .path(path)
-                    .offset(offset)
-                    .length(Length::Exact(len))
-                    .build()
-                    .await
-                    .map_err(|e| StorageError {
-                        op: "PUT",
-                        location: self.location(key),
-                        detail: format!("{}: {e}", path.display()),
-                    })?;
-                let done = self
-                    .client
-                    .upload_part()
-                    .bucket(&self.url.bucket)
-                    .key(&full_key)
-                    .upload_id(id)
-                    .part_number(number)
-                    .body(body)
-                    .send()
-                    .await
-                    .map_err(|e| self.error("PUT", key, e))?;
-                parts.push(
-                    CompletedPart::builder()
-                        .part_number(number)
-                        .set_e_tag(done.e_tag().map(str::to_owned))
-                        .build(),
-                );
-                offset += len;
+        let mut parts = Vec::new();
+        let mut offset = 0;
+        for number in 1.. {
+            if offset >= size {
+                break;
             }
-            let parts_done = parts.len();
-            self.client
-                .complete_multipart_upload()
+            let len = part_size.min(size - offset);
+            let body = ByteStream::read_from()
+                .path(path)
+                .offset(offset)
+                .length(Length::Exact(len))
+                .build()
+                .await
+                .map_err(|e| StorageError {
+                    op: "PUT",
+                    location: self.location(key),
+                    detail: format!("{}: {e}", path.display()),
+                })?;
+            let done = self
+                .client
+                .upload_part()
                 .bucket(&self.url.bucket)
                 .key(&full_key)
                 .upload_id(id)
-                .multipart_upload(
-                    CompletedMultipartUpload::builder()
-                        .set_parts(Some(parts))
-                        .build(),
-                )
+                .part_number(number)
+                .set_checksum_algorithm(checksum.clone())
+                .body(body)
                 .send()
                 .await
-                .map_err(|e| self.error("PUT", key, e))?;
-            tracing::debug!(
-                key = full_key,
-                size,
-                parts = parts_done,
-                "uploaded in parts"
+                .map_err(|e| step(&format!("part {number}"), &e))?;
+            let Some(etag) = done.e_tag() else {
+                return Err(StorageError {
+                    op: "PUT",
+                    location: self.location(key),
+                    detail: format!("part {number}: the server returned no ETag"),
+                });
+            };
+            parts.push(
+                CompletedPart::builder()
+                    .part_number(number)
+                    .e_tag(etag)
+                    .set_checksum_crc32(done.checksum_crc32().map(str::to_owned))
+                    .build(),
             );
-            Ok(())
-        };
-        let r = upload.await;
-        if r.is_err() {
-            let _ = self
-                .client
-                .abort_multipart_upload()
-                .bucket(&self.url.bucket)
-                .key(&full_key)
-                .upload_id(id)
-                .send()
-                .await;
+            offset += len;
         }
-        r
+        let n = parts.len();
+        self.client
+            .complete_multipart_upload()
+            .bucket(&self.url.bucket)
+            .key(&full_key)
+            .upload_id(id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| step(&format!("completing the upload of {n} parts"), &e))?;
+        guard.armed = false;
+        tracing::debug!(key = full_key, size, parts = n, "uploaded in parts");
+        Ok(())
+    }
+}
+
+/// Aborts a multipart upload that did not complete, from wherever it was left.
+struct AbortOnDrop {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    key: String,
+    id: String,
+    armed: bool,
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let call = self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .upload_id(&self.id);
+        let (key, id) = (self.key.clone(), self.id.clone());
+        rt.spawn(async move {
+            if let Err(e) = call.send().await {
+                tracing::warn!(
+                    "could not abort the multipart upload {id} of {key} ({}); its parts stay until a lifecycle rule removes them",
+                    error_chain(&e)
+                );
+            }
+        });
     }
 }
 

@@ -381,7 +381,7 @@ impl Fetcher {
         let res = tokio::task::spawn_blocking(move || {
             // (whether the NAR itself was refused, why)
             let r = unpack_verified(reader, &info, &tmp)
-                .map_err(|e| (true, e))
+                .map_err(|e| (matches!(e, UnpackError::Refused(_)), e.to_string()))
                 .and_then(|tree| {
                     disk.commit(&tmp, &base, &info.nar_hash.to_nix_string())
                         .map(|()| tree)
@@ -510,11 +510,27 @@ pub fn read_ahead<R: tokio::io::AsyncRead + Unpin + Send + 'static>(mut body: R)
 /// thread) → NarHash/NarSize check → NAR unpacker writing into `dest`. One pass, no
 /// whole-NAR buffering. Returns the tree only if every check passed; the caller removes
 /// `dest` otherwise.
+/// Why a NAR was not unpacked: the archive itself was refused (hash, size, format,
+/// compression), or something local failed (disk, a panicked thread).
+#[derive(Debug, thiserror::Error)]
+pub enum UnpackError {
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Local(String),
+}
+
+impl From<String> for UnpackError {
+    fn from(s: String) -> Self {
+        UnpackError::Refused(s)
+    }
+}
+
 pub fn unpack_verified<R: Read + Send>(
     reader: R,
     info: &NarInfo,
     dest: &std::path::Path,
-) -> Result<Entry, String> {
+) -> Result<Entry, UnpackError> {
     let mut file = Checked {
         inner: reader,
         hasher: Hasher::default(),
@@ -523,7 +539,7 @@ pub fn unpack_verified<R: Read + Send>(
     };
     let compression = info.compression.clone();
     if let Compression::Unknown(c) = &compression {
-        return Err(format!("unsupported compression '{c}'"));
+        return Err(format!("unsupported compression '{c}'").into());
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(IN_FLIGHT);
     std::thread::scope(|scope| {
@@ -561,11 +577,14 @@ pub fn unpack_verified<R: Read + Send>(
             limit: info.nar_size,
             what: "NAR",
         };
-        let unpacked = nar::unpack(&mut nar_stream, dest).map_err(|e| format!("bad NAR: {e}"));
+        let unpacked = nar::unpack(&mut nar_stream, dest).map_err(|e| match e {
+            nar::NarError::Write(_) => UnpackError::Local(e.to_string()),
+            e => UnpackError::Refused(format!("bad NAR: {e}")),
+        });
         drop(nar_stream.inner); // lets a decoder blocked on a full channel finish
         let file_hasher = decoding
             .join()
-            .map_err(|_| "decompressor panicked".to_owned());
+            .map_err(|_| UnpackError::Local("decompressor panicked".to_owned()));
         let tree = unpacked?;
         let file_hasher = file_hasher??;
         let nar_hasher = nar_stream.hasher;
@@ -574,27 +593,26 @@ pub fn unpack_verified<R: Read + Send>(
                 "NarSize mismatch: expected {}, got {}",
                 info.nar_size,
                 nar_hasher.len()
-            ));
+            )
+            .into());
         }
         let got = nar_hasher.finish();
         if got != info.nar_hash {
-            return Err(format!(
-                "NarHash mismatch: expected {}, got {got}",
-                info.nar_hash
-            ));
+            return Err(format!("NarHash mismatch: expected {}, got {got}", info.nar_hash).into());
         }
         if let Some(size) = info.file_size {
             if file_hasher.len() != size {
                 return Err(format!(
                     "FileSize mismatch: expected {size}, got {}",
                     file_hasher.len()
-                ));
+                )
+                .into());
             }
         }
         if let Some(expected) = info.file_hash {
             let got: Sha256 = file_hasher.finish();
             if got != expected {
-                return Err(format!("FileHash mismatch: expected {expected}, got {got}"));
+                return Err(format!("FileHash mismatch: expected {expected}, got {got}").into());
             }
         }
         Ok(tree)
@@ -638,7 +656,7 @@ mod tests {
 
     fn attempt(info: &NarInfo, file: &[u8]) -> Result<Entry, String> {
         let d = tempfile::tempdir().unwrap();
-        unpack_verified(file, info, &d.path().join("out"))
+        unpack_verified(file, info, &d.path().join("out")).map_err(|e| e.to_string())
     }
 
     #[test]

@@ -171,10 +171,14 @@ fn a_full_disk_fails_that_path_only() {
     let (rel, _) = big_file();
     assert_eq!(read_err(&m.p(&rel)), Some(libc::EIO));
     assert!(
-        m.log_text().contains("No space left on device"),
+        m.log_text()
+            .contains("writing the unpacked path: No space left on device"),
         "{}",
         m.log_text()
     );
+    // a local fault, not a verdict on the NAR
+    assert_eq!(m.stat("verification_failures_total{kind=\"nar\"}"), 0);
+    assert!(m.stat("nar_requests_total{result=\"failed\"}") >= 1);
     assert_eq!(
         std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
         0

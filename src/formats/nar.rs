@@ -18,6 +18,10 @@ const MAGIC: &[u8] = b"nix-archive-1";
 pub enum NarError {
     #[error("{0}")]
     Io(#[from] io::Error),
+    /// Writing the unpacked tree failed (disk full, permissions): a local fault,
+    /// not a fault of the archive.
+    #[error("writing the unpacked path: {0}")]
+    Write(io::Error),
     #[error("not a NAR (bad magic)")]
     Magic,
     #[error("at NAR offset {offset}: expected {expected}, found {found}")]
@@ -210,7 +214,8 @@ fn node<R: Read>(
                 .create_new(true)
                 .mode(if executable { 0o555 } else { 0o444 })
                 .custom_flags(libc::O_NOFOLLOW)
-                .open(path)?;
+                .open(path)
+                .map_err(NarError::Write)?;
             let mut left = size;
             while left > 0 {
                 let n = left.min(copy_buf.len() as u64) as usize;
@@ -224,7 +229,7 @@ fn node<R: Read>(
                         NarError::Io(e)
                     }
                 })?;
-                f.write_all(&copy_buf[..n])?;
+                f.write_all(&copy_buf[..n]).map_err(NarError::Write)?;
                 rd.pos += n as u64;
                 left -= n as u64;
             }
@@ -248,12 +253,15 @@ fn node<R: Read>(
             }
             let target: Box<[u8]> = rd.buf.as_slice().into();
             use std::os::unix::ffi::OsStrExt;
-            symlink(std::ffi::OsStr::from_bytes(&target), path)?;
+            symlink(std::ffi::OsStr::from_bytes(&target), path).map_err(NarError::Write)?;
             rd.tag(")")?;
             Ok(Entry::Symlink { target })
         }
         _ => {
-            fs::DirBuilder::new().mode(0o755).create(path)?;
+            fs::DirBuilder::new()
+                .mode(0o755)
+                .create(path)
+                .map_err(NarError::Write)?;
             let mut entries: Vec<(Box<[u8]>, Entry)> = Vec::new();
             let mut child = PathBuf::from(path);
             loop {

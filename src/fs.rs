@@ -759,9 +759,10 @@ impl Fs {
                 }
                 let info = self.info(id).await?;
                 if self.use_listings && !self.fetcher.disk().has_path(info.store_path.basename()) {
-                    match self.fetcher.listing(info).await {
+                    match self.fetcher.listing(info.clone()).await {
                         Ok(Some(tree)) => {
-                            self.index.attach_tree(id, &tree, TreeSource::Listing);
+                            self.index
+                                .attach_tree(id, &tree, TreeSource::Listing, &info.nar_hash);
                             return Ok(());
                         }
                         Ok(None) => {}
@@ -785,7 +786,9 @@ impl Fs {
                 match self.fetcher.content(info.clone()).await {
                     Ok(tree) => {
                         self.index.set_failed(id, false);
-                        let stale = self.index.attach_tree(id, &tree, TreeSource::Nar);
+                        let stale =
+                            self.index
+                                .attach_tree(id, &tree, TreeSource::Nar, &info.nar_hash);
                         self.index.set_unpacked(id, true);
                         self.invalidate(stale);
                         self.evict_for(id);
@@ -801,8 +804,9 @@ impl Fs {
         }
     }
 
-    /// Drops stale kernel entries off the request path: the kernel may hold a
-    /// directory lock while it waits for one of our replies.
+    /// Drops stale kernel entries (and with them the kernel's cached listing of their
+    /// directory) off the request path: the kernel may hold a directory lock while it
+    /// waits for one of our replies.
     fn invalidate(&self, stale: crate::index::Stale) {
         if stale.is_empty() {
             return;

@@ -4,6 +4,7 @@
 //! accepted; the nodes inside it get inodes when its tree is attached. Inode numbers are
 //! never reused during a mount, so they are stable for its life.
 
+use crate::formats::hash::Sha256;
 use crate::formats::listing::Entry;
 use crate::formats::nixbase32;
 use crate::formats::store_path::StorePath;
@@ -57,6 +58,9 @@ pub enum TreeSource {
 pub struct StorePathEntry {
     pub ino: u64,
     pub tree: Option<TreeSource>,
+    /// The first 8 bytes of the NarHash the tree was built for: a path pushed again
+    /// with different contents (a non-reproducible build) gets a new tree.
+    pub tree_nar: u64,
     /// Its verified contents are in the disk cache.
     pub unpacked: bool,
     /// The last fetch of its contents failed: check the narinfo again before retrying.
@@ -116,6 +120,7 @@ impl Index {
         g.paths.push(StorePathEntry {
             ino,
             tree: None,
+            tree_nar: 0,
             unpacked: false,
             failed: false,
         });
@@ -171,24 +176,40 @@ impl Index {
         self.inner.read().unwrap().paths[id as usize].failed
     }
 
-    /// Gives a store path its tree. A listing never replaces anything; the NAR's tree
-    /// replaces a listing's when they differ (the NAR wins), and then the returned
-    /// entries are stale in the kernel's caches.
-    pub fn attach_tree(&self, id: PathId, tree: &Entry, source: TreeSource) -> Stale {
+    /// Gives a store path its tree, built for the NAR whose NarHash is `nar_hash`. A
+    /// listing never replaces anything. The NAR's tree replaces a listing's when they
+    /// differ (the NAR wins), and replaces an earlier NAR's tree when the cache now
+    /// holds different contents for the path; then the returned entries are stale in
+    /// the kernel's caches, the path's top directory included (`(ROOT, name)`).
+    pub fn attach_tree(
+        &self,
+        id: PathId,
+        tree: &Entry,
+        source: TreeSource,
+        nar_hash: &Sha256,
+    ) -> Stale {
+        let tag = u64::from_le_bytes(nar_hash.0[..8].try_into().expect("8 bytes"));
         let mut g = self.inner.write().unwrap();
         let ino = g.paths[id as usize].ino;
         let mut stale = Vec::new();
+        let same_nar = g.paths[id as usize].tree_nar == tag;
         match (g.paths[id as usize].tree, source) {
             (None, _) => {}
-            (Some(TreeSource::Listing), TreeSource::Nar) => {
+            (Some(TreeSource::Listing), TreeSource::Nar) if same_nar && g.matches(ino, tree) => {
                 g.paths[id as usize].tree = Some(TreeSource::Nar);
-                if g.matches(ino, tree) {
-                    return stale;
+                return stale;
+            }
+            (Some(was), TreeSource::Nar) if was == TreeSource::Listing || !same_nar => {
+                let name = String::from_utf8_lossy(&g.node(ino).name).into_owned();
+                if was == TreeSource::Listing {
+                    tracing::warn!(
+                        "the .ls listing of /nix/store/{name} disagrees with its verified NAR; serving the NAR"
+                    );
+                } else {
+                    tracing::warn!(
+                        "/nix/store/{name} was pushed again with different contents; serving the new ones"
+                    );
                 }
-                tracing::warn!(
-                    "the .ls listing of /nix/store/{} disagrees with its verified NAR; serving the NAR",
-                    String::from_utf8_lossy(&g.node(ino).name)
-                );
                 g.collect_entries(ino, &mut stale);
                 g.mark_stale(ino);
                 let name = g.nodes[(ino - 2) as usize].name.clone();
@@ -199,6 +220,7 @@ impl Index {
         let kind = g.build(id, ino, tree);
         g.nodes[(ino - 2) as usize].kind = kind;
         g.paths[id as usize].tree = Some(source);
+        g.paths[id as usize].tree_nar = tag;
         stale
     }
 
@@ -386,5 +408,61 @@ impl Inner {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(size: u64) -> Entry {
+        Entry::Directory {
+            entries: vec![(
+                b"f".to_vec().into(),
+                Entry::Regular {
+                    size,
+                    executable: false,
+                    nar_offset: None,
+                },
+            )],
+        }
+    }
+
+    #[test]
+    fn trees_are_replaced_only_by_a_disagreeing_or_different_nar() {
+        let index = Index::default();
+        let sp = StorePath::from_basename("00000000000000000000000000000000-p").unwrap();
+        let id = index.add_path(&sp);
+        let top = index.path_ino(id);
+        let (h1, h2) = (Sha256::digest(b"one"), Sha256::digest(b"two"));
+        let child = || index.child(top, b"f").unwrap();
+
+        assert!(index
+            .attach_tree(id, &tree(3), TreeSource::Listing, &h1)
+            .is_empty());
+        let listed = child();
+        // a listing never replaces, an agreeing NAR keeps the inodes
+        assert!(index
+            .attach_tree(id, &tree(4), TreeSource::Listing, &h1)
+            .is_empty());
+        assert!(index
+            .attach_tree(id, &tree(3), TreeSource::Nar, &h1)
+            .is_empty());
+        assert_eq!(child(), listed);
+        // the same NAR again (after an eviction) changes nothing
+        assert!(index
+            .attach_tree(id, &tree(3), TreeSource::Nar, &h1)
+            .is_empty());
+        assert!(index
+            .attach_tree(id, &tree(3), TreeSource::Listing, &h2)
+            .is_empty());
+        // another NAR for the path, even of the same shape: new inodes, old ones stale
+        let stale = index.attach_tree(id, &tree(3), TreeSource::Nar, &h2);
+        assert_eq!(stale.len(), 2, "{stale:?}");
+        assert!(stale.contains(&(top, b"f".to_vec().into())));
+        assert!(stale.contains(&(ROOT, sp.basename().as_bytes().into())));
+        assert_ne!(child(), listed);
+        assert_eq!(index.node(listed).unwrap().kind, Kind::Stale);
+        assert_eq!(index.node(top).unwrap().tree, Some(TreeSource::Nar));
     }
 }

@@ -456,3 +456,96 @@ fn an_unpacked_copy_is_served_only_under_its_own_nar_hash() {
     let m = Mounted::start(&s3.url(s3.port, "h"), &[&key], Some(cache_dir.path()), &[]);
     assert_eq!(std::fs::read(m.p(&base)).unwrap(), b"second push\n");
 }
+
+/// The NAR of a directory tree given as (relative path, contents) files.
+fn tree_nar(files: &[(&str, &str)]) -> Vec<u8> {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("p");
+    for (rel, text) in files {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+    Writer::new(Vec::new()).dump_path(&root).unwrap()
+}
+
+/// A path pushed again with different contents (a non-reproducible build pushed from
+/// another machine) is served with its new tree once its old NAR is gone: nothing of
+/// the old tree stays in the index or in the kernel's caches.
+#[test]
+fn a_path_pushed_again_with_other_contents_gets_its_new_tree() {
+    let s3 = S3Server::start();
+    let cache = Cache::new(&s3);
+    let key = cache.sk.public().to_nix_string();
+    let a = tree_nar(&[("bin/tool", "A\n"), ("share/a", "a\n")]);
+    let name = cache.put("repushed", &a, Compression::None, &a, |_| {});
+    let neighbour = cache.put_good("neighbour");
+    // room for the five inodes of the path's tree, not for the neighbour as well
+    let m = Mounted::start(
+        &s3.url(s3.port, "h"),
+        &[&key],
+        None,
+        &["--refresh-interval", "0", "--cache-size", "20K"],
+    );
+    let top = m.p(&name);
+    let names = |d: &std::path::Path| {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        std::fs::read_to_string(top.join("bin/tool")).unwrap(),
+        "A\n"
+    );
+    for _ in 0..2 {
+        assert_eq!(names(&top), ["bin", "share"]);
+        assert_eq!(names(&top.join("bin")), ["tool"]);
+    }
+
+    // a shell with its working directory there keeps the top directory's inode alive
+    let _cwd = std::fs::File::open(&top).unwrap();
+
+    // pushed again: new narinfo, new NAR, the old NAR gone; then the path is evicted
+    // (reading the neighbour), so the next read must fetch
+    let b = tree_nar(&[
+        ("bin/tool", "B, longer\n"),
+        ("bin/extra", "x\n"),
+        ("lib/l", "l\n"),
+    ]);
+    let old_url = cache.dir.join(format!(
+        "nar/{}.nar",
+        &Sha256::digest(&a).to_nix_string()[7..]
+    ));
+    cache.put("repushed", &b, Compression::None, &b, |_| {});
+    std::fs::remove_file(old_url).unwrap();
+    assert_eq!(std::fs::read(m.p(&neighbour)).unwrap(), b"good content\n");
+    m.wait_log("evicted from the cache directory");
+
+    // the first reads may fail (the old NAR is gone; the narinfo is checked again)
+    let t = std::time::Instant::now();
+    loop {
+        if let Ok(s) = std::fs::read_to_string(top.join("bin/tool")) {
+            assert_eq!(s, "B, longer\n");
+            break;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "{}",
+            m.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        m.log_text()
+            .contains("was pushed again with different contents"),
+        "{}",
+        m.log_text()
+    );
+    assert_eq!(names(&top), ["bin", "lib"]);
+    assert_eq!(names(&top.join("bin")), ["extra", "tool"]);
+    assert_eq!(std::fs::read_to_string(top.join("lib/l")).unwrap(), "l\n");
+    assert!(read_err(&top.join("share/a")).is_some());
+}

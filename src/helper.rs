@@ -50,7 +50,6 @@ fn ignored(opt: &str) -> bool {
             | "suid"
             | "nosuid"
             | "exec"
-            | "noexec"
             | "atime"
             | "noatime"
             | "relatime"
@@ -100,6 +99,14 @@ pub fn translate(args: &[String]) -> Result<Vec<String>, String> {
     for opt in opts.iter().flat_map(|o| o.split(',')) {
         if ignored(opt) {
             continue;
+        }
+        if opt == "noexec" {
+            // silently ignoring it would leave a mount the user believes noexec
+            return Err(
+                "mount option 'noexec' is not supported: a narfs mount serves programs \
+                 (it is always nosuid and nodev); remove it"
+                    .into(),
+            );
         }
         if let Some(&(_, flag)) = FLAGS.iter().find(|(name, _)| *name == opt) {
             out.push(flag.into());
@@ -249,6 +256,10 @@ mod tests {
                 "expected CACHE_URL MOUNTPOINT",
             ),
             (&["narfs", "u", "/m", "-o"][..], "-o needs a value"),
+            (
+                &["narfs", "u", "/m", "-o", "ro,noexec"][..],
+                "'noexec' is not supported",
+            ),
             (&["narfs", "u", "/m", "--bogus"][..], "unknown argument"),
         ] {
             let e = translate(&s(bad)).unwrap_err();

@@ -50,7 +50,9 @@ impl S3Storage {
                 .endpoint_url()
                 .unwrap_or_else(|| format!("AWS S3 {}", url.region)),
             url: url.clone(),
-            aws: url.endpoint_url().is_none(),
+            aws: url.endpoint_url().is_none()
+                && std::env::var_os("AWS_ENDPOINT_URL").is_none()
+                && std::env::var_os("AWS_ENDPOINT_URL_S3").is_none(),
         }
     }
 
@@ -112,70 +114,84 @@ impl S3Storage {
             id: id.to_owned(),
             armed: true,
         };
-        let part_size = MIN_PART.max(size.div_ceil(9_000));
-        let mut parts = Vec::new();
-        let mut offset = 0;
-        for number in 1.. {
-            if offset >= size {
-                break;
+        let uploaded = async {
+            let part_size = MIN_PART.max(size.div_ceil(9_000));
+            let mut parts = Vec::new();
+            let mut offset = 0;
+            for number in 1.. {
+                if offset >= size {
+                    break;
+                }
+                let len = part_size.min(size - offset);
+                let body = ByteStream::read_from()
+                    .path(path)
+                    .offset(offset)
+                    .length(Length::Exact(len))
+                    .build()
+                    .await
+                    .map_err(|e| StorageError {
+                        op: "PUT",
+                        location: self.location(key),
+                        detail: format!("{}: {e}", path.display()),
+                    })?;
+                let done = self
+                    .client
+                    .upload_part()
+                    .bucket(&self.url.bucket)
+                    .key(&full_key)
+                    .upload_id(id)
+                    .part_number(number)
+                    .set_checksum_algorithm(checksum.clone())
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|e| step(&format!("part {number}"), &e))?;
+                let Some(etag) = done.e_tag() else {
+                    return Err(StorageError {
+                        op: "PUT",
+                        location: self.location(key),
+                        detail: format!("part {number}: the server returned no ETag"),
+                    });
+                };
+                parts.push(
+                    CompletedPart::builder()
+                        .part_number(number)
+                        .e_tag(etag)
+                        .set_checksum_crc32(done.checksum_crc32().map(str::to_owned))
+                        .build(),
+                );
+                offset += len;
             }
-            let len = part_size.min(size - offset);
-            let body = ByteStream::read_from()
-                .path(path)
-                .offset(offset)
-                .length(Length::Exact(len))
-                .build()
-                .await
-                .map_err(|e| StorageError {
-                    op: "PUT",
-                    location: self.location(key),
-                    detail: format!("{}: {e}", path.display()),
-                })?;
-            let done = self
-                .client
-                .upload_part()
+            let n = parts.len();
+            self.client
+                .complete_multipart_upload()
                 .bucket(&self.url.bucket)
                 .key(&full_key)
                 .upload_id(id)
-                .part_number(number)
-                .set_checksum_algorithm(checksum.clone())
-                .body(body)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                )
                 .send()
                 .await
-                .map_err(|e| step(&format!("part {number}"), &e))?;
-            let Some(etag) = done.e_tag() else {
-                return Err(StorageError {
-                    op: "PUT",
-                    location: self.location(key),
-                    detail: format!("part {number}: the server returned no ETag"),
-                });
-            };
-            parts.push(
-                CompletedPart::builder()
-                    .part_number(number)
-                    .e_tag(etag)
-                    .set_checksum_crc32(done.checksum_crc32().map(str::to_owned))
-                    .build(),
-            );
-            offset += len;
+                .map_err(|e| step(&format!("completing the upload of {n} parts"), &e))?;
+            Ok::<_, StorageError>(n)
         }
-        let n = parts.len();
-        self.client
-            .complete_multipart_upload()
-            .bucket(&self.url.bucket)
-            .key(&full_key)
-            .upload_id(id)
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .set_parts(Some(parts))
-                    .build(),
-            )
-            .send()
-            .await
-            .map_err(|e| step(&format!("completing the upload of {n} parts"), &e))?;
+        .await;
         guard.armed = false;
-        tracing::debug!(key = full_key, size, parts = n, "uploaded in parts");
-        Ok(())
+        match uploaded {
+            Ok(n) => {
+                tracing::debug!(key = full_key, size, parts = n, "uploaded in parts");
+                Ok(())
+            }
+            Err(e) => {
+                // awaited here: a push that fails next exits, and a spawned abort
+                // would die with it
+                guard.abort().await;
+                Err(e)
+            }
+        }
     }
 }
 
@@ -188,14 +204,8 @@ struct AbortOnDrop {
     armed: bool,
 }
 
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
+impl AbortOnDrop {
+    fn abort(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let call = self
             .client
             .abort_multipart_upload()
@@ -203,14 +213,27 @@ impl Drop for AbortOnDrop {
             .key(&self.key)
             .upload_id(&self.id);
         let (key, id) = (self.key.clone(), self.id.clone());
-        rt.spawn(async move {
+        async move {
             if let Err(e) = call.send().await {
                 tracing::warn!(
                     "could not abort the multipart upload {id} of {key} ({}); its parts stay until a lifecycle rule removes them",
                     error_chain(&e)
                 );
             }
-        });
+        }
+    }
+}
+
+impl Drop for AbortOnDrop {
+    /// Cancelled mid-upload (the push was dropped): abort in the background, as
+    /// well as the runtime still allows.
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(self.abort());
+        }
     }
 }
 

@@ -34,6 +34,13 @@ impl From<String> for FetchError {
     }
 }
 
+/// A path's verified contents, unpacked in the disk cache.
+#[derive(Debug)]
+pub struct Content {
+    pub tree: Arc<Entry>,
+    pub nar_hash: Sha256,
+}
+
 /// The answer to "does the cache hold this store path?".
 #[derive(Clone, Debug)]
 pub enum Lookup {
@@ -52,7 +59,7 @@ pub struct Fetcher {
     disk: Arc<DiskCache>,
     narinfos: SingleFlight<String, Lookup, FetchError>,
     listings: SingleFlight<String, Option<Arc<Entry>>, FetchError>,
-    nars: SingleFlight<String, Arc<Entry>, FetchError>,
+    nars: SingleFlight<String, Arc<Content>, FetchError>,
     negative: Mutex<HashMap<String, Instant>>,
     negative_ttl: Duration,
     policy: Policy,
@@ -279,14 +286,22 @@ impl Fetcher {
     }
 
     /// Makes the path's contents available in the disk cache and returns its tree.
+    /// The tree comes with the NarHash it was verified against: a caller holding a
+    /// newer narinfo may have joined a fetch started with an older one.
     pub async fn content(
         self: &Arc<Self>,
         info: Arc<NarInfo>,
-    ) -> Result<Arc<Entry>, Arc<FetchError>> {
+    ) -> Result<Arc<Content>, Arc<FetchError>> {
         let me = self.clone();
         self.nars
             .run(info.store_path.hash_part().to_owned(), move || async move {
-                me.fetch_content(info).await.map(Arc::new)
+                let nar_hash = info.nar_hash;
+                me.fetch_content(info).await.map(|tree| {
+                    Arc::new(Content {
+                        tree: Arc::new(tree),
+                        nar_hash,
+                    })
+                })
             })
             .await
     }
@@ -506,10 +521,6 @@ pub fn read_ahead<R: tokio::io::AsyncRead + Unpin + Send + 'static>(mut body: R)
     ChannelReader::new(rx)
 }
 
-/// The streaming pipeline: compressed bytes → FileHash check → decompressor (its own
-/// thread) → NarHash/NarSize check → NAR unpacker writing into `dest`. One pass, no
-/// whole-NAR buffering. Returns the tree only if every check passed; the caller removes
-/// `dest` otherwise.
 /// Why a NAR was not unpacked: the archive itself was refused (hash, size, format,
 /// compression), or something local failed (disk, a panicked thread).
 #[derive(Debug, thiserror::Error)]
@@ -526,6 +537,10 @@ impl From<String> for UnpackError {
     }
 }
 
+/// The streaming pipeline: compressed bytes → FileHash check → decompressor (its own
+/// thread) → NarHash/NarSize check → NAR unpacker writing into `dest`. One pass, no
+/// whole-NAR buffering. Returns the tree only if every check passed; the caller removes
+/// `dest` otherwise.
 pub fn unpack_verified<R: Read + Send>(
     reader: R,
     info: &NarInfo,
@@ -582,11 +597,13 @@ pub fn unpack_verified<R: Read + Send>(
             e => UnpackError::Refused(format!("bad NAR: {e}")),
         });
         drop(nar_stream.inner); // lets a decoder blocked on a full channel finish
-        let file_hasher = decoding
-            .join()
-            .map_err(|_| UnpackError::Local("decompressor panicked".to_owned()));
+                                // a panicked decompressor looks like a truncated NAR to the unpacker: say
+                                // what happened first
+        let Ok(file_hasher) = decoding.join() else {
+            return Err(UnpackError::Local("decompressor panicked".to_owned()));
+        };
         let tree = unpacked?;
-        let file_hasher = file_hasher??;
+        let file_hasher = file_hasher?;
         let nar_hasher = nar_stream.hasher;
         if nar_hasher.len() != info.nar_size {
             return Err(format!(

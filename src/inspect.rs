@@ -95,6 +95,7 @@ impl Session {
         self.fetcher
             .content(info.clone())
             .await
+            .map(|c| c.tree.clone())
             .map_err(|e| e.to_string())
     }
 

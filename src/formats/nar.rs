@@ -156,6 +156,16 @@ impl<R: Read> Reader<'_, R> {
 /// Regular files get mode 0444 (0555 if executable), directories 0755 so the disk cache
 /// can remove them. On error, `dest` may hold a partial tree: the caller owns cleanup
 /// (it unpacks into a temporary directory).
+/// A failure to write the unpacked tree: local, unless the archive's own names made
+/// a path too long for the file system.
+fn write_error(e: io::Error) -> NarError {
+    if e.raw_os_error() == Some(libc::ENAMETOOLONG) {
+        NarError::Io(e)
+    } else {
+        NarError::Write(e)
+    }
+}
+
 pub fn unpack<R: Read>(r: &mut R, dest: &Path) -> Result<Entry, NarError> {
     let mut rd = Reader {
         r,
@@ -215,7 +225,7 @@ fn node<R: Read>(
                 .mode(if executable { 0o555 } else { 0o444 })
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(path)
-                .map_err(NarError::Write)?;
+                .map_err(write_error)?;
             let mut left = size;
             while left > 0 {
                 let n = left.min(copy_buf.len() as u64) as usize;
@@ -229,7 +239,7 @@ fn node<R: Read>(
                         NarError::Io(e)
                     }
                 })?;
-                f.write_all(&copy_buf[..n]).map_err(NarError::Write)?;
+                f.write_all(&copy_buf[..n]).map_err(write_error)?;
                 rd.pos += n as u64;
                 left -= n as u64;
             }
@@ -253,7 +263,7 @@ fn node<R: Read>(
             }
             let target: Box<[u8]> = rd.buf.as_slice().into();
             use std::os::unix::ffi::OsStrExt;
-            symlink(std::ffi::OsStr::from_bytes(&target), path).map_err(NarError::Write)?;
+            symlink(std::ffi::OsStr::from_bytes(&target), path).map_err(write_error)?;
             rd.tag(")")?;
             Ok(Entry::Symlink { target })
         }
@@ -261,7 +271,7 @@ fn node<R: Read>(
             fs::DirBuilder::new()
                 .mode(0o755)
                 .create(path)
-                .map_err(NarError::Write)?;
+                .map_err(write_error)?;
             let mut entries: Vec<(Box<[u8]>, Entry)> = Vec::new();
             let mut child = PathBuf::from(path);
             loop {

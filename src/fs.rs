@@ -43,6 +43,8 @@ pub enum Need {
 /// Tells the kernel to forget cached entries; the FUSE adapter provides it.
 pub trait Invalidator: Send + Sync + 'static {
     fn entry(&self, parent: u64, name: &[u8]);
+    /// Drops the kernel's cached attributes and data of `ino`.
+    fn inode(&self, ino: u64);
 }
 
 #[derive(Debug)]
@@ -784,13 +786,13 @@ impl Fs {
                 }
                 let info = self.info(id).await?;
                 match self.fetcher.content(info.clone()).await {
-                    Ok(tree) => {
+                    Ok(c) => {
                         self.index.set_failed(id, false);
                         let stale =
                             self.index
-                                .attach_tree(id, &tree, TreeSource::Nar, &info.nar_hash);
+                                .attach_tree(id, &c.tree, TreeSource::Nar, &c.nar_hash);
                         self.index.set_unpacked(id, true);
-                        self.invalidate(stale);
+                        self.invalidate(stale, self.index.path_ino(id));
                         self.evict_for(id);
                         self.prefetch_references(&info);
                         Ok(())
@@ -804,15 +806,17 @@ impl Fs {
         }
     }
 
-    /// Drops stale kernel entries (and with them the kernel's cached listing of their
-    /// directory) off the request path: the kernel may hold a directory lock while it
-    /// waits for one of our replies.
-    fn invalidate(&self, stale: crate::index::Stale) {
+    /// Drops a replaced tree from the kernel's caches: its stale entries, and what it
+    /// cached of the path's top, which keeps its inode (pages of a file, the target of
+    /// a symlink, the listing of a directory). Off the request path: the kernel may
+    /// hold a directory lock while it waits for one of our replies.
+    fn invalidate(&self, stale: crate::index::Stale, top: u64) {
         if stale.is_empty() {
             return;
         }
         if let Some(inv) = self.invalidator.get().cloned() {
             std::thread::spawn(move || {
+                inv.inode(top);
                 for (parent, name) in stale.iter().rev() {
                     inv.entry(*parent, name);
                 }

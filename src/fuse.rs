@@ -138,6 +138,11 @@ impl crate::fs::Invalidator for KernelInvalidator {
             tracing::debug!("invalidating {}: {e}", String::from_utf8_lossy(name));
         }
     }
+    fn inode(&self, ino: u64) {
+        if let Err(e) = self.0.inval_inode(INodeNo(ino), 0, -1) {
+            tracing::debug!("invalidating inode {ino}: {e}");
+        }
+    }
 }
 
 fn errno(e: Errno) -> fuser::Errno {

@@ -464,5 +464,19 @@ mod tests {
         assert_ne!(child(), listed);
         assert_eq!(index.node(listed).unwrap().kind, Kind::Stale);
         assert_eq!(index.node(top).unwrap().tree, Some(TreeSource::Nar));
+
+        // a listing of the old narinfo, then the NAR of a newer one: rebuilt too
+        let sp = StorePath::from_basename("11111111111111111111111111111111-q").unwrap();
+        let id = index.add_path(&sp);
+        let top = index.path_ino(id);
+        assert!(index
+            .attach_tree(id, &tree(3), TreeSource::Listing, &h1)
+            .is_empty());
+        let listed = index.child(top, b"f").unwrap();
+        assert_eq!(
+            index.attach_tree(id, &tree(3), TreeSource::Nar, &h2).len(),
+            2
+        );
+        assert_ne!(index.child(top, b"f").unwrap(), listed);
     }
 }

@@ -549,3 +549,43 @@ fn a_path_pushed_again_with_other_contents_gets_its_new_tree() {
     assert_eq!(std::fs::read_to_string(top.join("lib/l")).unwrap(), "l\n");
     assert!(read_err(&top.join("share/a")).is_some());
 }
+
+/// The same for a path that is one file, re-pushed with contents of the same size:
+/// the kernel keeps no page of the old contents.
+#[test]
+fn a_single_file_path_pushed_again_is_read_afresh() {
+    let s3 = S3Server::start();
+    let cache = Cache::new(&s3);
+    let key = cache.sk.public().to_nix_string();
+    let a = file_nar(b"AAAA\n");
+    let name = cache.put("solo", &a, Compression::None, &a, |_| {});
+    let neighbour = cache.put_good("neighbour");
+    let m = Mounted::start(
+        &s3.url(s3.port, "h"),
+        &[&key],
+        None,
+        &["--refresh-interval", "0", "--cache-size", "4K"],
+    );
+    assert_eq!(std::fs::read(m.p(&name)).unwrap(), b"AAAA\n");
+    let b = file_nar(b"BBBB\n");
+    cache.put("solo", &b, Compression::None, &b, |_| {});
+    std::fs::remove_file(cache.dir.join(format!(
+        "nar/{}.nar",
+        &Sha256::digest(&a).to_nix_string()[7..]
+    )))
+    .unwrap();
+    assert_eq!(std::fs::read(m.p(&neighbour)).unwrap(), b"good content\n");
+    m.wait_log("evicted from the cache directory");
+    let t = std::time::Instant::now();
+    loop {
+        match std::fs::read(m.p(&name)) {
+            Ok(s) if s == b"BBBB\n" => break,
+            r => assert!(
+                t.elapsed() < std::time::Duration::from_secs(10),
+                "{r:?}\n{}",
+                m.log_text()
+            ),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

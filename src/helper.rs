@@ -49,7 +49,6 @@ fn ignored(opt: &str) -> bool {
             | "nodev"
             | "suid"
             | "nosuid"
-            | "exec"
             | "atime"
             | "noatime"
             | "relatime"
@@ -96,17 +95,15 @@ pub fn translate(args: &[String]) -> Result<Vec<String>, String> {
     if !foreground {
         out.push("--daemon".into());
     }
+    let mut noexec = false;
     for opt in opts.iter().flat_map(|o| o.split(',')) {
         if ignored(opt) {
             continue;
         }
-        if opt == "noexec" {
-            // silently ignoring it would leave a mount the user believes noexec
-            return Err(
-                "mount option 'noexec' is not supported: a narfs mount serves programs \
-                 (it is always nosuid and nodev); remove it"
-                    .into(),
-            );
+        if opt == "noexec" || opt == "exec" {
+            // the last one wins, as in mount(8)
+            noexec = opt == "noexec";
+            continue;
         }
         if let Some(&(_, flag)) = FLAGS.iter().find(|(name, _)| *name == opt) {
             out.push(flag.into());
@@ -121,6 +118,9 @@ pub fn translate(args: &[String]) -> Result<Vec<String>, String> {
             Some(_) => return Err(format!("mount option '{name}' needs a value ({name}=...)")),
             None => return Err(format!("unknown mount option '{opt}'")),
         }
+    }
+    if noexec {
+        out.push("--noexec".into());
     }
     out.push(source);
     out.push(dir);
@@ -237,6 +237,13 @@ mod tests {
                 "/mnt",
             ])
         );
+        let noexec = translate(&s(&["narfs", "u", "/m", "-o", "exec,user,noexec"])).unwrap();
+        assert_eq!(
+            noexec,
+            s(&["narfs", "mount", "--daemon", "--noexec", "u", "/m"])
+        );
+        let exec = translate(&s(&["narfs", "u", "/m", "-o", "noexec,exec"])).unwrap();
+        assert!(!exec.contains(&"--noexec".to_owned()), "{exec:?}");
         let fg = translate(&s(&["narfs", "file:///c", "/mnt", "-f", "-ojobs=2"])).unwrap();
         assert_eq!(
             fg,
@@ -256,10 +263,6 @@ mod tests {
                 "expected CACHE_URL MOUNTPOINT",
             ),
             (&["narfs", "u", "/m", "-o"][..], "-o needs a value"),
-            (
-                &["narfs", "u", "/m", "-o", "ro,noexec"][..],
-                "'noexec' is not supported",
-            ),
             (&["narfs", "u", "/m", "--bogus"][..], "unknown argument"),
         ] {
             let e = translate(&s(bad)).unwrap_err();

@@ -158,6 +158,9 @@ struct MountArgs {
     /// path fetches its NAR: only verified attributes ever reach the kernel.
     #[arg(long)]
     no_open: bool,
+    /// Mount noexec: programs in the store cannot be run from the mount.
+    #[arg(long)]
+    noexec: bool,
     /// Time budget in seconds for fetching one object, retries included; after it the
     /// read fails with EIO and the next access tries afresh.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
@@ -693,6 +696,7 @@ fn main() -> ExitCode {
                 prefetch_references: a.prefetch_references,
                 passthrough: a.passthrough,
                 no_open: a.no_open,
+                noexec: a.noexec,
                 metrics_addr: a.metrics_addr,
             };
             match mount::run(opts) {

@@ -26,6 +26,7 @@ pub struct MountOptions {
     pub passthrough: bool,
     /// No FUSE opens; metadata only from verified NARs.
     pub no_open: bool,
+    pub noexec: bool,
     /// `HOST:PORT` to serve Prometheus metrics on.
     pub metrics_addr: Option<String>,
 }
@@ -196,7 +197,11 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
         fuser::MountOption::DefaultPermissions,
         fuser::MountOption::NoDev,
         fuser::MountOption::NoSuid,
-        fuser::MountOption::Exec,
+        if opts.noexec {
+            fuser::MountOption::NoExec
+        } else {
+            fuser::MountOption::Exec
+        },
     ];
     if opts.allow_other {
         config.acl = fuser::SessionACL::All;

@@ -690,3 +690,19 @@ fn br_and_gzip_caches_with_compressed_listings() {
         assert_eq!(proxy.gets(&format!("{c}/nar/")), 1, "{c}");
     }
 }
+
+#[test]
+fn noexec_mounts_serve_files_but_run_nothing() {
+    let f = fixture();
+    let e = env();
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &["--noexec"]);
+    let app = m.p(f.path("narfs-test-app")).join("bin/app");
+    assert!(std::fs::read(&app).unwrap().starts_with(b"#!"));
+    let err = Command::new(&app).status().unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+    drop(m);
+    // and without it, the same program runs
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &[]);
+    let app = m.p(f.path("narfs-test-app")).join("bin/app");
+    assert_eq!(run(&mut Command::new(&app)), "hello from lib\n");
+}

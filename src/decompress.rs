@@ -102,20 +102,22 @@ pub(crate) fn compressed(c: &Compression, data: &[u8]) -> Vec<u8> {
     }
 }
 
+/// Every compression narfs reads, for tests.
+#[cfg(test)]
+pub(crate) const ALL: [Compression; 6] = [
+    Compression::None,
+    Compression::Xz,
+    Compression::Zstd,
+    Compression::Bzip2,
+    Compression::Br,
+    Compression::Gzip,
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const JSON: &[u8] = br#"{"version":1,"root":{"type":"regular","size":3}}"#;
-
-    const ALL: [Compression; 6] = [
-        Compression::None,
-        Compression::Xz,
-        Compression::Zstd,
-        Compression::Bzip2,
-        Compression::Br,
-        Compression::Gzip,
-    ];
 
     #[test]
     fn every_compression_of_a_listing_is_recognised() {

@@ -83,11 +83,13 @@ impl S3Storage {
         use aws_sdk_s3::primitives::{ByteStream, Length};
         use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
         let full_key = self.url.key(key);
-        let step = |what: &str, e: &dyn std::error::Error| {
-            let mut err = self.error("PUT", key, e);
-            err.detail = format!("{what}: {}", err.detail);
-            err
+        let fail = |detail: String| StorageError {
+            op: "PUT",
+            location: self.location(key),
+            detail,
         };
+        let step =
+            |what: &str, e: &dyn std::error::Error| fail(format!("{what}: {}", error_chain(e)));
         // On AWS the SDK checksums each part; the upload must then say so up front.
         let checksum = self.aws.then_some(ChecksumAlgorithm::Crc32);
         let created = self
@@ -101,11 +103,9 @@ impl S3Storage {
             .await
             .map_err(|e| step("starting a multipart upload", &e))?;
         let Some(id) = created.upload_id() else {
-            return Err(StorageError {
-                op: "PUT",
-                location: self.location(key),
-                detail: "the server started a multipart upload without an upload id".into(),
-            });
+            return Err(fail(
+                "the server started a multipart upload without an upload id".into(),
+            ));
         };
         let mut guard = AbortOnDrop {
             client: self.client.clone(),
@@ -129,11 +129,7 @@ impl S3Storage {
                     .length(Length::Exact(len))
                     .build()
                     .await
-                    .map_err(|e| StorageError {
-                        op: "PUT",
-                        location: self.location(key),
-                        detail: format!("{}: {e}", path.display()),
-                    })?;
+                    .map_err(|e| fail(format!("{}: {e}", path.display())))?;
                 let done = self
                     .client
                     .upload_part()
@@ -147,11 +143,7 @@ impl S3Storage {
                     .await
                     .map_err(|e| step(&format!("part {number}"), &e))?;
                 let Some(etag) = done.e_tag() else {
-                    return Err(StorageError {
-                        op: "PUT",
-                        location: self.location(key),
-                        detail: format!("part {number}: the server returned no ETag"),
-                    });
+                    return Err(fail(format!("part {number}: the server returned no ETag")));
                 };
                 parts.push(
                     CompletedPart::builder()

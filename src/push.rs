@@ -393,6 +393,44 @@ pub trait Progress: Send + Sync {
 
 pub const NIX_CACHE_INFO: &str = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n";
 
+/// Packs one path and uploads its NAR (unless the cache has that NAR already) and
+/// its listing; the narinfo comes later, once its references are in.
+async fn upload_nar(
+    storage: &dyn Storage,
+    root: &Arc<PathBuf>,
+    tmp: &Path,
+    info: PathInfo,
+    c: Compression,
+) -> Result<NarInfo, String> {
+    let e = |e: crate::storage::StorageError| e.to_string();
+    let (root, tmp_dir) = (root.clone(), tmp.to_owned());
+    let p = tokio::task::spawn_blocking(move || pack(&root, &info, &c, &tmp_dir))
+        .await
+        .map_err(|e| format!("packing: {e}"))??;
+    if !storage.exists(&p.info.url).await.map_err(e)? {
+        storage
+            .put(
+                &p.info.url,
+                Upload::File(p.file.to_path_buf()),
+                "application/x-nix-nar",
+            )
+            .await
+            .map_err(e)?;
+    }
+    if let Some(ls) = &p.listing {
+        let key = format!("{}.ls", p.info.store_path.hash_part());
+        storage
+            .put(
+                &key,
+                Upload::Bytes(ls.clone().into_bytes()),
+                "application/json",
+            )
+            .await
+            .map_err(e)?;
+    }
+    Ok(p.info)
+}
+
 /// Pushes the closures `infos` (from `query_closure`) to `storage`.
 pub async fn push(
     storage: Arc<dyn Storage>,
@@ -453,41 +491,12 @@ pub async fn push(
                 if failed.load(std::sync::atomic::Ordering::SeqCst) {
                     return Err(String::new());
                 }
-                let r = async {
-                    let p = tokio::task::spawn_blocking(move || pack(&root, &info, &c, tmp.path()))
-                        .await
-                        .map_err(|e| format!("packing: {e}"))??;
-                    if !storage.exists(&p.info.url).await.map_err(e)? {
-                        storage
-                            .put(
-                                &p.info.url,
-                                Upload::File(p.file.to_path_buf()),
-                                "application/x-nix-nar",
-                            )
-                            .await
-                            .map_err(e)?;
+                let r = upload_nar(&*storage, &root, tmp.path(), info, c).await;
+                match &r {
+                    Ok(info) => {
+                        progress.done(&info.store_path, info.nar_size, info.file_size.unwrap_or(0))
                     }
-                    if let Some(ls) = &p.listing {
-                        let key = format!("{}.ls", p.info.store_path.hash_part());
-                        storage
-                            .put(
-                                &key,
-                                Upload::Bytes(ls.clone().into_bytes()),
-                                "application/json",
-                            )
-                            .await
-                            .map_err(e)?;
-                    }
-                    progress.done(
-                        &p.info.store_path,
-                        p.info.nar_size,
-                        p.info.file_size.unwrap_or(0),
-                    );
-                    Ok::<_, String>(p.info)
-                }
-                .await;
-                if r.is_err() {
-                    failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                    Err(_) => failed.store(true, std::sync::atomic::Ordering::SeqCst),
                 }
                 r
             }

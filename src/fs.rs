@@ -393,9 +393,7 @@ impl Fs {
     /// cache; the root (refreshed) and listing-built directories (the NAR may yet
     /// replace them) may not.
     pub fn dir_is_final(&self, ino: u64) -> bool {
-        self.index
-            .node(ino)
-            .is_some_and(|n| matches!(n.kind, Kind::Dir { .. }) && n.tree == Some(TreeSource::Nar))
+        self.index.is_verified_dir(ino)
     }
 
     /// Entries from `offset` on (0 = start; "." and ".." first), at most `max`.

@@ -160,6 +160,16 @@ impl Index {
         self.inner.read().unwrap().paths[id as usize].tree
     }
 
+    /// Whether `ino` is a directory of a path whose tree came from its verified NAR
+    /// (without copying the directory's children, as `node` does).
+    pub fn is_verified_dir(&self, ino: u64) -> bool {
+        let g = self.inner.read().unwrap();
+        let Some(n) = ino.checked_sub(2).and_then(|i| g.nodes.get(i as usize)) else {
+            return false;
+        };
+        matches!(n.kind, Kind::Dir { .. }) && g.paths[n.path as usize].tree == Some(TreeSource::Nar)
+    }
+
     pub fn is_unpacked(&self, id: PathId) -> bool {
         self.inner.read().unwrap().paths[id as usize].unpacked
     }

@@ -469,6 +469,23 @@ fn tree_nar(files: &[(&str, &str)]) -> Vec<u8> {
     Writer::new(Vec::new()).dump_path(&root).unwrap()
 }
 
+/// Pushes `name` again with the uncompressed NAR `new`, deletes its `old` NAR, and
+/// reads `neighbour` so that the path is evicted: its next read must fetch.
+fn repush_and_evict(
+    cache: &Cache,
+    m: &Mounted,
+    name: &str,
+    old: &[u8],
+    new: &[u8],
+    neighbour: &str,
+) {
+    cache.put(name, new, Compression::None, new, |_| {});
+    let old_url = format!("nar/{}.nar", &Sha256::digest(old).to_nix_string()[7..]);
+    std::fs::remove_file(cache.dir.join(old_url)).unwrap();
+    assert_eq!(std::fs::read(m.p(neighbour)).unwrap(), b"good content\n");
+    m.wait_log("evicted from the cache directory");
+}
+
 /// A path pushed again with different contents (a non-reproducible build pushed from
 /// another machine) is served with its new tree once its old NAR is gone: nothing of
 /// the old tree stays in the index or in the kernel's caches.
@@ -515,14 +532,7 @@ fn a_path_pushed_again_with_other_contents_gets_its_new_tree() {
         ("bin/extra", "x\n"),
         ("lib/l", "l\n"),
     ]);
-    let old_url = cache.dir.join(format!(
-        "nar/{}.nar",
-        &Sha256::digest(&a).to_nix_string()[7..]
-    ));
-    cache.put("repushed", &b, Compression::None, &b, |_| {});
-    std::fs::remove_file(old_url).unwrap();
-    assert_eq!(std::fs::read(m.p(&neighbour)).unwrap(), b"good content\n");
-    m.wait_log("evicted from the cache directory");
+    repush_and_evict(&cache, &m, "repushed", &a, &b, &neighbour);
 
     // the first reads may fail (the old NAR is gone; the narinfo is checked again)
     let t = std::time::Instant::now();
@@ -567,15 +577,7 @@ fn a_single_file_path_pushed_again_is_read_afresh() {
         &["--refresh-interval", "0", "--cache-size", "4K"],
     );
     assert_eq!(std::fs::read(m.p(&name)).unwrap(), b"AAAA\n");
-    let b = file_nar(b"BBBB\n");
-    cache.put("solo", &b, Compression::None, &b, |_| {});
-    std::fs::remove_file(cache.dir.join(format!(
-        "nar/{}.nar",
-        &Sha256::digest(&a).to_nix_string()[7..]
-    )))
-    .unwrap();
-    assert_eq!(std::fs::read(m.p(&neighbour)).unwrap(), b"good content\n");
-    m.wait_log("evicted from the cache directory");
+    repush_and_evict(&cache, &m, "solo", &a, &file_nar(b"BBBB\n"), &neighbour);
     let t = std::time::Instant::now();
     loop {
         match std::fs::read(m.p(&name)) {

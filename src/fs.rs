@@ -7,7 +7,7 @@
 
 use crate::fetch::{Fetcher, Lookup};
 use crate::formats::store_path::StorePath;
-use crate::index::{Index, Kind, PathId, TreeSource, ROOT};
+use crate::index::{Index, Kind, NodeView, PathId, TreeSource, ROOT};
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -43,8 +43,6 @@ pub enum Need {
 /// Tells the kernel to forget cached entries; the FUSE adapter provides it.
 pub trait Invalidator: Send + Sync + 'static {
     fn entry(&self, parent: u64, name: &[u8]);
-    /// Drops the kernel's cached attributes and data of `ino`.
-    fn inode(&self, ino: u64);
 }
 
 #[derive(Debug)]
@@ -69,6 +67,10 @@ pub struct Attr {
     pub size: u64,
     pub perm: u16,
     pub nlink: u32,
+    /// Comes from the verified NAR (or is the root's): the kernel may keep it. Anything
+    /// else came from an unsigned listing and must be asked for again at every use, so
+    /// the kernel never acts on a stale copy once the NAR is verified.
+    pub verified: bool,
 }
 
 impl Attr {
@@ -302,16 +304,12 @@ impl Fs {
         &self.index
     }
 
-    fn attr_of(&self, ino: u64, kind: &Kind) -> Outcome<Attr> {
-        let (kind, size, perm, nlink) = match kind {
+    fn attr_of(&self, n: &NodeView) -> Outcome<Attr> {
+        let ino = n.ino;
+        let (kind, size, perm, nlink) = match &n.kind {
             Kind::Root => (FileKind::Dir, DIR_SIZE, 0o555, 2),
-            Kind::Unloaded => {
-                let Some(n) = self.index.node(ino) else {
-                    return Ready(Err(Errno::ENOENT));
-                };
-                return Wait(Need::Tree(n.path));
-            }
-            Kind::Dir { .. } => (
+            Kind::Unloaded => return Wait(Need::Tree(n.path)),
+            Kind::Dir => (
                 FileKind::Dir,
                 DIR_SIZE,
                 0o555,
@@ -332,12 +330,13 @@ impl Fs {
             size,
             perm,
             nlink,
+            verified: n.kind == Kind::Root || n.tree == Some(TreeSource::Nar),
         }))
     }
 
     pub fn getattr(&self, ino: u64) -> Outcome<Attr> {
         match self.index.node(ino) {
-            Some(n) => self.attr_of(ino, &n.kind),
+            Some(n) => self.attr_of(&n),
             None => Ready(Err(Errno::ENOENT)),
         }
     }
@@ -360,7 +359,7 @@ impl Fs {
         };
         match n.kind {
             Kind::Unloaded => Wait(Need::Tree(n.path)),
-            Kind::Dir { .. } => match self.index.child(parent, name) {
+            Kind::Dir => match self.index.child(parent, name) {
                 Some(c) => self.getattr(c),
                 None => Ready(Err(Errno::ENOENT)),
             },
@@ -403,7 +402,7 @@ impl Fs {
         };
         match n.kind {
             Kind::Unloaded => return Wait(Need::Tree(n.path)),
-            Kind::Root | Kind::Dir { .. } => {}
+            Kind::Root | Kind::Dir => {}
             Kind::Stale => return Ready(Err(Errno::ESTALE)),
             _ => return Ready(Err(Errno::ENOTDIR)),
         }
@@ -443,7 +442,7 @@ impl Fs {
         match n.kind {
             Kind::File { .. } => {}
             Kind::Unloaded => return Wait(Need::Tree(n.path)),
-            Kind::Dir { .. } | Kind::Root => return Ready(Err(Errno::EISDIR)),
+            Kind::Dir | Kind::Root => return Ready(Err(Errno::EISDIR)),
             Kind::Symlink { .. } => return Ready(Err(Errno::EINVAL)),
             Kind::Stale => return Ready(Err(Errno::ESTALE)),
         }
@@ -761,8 +760,13 @@ impl Fs {
                 if self.use_listings && !self.fetcher.disk().has_path(info.store_path.basename()) {
                     match self.fetcher.listing(info.clone()).await {
                         Ok(Some(tree)) => {
-                            self.index
-                                .attach_tree(id, &tree, TreeSource::Listing, &info.nar_hash);
+                            let stale = self.index.attach_tree(
+                                id,
+                                &tree,
+                                TreeSource::Listing,
+                                &info.nar_hash,
+                            );
+                            self.invalidate(stale);
                             return Ok(());
                         }
                         Ok(None) => {}
@@ -790,7 +794,7 @@ impl Fs {
                             self.index
                                 .attach_tree(id, &c.tree, TreeSource::Nar, &c.nar_hash);
                         self.index.set_unpacked(id, true);
-                        self.invalidate(stale, self.index.path_ino(id));
+                        self.invalidate(stale);
                         self.evict_for(id);
                         self.prefetch_references(&info);
                         Ok(())
@@ -804,17 +808,27 @@ impl Fs {
         }
     }
 
-    /// Drops a replaced tree from the kernel's caches: its stale entries, and what it
-    /// cached of the path's top, which keeps its inode (pages of a file, the target of
-    /// a symlink, the listing of a directory). Off the request path: the kernel may
-    /// hold a directory lock while it waits for one of our replies.
-    fn invalidate(&self, stale: crate::index::Stale, top: u64) {
+    /// Drops a replaced tree from the kernel's caches: its entries, so names resolve
+    /// to the new inodes. Not needed for correctness (the old inodes answer ESTALE and
+    /// nothing of a listing is ever cached), but it spares the kernel a round trip.
+    /// Off the request path: the kernel may hold a directory lock while it waits for
+    /// one of our replies. Descriptors cached for the old inodes are closed.
+    fn invalidate(&self, stale: crate::index::Stale) {
         if stale.is_empty() {
             return;
         }
+        let mut fds = self.fd_cache.lock().unwrap();
+        let gone: Vec<u64> = fds
+            .iter()
+            .map(|(&ino, _)| ino)
+            .filter(|&ino| self.index.node(ino).is_none_or(|n| n.kind == Kind::Stale))
+            .collect();
+        for ino in gone {
+            fds.pop(&ino);
+        }
+        drop(fds);
         if let Some(inv) = self.invalidator.get().cloned() {
             std::thread::spawn(move || {
-                inv.inode(top);
                 for (parent, name) in stale.iter().rev() {
                     inv.entry(*parent, name);
                 }

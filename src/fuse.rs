@@ -138,11 +138,6 @@ impl crate::fs::Invalidator for KernelInvalidator {
             tracing::debug!("invalidating {}: {e}", String::from_utf8_lossy(name));
         }
     }
-    fn inode(&self, ino: u64) {
-        if let Err(e) = self.0.inval_inode(INodeNo(ino), 0, -1) {
-            tracing::debug!("invalidating inode {ino}: {e}");
-        }
-    }
 }
 
 fn errno(e: Errno) -> fuser::Errno {
@@ -179,11 +174,17 @@ fn to_attr(a: &Attr) -> FileAttr {
     }
 }
 
-fn ttl_for(ino: u64) -> Duration {
-    if ino == crate::index::ROOT {
+/// How long the kernel may keep an entry or attributes: long for what came from a
+/// verified NAR (store paths never change), not at all for what came from an unsigned
+/// listing (the kernel asks again at every use, so once the NAR is verified it sees
+/// the NAR's answer, and a refuted inode answers ESTALE), briefly for the root.
+fn ttl_for(a: &Attr) -> Duration {
+    if a.ino == crate::index::ROOT {
         ROOT_TTL
-    } else {
+    } else if a.verified {
         TTL
+    } else {
+        Duration::ZERO
     }
 }
 
@@ -220,7 +221,7 @@ impl fuser::Filesystem for NarFuse {
         self.run(
             move |fs| fs.lookup(parent.0, &name),
             move |r| match r {
-                Ok(a) => reply.entry(&TTL, &to_attr(&a), Generation(0)),
+                Ok(a) => reply.entry(&ttl_for(&a), &to_attr(&a), Generation(0)),
                 Err(e) => reply.error(errno(e)),
             },
         );
@@ -231,7 +232,7 @@ impl fuser::Filesystem for NarFuse {
         self.run(
             move |fs| fs.getattr(ino.0),
             move |r| match r {
-                Ok(a) => reply.attr(&ttl_for(a.ino), &to_attr(&a)),
+                Ok(a) => reply.attr(&ttl_for(&a), &to_attr(&a)),
                 Err(e) => reply.error(errno(e)),
             },
         );
@@ -401,7 +402,7 @@ impl fuser::Filesystem for NarFuse {
                 Ok(entries) => {
                     for (e, attr) in entries {
                         let (ttl, attr) = match attr {
-                            Some(a) => (ttl_for(a.ino).min(TTL), to_attr(&a)),
+                            Some(a) => (ttl_for(&a), to_attr(&a)),
                             None => (
                                 Duration::ZERO,
                                 to_attr(&Attr {
@@ -410,6 +411,7 @@ impl fuser::Filesystem for NarFuse {
                                     size: 0,
                                     perm: 0o555,
                                     nlink: 1,
+                                    verified: false,
                                 }),
                             ),
                         };

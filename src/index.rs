@@ -1,8 +1,13 @@
 //! The superblock: owns every inode of the mount.
 //!
-//! Inode 1 is the root. Each verified store path gets one inode when its narinfo is
-//! accepted; the nodes inside it get inodes when its tree is attached. Inode numbers are
-//! never reused during a mount, so they are stable for its life.
+//! Inode 1 is the root. Every store path owns one *tree*: a block of nodes whose inode
+//! numbers are `tree << 32 | position`, the path's top at position 0. A tree is built
+//! from a `.ls` listing or a verified NAR and replaced as a whole: when the verified NAR
+//! disagrees with the listing (or the path was pushed again with other contents) the
+//! path gets a new tree with new inode numbers, top included, and the old tree is freed.
+//! An inode of a freed tree answers ESTALE, so nothing the kernel learnt from a listing
+//! can outlive the verification that refuted it, and a forged listing costs memory only
+//! until its NAR arrives. Tree numbers are never reused during a mount.
 
 use crate::formats::hash::Sha256;
 use crate::formats::listing::Entry;
@@ -15,14 +20,13 @@ pub const ROOT: u64 = 1;
 
 pub type PathId = u32;
 
+/// What a node is, as the file system layer sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Kind {
     Root,
     /// A store path whose tree is not known yet.
     Unloaded,
-    Dir {
-        children: Vec<u64>,
-    },
+    Dir,
     File {
         size: u64,
         executable: bool,
@@ -30,17 +34,9 @@ pub enum Kind {
     Symlink {
         target: Box<[u8]>,
     },
-    /// A node of a listing's tree that the verified NAR replaced: every operation on
-    /// it fails (ESTALE), so nothing is ever resolved through the listing's shape.
+    /// A node of a tree that was replaced: every operation on it fails (ESTALE), so
+    /// nothing is ever resolved through the replaced tree's shape.
     Stale,
-}
-
-#[derive(Debug)]
-pub struct Node {
-    pub parent: u64,
-    pub path: PathId,
-    pub name: Box<[u8]>,
-    pub kind: Kind,
 }
 
 /// Where a store path's tree came from.
@@ -52,19 +48,55 @@ pub enum TreeSource {
     Nar,
 }
 
-/// Deliberately small: a known-but-unopened path costs this, its node and a map slot.
-/// The narinfo itself stays in the disk cache until the path is opened.
+/// Marks the top of a tree: its parent is the root.
+const TOP: u32 = u32::MAX;
+
+struct Node {
+    /// Position of the parent in the same tree, or `TOP`.
+    parent: u32,
+    name: Box<[u8]>,
+    kind: NodeKind,
+}
+
+enum NodeKind {
+    Unloaded,
+    Dir {
+        /// Positions in the same tree, sorted by name.
+        children: Box<[u32]>,
+        subdirs: u32,
+    },
+    File {
+        size: u64,
+        executable: bool,
+    },
+    Symlink {
+        target: Box<[u8]>,
+    },
+}
+
+struct Tree {
+    path: PathId,
+    /// Empty once the tree was replaced.
+    nodes: Vec<Node>,
+    live: bool,
+}
+
+/// Deliberately small: a known-but-unopened path costs this, its tree of one node and
+/// a map slot. The narinfo itself stays in the disk cache until the path is opened.
 #[derive(Debug)]
-pub struct StorePathEntry {
-    pub ino: u64,
-    pub tree: Option<TreeSource>,
+struct StorePathEntry {
+    /// Its current tree (1-based).
+    tree: u32,
+    /// Its position in the root listing.
+    root_pos: u32,
+    source: Option<TreeSource>,
     /// The first 8 bytes of the NarHash the tree was built for: a path pushed again
     /// with different contents (a non-reproducible build) gets a new tree.
-    pub tree_nar: u64,
+    tree_nar: u64,
     /// Its verified contents are in the disk cache.
-    pub unpacked: bool,
+    unpacked: bool,
     /// The last fetch of its contents failed: check the narinfo again before retrying.
-    pub failed: bool,
+    failed: bool,
 }
 
 /// Kernel caches to drop after a tree was replaced: `(directory inode, entry name)`.
@@ -72,11 +104,11 @@ pub type Stale = Vec<(u64, Box<[u8]>)>;
 
 #[derive(Default)]
 struct Inner {
-    /// `nodes[ino - 2]`; the root has no slot.
-    nodes: Vec<Node>,
+    /// `trees[t - 1]` is tree `t`.
+    trees: Vec<Tree>,
     paths: Vec<StorePathEntry>,
     by_hash: HashMap<[u8; 20], PathId>,
-    /// Root entries in the order they appeared, so readdir offsets stay valid while
+    /// Top inodes in the order paths appeared, so readdir offsets stay valid while
     /// the listing grows.
     root_order: Vec<u64>,
 }
@@ -100,6 +132,16 @@ pub struct NodeView {
     pub unpacked: bool,
 }
 
+fn ino(tree: u32, pos: u32) -> u64 {
+    (tree as u64) << 32 | pos as u64
+}
+
+/// `(tree, position)` of an inode other than the root.
+fn split(ino: u64) -> Option<(u32, u32)> {
+    let tree = (ino >> 32) as u32;
+    (tree > 0).then_some((tree, ino as u32))
+}
+
 impl Index {
     /// Adds a store path whose narinfo verified (idempotent); returns its id.
     pub fn add_path(&self, sp: &StorePath) -> PathId {
@@ -109,22 +151,18 @@ impl Index {
             return id;
         }
         let id = g.paths.len() as PathId;
-        let ino = g.nodes.len() as u64 + 2;
-        g.nodes.push(Node {
-            parent: ROOT,
-            path: id,
-            name: sp.basename().as_bytes().into(),
-            kind: Kind::Unloaded,
-        });
+        let tree = g.new_tree(id, sp.basename().as_bytes().into());
+        let root_pos = g.root_order.len() as u32;
+        g.root_order.push(ino(tree, 0));
         g.by_hash.insert(key, id);
         g.paths.push(StorePathEntry {
-            ino,
-            tree: None,
+            tree,
+            root_pos,
+            source: None,
             tree_nar: 0,
             unpacked: false,
             failed: false,
         });
-        g.root_order.push(ino);
         id
     }
 
@@ -141,33 +179,39 @@ impl Index {
         let key = hash_key(name.get(..32)?)?;
         let g = self.inner.read().unwrap();
         let &id = g.by_hash.get(&key)?;
-        let ino = g.paths[id as usize].ino;
-        (*g.node(ino).name == *name.as_bytes()).then_some(id)
+        (*g.top(id).name == *name.as_bytes()).then_some(id)
     }
 
     pub fn store_path(&self, id: PathId) -> StorePath {
         let g = self.inner.read().unwrap();
-        let name = &g.node(g.paths[id as usize].ino).name;
+        let name = &g.top(id).name;
         StorePath::from_basename(std::str::from_utf8(name).expect("validated"))
             .expect("validated store path")
     }
 
     pub fn path_ino(&self, id: PathId) -> u64 {
-        self.inner.read().unwrap().paths[id as usize].ino
+        ino(self.inner.read().unwrap().paths[id as usize].tree, 0)
+    }
+
+    /// The path owning inode `ino`, whether or not its tree is still current.
+    pub fn path_of(&self, ino: u64) -> Option<PathId> {
+        let (t, _) = split(ino)?;
+        Some(self.inner.read().unwrap().trees.get(t as usize - 1)?.path)
     }
 
     pub fn tree_source(&self, id: PathId) -> Option<TreeSource> {
-        self.inner.read().unwrap().paths[id as usize].tree
+        self.inner.read().unwrap().paths[id as usize].source
     }
 
     /// Whether `ino` is a directory of a path whose tree came from its verified NAR
-    /// (without copying the directory's children, as `node` does).
+    /// (without copying anything, as `node` does).
     pub fn is_verified_dir(&self, ino: u64) -> bool {
         let g = self.inner.read().unwrap();
-        let Some(n) = ino.checked_sub(2).and_then(|i| g.nodes.get(i as usize)) else {
+        let Some((tree, n)) = g.find(ino) else {
             return false;
         };
-        matches!(n.kind, Kind::Dir { .. }) && g.paths[n.path as usize].tree == Some(TreeSource::Nar)
+        matches!(n.kind, NodeKind::Dir { .. })
+            && g.paths[tree.path as usize].source == Some(TreeSource::Nar)
     }
 
     pub fn is_unpacked(&self, id: PathId) -> bool {
@@ -189,8 +233,9 @@ impl Index {
     /// Gives a store path its tree, built for the NAR whose NarHash is `nar_hash`. A
     /// listing never replaces anything. The NAR's tree replaces a listing's when they
     /// differ (the NAR wins), and replaces an earlier NAR's tree when the cache now
-    /// holds different contents for the path; then the returned entries are stale in
-    /// the kernel's caches, the path's top directory included (`(ROOT, name)`).
+    /// holds different contents for the path. A replaced tree is freed and its inodes
+    /// answer ESTALE; the returned entries are stale in the kernel's caches, the
+    /// path's top included (`(ROOT, name)`).
     pub fn attach_tree(
         &self,
         id: PathId,
@@ -200,17 +245,19 @@ impl Index {
     ) -> Stale {
         let tag = u64::from_le_bytes(nar_hash.0[..8].try_into().expect("8 bytes"));
         let mut g = self.inner.write().unwrap();
-        let ino = g.paths[id as usize].ino;
+        let p = &g.paths[id as usize];
+        let (old, same_nar) = (p.tree, p.tree_nar == tag);
         let mut stale = Vec::new();
-        let same_nar = g.paths[id as usize].tree_nar == tag;
-        match (g.paths[id as usize].tree, source) {
-            (None, _) => {}
-            (Some(TreeSource::Listing), TreeSource::Nar) if same_nar && g.matches(ino, tree) => {
-                g.paths[id as usize].tree = Some(TreeSource::Nar);
+        let replace = match (p.source, source) {
+            // The top was shown to the kernel (in the root's listing) as a directory
+            // before anything was known: a path that is not one gets a new inode.
+            (None, _) => !matches!(tree, Entry::Directory { .. }),
+            (Some(TreeSource::Listing), TreeSource::Nar) if same_nar && g.matches(old, 0, tree) => {
+                g.paths[id as usize].source = Some(TreeSource::Nar);
                 return stale;
             }
             (Some(was), TreeSource::Nar) if was == TreeSource::Listing || !same_nar => {
-                let name = String::from_utf8_lossy(&g.node(ino).name).into_owned();
+                let name = String::from_utf8_lossy(&g.top(id).name).into_owned();
                 if was == TreeSource::Listing {
                     tracing::warn!(
                         "the .ls listing of /nix/store/{name} disagrees with its verified NAR; serving the NAR"
@@ -220,22 +267,35 @@ impl Index {
                         "/nix/store/{name} was pushed again with different contents; serving the new ones"
                     );
                 }
-                g.collect_entries(ino, &mut stale);
-                g.mark_stale(ino);
-                let name = g.nodes[(ino - 2) as usize].name.clone();
-                stale.push((ROOT, name));
+                true
             }
             _ => return stale,
-        }
-        let kind = g.build(id, ino, tree);
-        g.nodes[(ino - 2) as usize].kind = kind;
-        g.paths[id as usize].tree = Some(source);
-        g.paths[id as usize].tree_nar = tag;
+        };
+        let t = if replace {
+            let name = g.top(id).name.clone();
+            g.collect_entries(old, 0, &mut stale);
+            stale.push((ROOT, name.clone()));
+            let t = g.new_tree(id, name);
+            let slot = &mut g.trees[old as usize - 1];
+            slot.nodes = Vec::new();
+            slot.live = false;
+            let pos = g.paths[id as usize].root_pos as usize;
+            g.root_order[pos] = ino(t, 0);
+            g.paths[id as usize].tree = t;
+            t
+        } else {
+            old
+        };
+        let tr = &mut g.trees[t as usize - 1];
+        let kind = build(&mut tr.nodes, 0, tree);
+        tr.nodes[0].kind = kind;
+        let p = &mut g.paths[id as usize];
+        p.source = Some(source);
+        p.tree_nar = tag;
         stale
     }
 
     pub fn node(&self, ino: u64) -> Option<NodeView> {
-        let g = self.inner.read().unwrap();
         if ino == ROOT {
             return Some(NodeView {
                 ino,
@@ -246,56 +306,87 @@ impl Index {
                 unpacked: false,
             });
         }
-        let n = g.nodes.get(ino.checked_sub(2)? as usize)?;
-        let p = &g.paths[n.path as usize];
+        let (t, pos) = split(ino)?;
+        let g = self.inner.read().unwrap();
+        let tree = g.trees.get(t as usize - 1)?;
+        let p = &g.paths[tree.path as usize];
+        if !tree.live {
+            return Some(NodeView {
+                ino,
+                parent: ROOT,
+                path: tree.path,
+                kind: Kind::Stale,
+                tree: None,
+                unpacked: false,
+            });
+        }
+        let n = tree.nodes.get(pos as usize)?;
         Some(NodeView {
             ino,
-            parent: n.parent,
-            path: n.path,
-            kind: n.kind.clone(),
-            tree: p.tree,
+            parent: if n.parent == TOP {
+                ROOT
+            } else {
+                self::ino(t, n.parent)
+            },
+            path: tree.path,
+            kind: n.kind.view(),
+            tree: p.source,
             unpacked: p.unpacked,
         })
     }
 
     /// Child `name` of directory `parent` (not the root).
     pub fn child(&self, parent: u64, name: &[u8]) -> Option<u64> {
+        let (t, _) = split(parent)?;
         let g = self.inner.read().unwrap();
-        let Kind::Dir { children } = &g.nodes.get(parent.checked_sub(2)? as usize)?.kind else {
+        let (tree, n) = g.find(parent)?;
+        let NodeKind::Dir { children, .. } = &n.kind else {
             return None;
         };
         children
-            .binary_search_by(|&c| (*g.nodes[(c - 2) as usize].name).cmp(name))
+            .binary_search_by(|&c| (*tree.nodes[c as usize].name).cmp(name))
             .ok()
-            .map(|i| children[i])
+            .map(|i| ino(t, children[i]))
     }
 
-    /// `(ino, name, kind)` of the entries of `dir` from position `from` on, at most `max`.
+    /// `(ino, name, kind)` of the entries of `dir` from position `from` on, at most
+    /// `max`. Kinds carry no link targets (readdir needs only the type).
     pub fn entries(&self, dir: u64, from: usize, max: usize) -> Vec<(u64, Box<[u8]>, Kind)> {
         let g = self.inner.read().unwrap();
-        let list: &[u64] = if dir == ROOT {
-            &g.root_order
-        } else {
-            match g.nodes.get((dir - 2) as usize).map(|n| &n.kind) {
-                Some(Kind::Dir { children }) => children,
-                _ => &[],
-            }
+        let shallow = |k: &NodeKind| match k {
+            NodeKind::Symlink { .. } => Kind::Symlink {
+                target: Box::new([]),
+            },
+            k => k.view(),
         };
-        list.iter()
+        if dir == ROOT {
+            return g
+                .root_order
+                .iter()
+                .skip(from)
+                .take(max)
+                .filter_map(|&c| {
+                    let (_, n) = g.find(c)?;
+                    Some((c, n.name.clone(), shallow(&n.kind)))
+                })
+                .collect();
+        }
+        let Some((t, _)) = split(dir) else {
+            return Vec::new();
+        };
+        let Some((tree, n)) = g.find(dir) else {
+            return Vec::new();
+        };
+        let NodeKind::Dir { children, .. } = &n.kind else {
+            return Vec::new();
+        };
+        children
+            .iter()
             .skip(from)
             .take(max)
             .map(|&c| {
-                let n = &g.nodes[(c - 2) as usize];
-                let kind = match &n.kind {
-                    Kind::Dir { .. } => Kind::Dir {
-                        children: Vec::new(),
-                    },
-                    Kind::Symlink { .. } => Kind::Symlink {
-                        target: Box::new([]),
-                    },
-                    k => k.clone(),
-                };
-                (c, n.name.clone(), kind)
+                let n = &tree.nodes[c as usize];
+                (ino(t, c), n.name.clone(), shallow(&n.kind))
             })
             .collect()
     }
@@ -303,15 +394,12 @@ impl Index {
     /// Path of `ino` relative to its store path's directory (empty for the top).
     pub fn relative_path(&self, ino: u64) -> Option<(PathId, Vec<u8>)> {
         let g = self.inner.read().unwrap();
+        let (tree, _) = g.find(ino)?;
         let mut parts = Vec::new();
-        let mut cur = ino;
-        let path = g.nodes.get(ino.checked_sub(2)? as usize)?.path;
-        loop {
-            let n = &g.nodes[(cur - 2) as usize];
-            if n.parent == ROOT {
-                break;
-            }
-            parts.push(n.name.clone());
+        let mut cur = split(ino)?.1;
+        while cur != 0 {
+            let n = &tree.nodes[cur as usize];
+            parts.push(&n.name);
             cur = n.parent;
         }
         let mut rel = Vec::new();
@@ -321,18 +409,21 @@ impl Index {
             }
             rel.extend_from_slice(p);
         }
-        Some((path, rel))
+        Some((tree.path, rel))
     }
 
     pub fn subdir_count(&self, ino: u64) -> u32 {
         let g = self.inner.read().unwrap();
-        match g.nodes.get((ino.wrapping_sub(2)) as usize).map(|n| &n.kind) {
-            Some(Kind::Dir { children }) => children
-                .iter()
-                .filter(|&&c| matches!(g.nodes[(c - 2) as usize].kind, Kind::Dir { .. }))
-                .count() as u32,
+        match g.find(ino).map(|(_, n)| &n.kind) {
+            Some(NodeKind::Dir { subdirs, .. }) => *subdirs,
             _ => 0,
         }
+    }
+
+    /// Nodes held in live trees (for memory checks).
+    pub fn node_count(&self) -> usize {
+        let g = self.inner.read().unwrap();
+        g.trees.iter().map(|t| t.nodes.len()).sum()
     }
 }
 
@@ -340,82 +431,115 @@ fn hash_key(hash: &str) -> Option<[u8; 20]> {
     nixbase32::decode(hash)?.try_into().ok()
 }
 
+impl NodeKind {
+    fn view(&self) -> Kind {
+        match self {
+            NodeKind::Unloaded => Kind::Unloaded,
+            NodeKind::Dir { .. } => Kind::Dir,
+            NodeKind::File { size, executable } => Kind::File {
+                size: *size,
+                executable: *executable,
+            },
+            NodeKind::Symlink { target } => Kind::Symlink {
+                target: target.clone(),
+            },
+        }
+    }
+}
+
 impl Inner {
-    fn node(&self, ino: u64) -> &Node {
-        &self.nodes[(ino - 2) as usize]
+    /// A new tree holding only the (unloaded) top of path `id`.
+    fn new_tree(&mut self, id: PathId, name: Box<[u8]>) -> u32 {
+        self.trees.push(Tree {
+            path: id,
+            nodes: vec![Node {
+                parent: TOP,
+                name,
+                kind: NodeKind::Unloaded,
+            }],
+            live: true,
+        });
+        self.trees.len() as u32
     }
 
-    /// Does the subtree at `ino` have exactly the names, types, sizes, modes and
-    /// targets of `e`?
-    fn matches(&self, ino: u64, e: &Entry) -> bool {
-        match (&self.node(ino).kind, e) {
+    fn top(&self, id: PathId) -> &Node {
+        &self.trees[self.paths[id as usize].tree as usize - 1].nodes[0]
+    }
+
+    /// The live node of `ino` and its tree.
+    fn find(&self, ino: u64) -> Option<(&Tree, &Node)> {
+        let (t, pos) = split(ino)?;
+        let tree = self.trees.get(t as usize - 1)?;
+        Some((tree, tree.nodes.get(pos as usize)?))
+    }
+
+    /// Does the subtree at position `pos` of tree `t` have exactly the names, types,
+    /// sizes, modes and targets of `e`?
+    fn matches(&self, t: u32, pos: u32, e: &Entry) -> bool {
+        let tree = &self.trees[t as usize - 1];
+        match (&tree.nodes[pos as usize].kind, e) {
             (
-                Kind::File { size, executable },
+                NodeKind::File { size, executable },
                 Entry::Regular {
                     size: s,
                     executable: x,
                     ..
                 },
             ) => size == s && executable == x,
-            (Kind::Symlink { target }, Entry::Symlink { target: t }) => target == t,
-            (Kind::Dir { children }, Entry::Directory { entries }) => {
+            (NodeKind::Symlink { target }, Entry::Symlink { target: t }) => target == t,
+            (NodeKind::Dir { children, .. }, Entry::Directory { entries }) => {
                 children.len() == entries.len()
-                    && children
-                        .iter()
-                        .zip(entries)
-                        .all(|(&c, (name, e))| self.node(c).name == *name && self.matches(c, e))
+                    && children.iter().zip(entries).all(|(&c, (name, e))| {
+                        tree.nodes[c as usize].name == *name && self.matches(t, c, e)
+                    })
             }
             _ => false,
         }
     }
 
-    fn mark_stale(&mut self, ino: u64) {
-        if let Kind::Dir { children } = self.node(ino).kind.clone() {
-            for c in children {
-                self.mark_stale(c);
-                self.nodes[(c - 2) as usize].kind = Kind::Stale;
+    fn collect_entries(&self, t: u32, pos: u32, out: &mut Stale) {
+        let tree = &self.trees[t as usize - 1];
+        if let NodeKind::Dir { children, .. } = &tree.nodes[pos as usize].kind {
+            for &c in children.iter() {
+                out.push((ino(t, pos), tree.nodes[c as usize].name.clone()));
+                self.collect_entries(t, c, out);
             }
         }
     }
+}
 
-    fn collect_entries(&self, ino: u64, out: &mut Stale) {
-        if let Kind::Dir { children } = &self.node(ino).kind {
-            for &c in children {
-                out.push((ino, self.node(c).name.clone()));
-                self.collect_entries(c, out);
+/// Appends the nodes below `e` to `nodes` (its node at position `pos` exists) and
+/// returns the kind of the node at `pos`. Each directory's children are contiguous.
+fn build(nodes: &mut Vec<Node>, pos: u32, e: &Entry) -> NodeKind {
+    match e {
+        Entry::Regular {
+            size, executable, ..
+        } => NodeKind::File {
+            size: *size,
+            executable: *executable,
+        },
+        Entry::Symlink { target } => NodeKind::Symlink {
+            target: target.clone(),
+        },
+        Entry::Directory { entries } => {
+            let first = nodes.len() as u32;
+            for (name, _) in entries {
+                nodes.push(Node {
+                    parent: pos,
+                    name: name.clone(),
+                    kind: NodeKind::Unloaded,
+                });
             }
-        }
-    }
-
-    fn build(&mut self, path: PathId, ino: u64, e: &Entry) -> Kind {
-        match e {
-            Entry::Regular {
-                size, executable, ..
-            } => Kind::File {
-                size: *size,
-                executable: *executable,
-            },
-            Entry::Symlink { target } => Kind::Symlink {
-                target: target.clone(),
-            },
-            Entry::Directory { entries } => {
-                let first = self.nodes.len() as u64 + 2;
-                for (name, _) in entries {
-                    self.nodes.push(Node {
-                        parent: ino,
-                        path,
-                        name: name.clone(),
-                        kind: Kind::Unloaded,
-                    });
-                }
-                for (i, (_, child)) in entries.iter().enumerate() {
-                    let cino = first + i as u64;
-                    let k = self.build(path, cino, child);
-                    self.nodes[(cino - 2) as usize].kind = k;
-                }
-                Kind::Dir {
-                    children: (first..first + entries.len() as u64).collect(),
-                }
+            let mut subdirs = 0;
+            for (i, (_, child)) in entries.iter().enumerate() {
+                let c = first + i as u32;
+                subdirs += matches!(child, Entry::Directory { .. }) as u32;
+                let k = build(nodes, c, child);
+                nodes[c as usize].kind = k;
+            }
+            NodeKind::Dir {
+                children: (first..first + entries.len() as u32).collect(),
+                subdirs,
             }
         }
     }
@@ -445,12 +569,12 @@ mod tests {
         let id = index.add_path(&sp);
         let top = index.path_ino(id);
         let (h1, h2) = (Sha256::digest(b"one"), Sha256::digest(b"two"));
-        let child = || index.child(top, b"f").unwrap();
+        let child = |top| index.child(top, b"f").unwrap();
 
         assert!(index
             .attach_tree(id, &tree(3), TreeSource::Listing, &h1)
             .is_empty());
-        let listed = child();
+        let listed = child(top);
         // a listing never replaces, an agreeing NAR keeps the inodes
         assert!(index
             .attach_tree(id, &tree(4), TreeSource::Listing, &h1)
@@ -458,7 +582,8 @@ mod tests {
         assert!(index
             .attach_tree(id, &tree(3), TreeSource::Nar, &h1)
             .is_empty());
-        assert_eq!(child(), listed);
+        assert_eq!(child(top), listed);
+        assert_eq!(index.path_ino(id), top);
         // the same NAR again (after an eviction) changes nothing
         assert!(index
             .attach_tree(id, &tree(3), TreeSource::Nar, &h1)
@@ -466,14 +591,22 @@ mod tests {
         assert!(index
             .attach_tree(id, &tree(3), TreeSource::Listing, &h2)
             .is_empty());
-        // another NAR for the path, even of the same shape: new inodes, old ones stale
+        // another NAR for the path, even of the same shape: new inodes, the top's
+        // included; the old ones are stale and their memory freed
+        let nodes = index.node_count();
         let stale = index.attach_tree(id, &tree(3), TreeSource::Nar, &h2);
         assert_eq!(stale.len(), 2, "{stale:?}");
         assert!(stale.contains(&(top, b"f".to_vec().into())));
         assert!(stale.contains(&(ROOT, sp.basename().as_bytes().into())));
-        assert_ne!(child(), listed);
+        let new_top = index.path_ino(id);
+        assert_ne!(new_top, top);
+        assert_ne!(child(new_top), listed);
         assert_eq!(index.node(listed).unwrap().kind, Kind::Stale);
-        assert_eq!(index.node(top).unwrap().tree, Some(TreeSource::Nar));
+        assert_eq!(index.node(top).unwrap().kind, Kind::Stale);
+        assert_eq!(index.node(new_top).unwrap().tree, Some(TreeSource::Nar));
+        assert_eq!(index.node_count(), nodes);
+        assert_eq!(index.entries(ROOT, 0, 10)[0].0, new_top);
+        assert_eq!(index.path_of(listed), Some(id));
 
         // a listing of the old narinfo, then the NAR of a newer one: rebuilt too
         let sp = StorePath::from_basename("11111111111111111111111111111111-q").unwrap();
@@ -487,6 +620,68 @@ mod tests {
             index.attach_tree(id, &tree(3), TreeSource::Nar, &h2).len(),
             2
         );
-        assert_ne!(index.child(top, b"f").unwrap(), listed);
+        assert_ne!(index.child(index.path_ino(id), b"f").unwrap(), listed);
+    }
+
+    #[test]
+    fn a_top_that_is_not_a_directory_gets_its_own_inode() {
+        let index = Index::default();
+        let sp = StorePath::from_basename("00000000000000000000000000000000-f").unwrap();
+        let id = index.add_path(&sp);
+        let top = index.path_ino(id);
+        let file = Entry::Regular {
+            size: 3,
+            executable: true,
+            nar_offset: None,
+        };
+        let stale = index.attach_tree(id, &file, TreeSource::Listing, &Sha256::digest(b"x"));
+        assert_eq!(stale, vec![(ROOT, sp.basename().as_bytes().into())]);
+        assert_ne!(index.path_ino(id), top);
+        assert_eq!(index.node(top).unwrap().kind, Kind::Stale);
+        assert_eq!(
+            index.node(index.path_ino(id)).unwrap().kind,
+            Kind::File {
+                size: 3,
+                executable: true
+            }
+        );
+        assert_eq!(index.path_by_basename(sp.basename()), Some(id));
+    }
+
+    #[test]
+    fn relative_paths_and_entries() {
+        let index = Index::default();
+        let sp = StorePath::from_basename("00000000000000000000000000000000-p").unwrap();
+        let id = index.add_path(&sp);
+        let t = Entry::Directory {
+            entries: vec![
+                (b"a".to_vec().into(), tree(1)),
+                (
+                    b"l".to_vec().into(),
+                    Entry::Symlink {
+                        target: b"a/f".to_vec().into(),
+                    },
+                ),
+            ],
+        };
+        index.attach_tree(id, &t, TreeSource::Nar, &Sha256::digest(b"x"));
+        let top = index.path_ino(id);
+        let a = index.child(top, b"a").unwrap();
+        let f = index.child(a, b"f").unwrap();
+        assert_eq!(index.relative_path(f), Some((id, b"a/f".to_vec())));
+        assert_eq!(index.relative_path(top), Some((id, Vec::new())));
+        assert_eq!(index.node(f).unwrap().parent, a);
+        assert_eq!(index.node(a).unwrap().parent, top);
+        assert_eq!(index.node(top).unwrap().parent, ROOT);
+        assert_eq!(index.subdir_count(top), 1);
+        assert!(index.is_verified_dir(a));
+        let names: Vec<_> = index
+            .entries(top, 0, 10)
+            .into_iter()
+            .map(|(_, n, _)| n)
+            .collect();
+        assert_eq!(names, vec![b"a".to_vec().into(), b"l".to_vec().into()]);
+        assert_eq!(index.entries(top, 1, 10).len(), 1);
+        assert_eq!(index.node(ino(99, 0)), None);
     }
 }

@@ -10,24 +10,7 @@ use narfs::formats::hash::Sha256;
 use narfs::formats::keys::SecretKey;
 use narfs::formats::nar::Writer;
 use narfs::formats::narinfo::{Compression, NarInfo};
-use narfs::formats::store_path::StorePath;
 use std::io::Write;
-
-fn strings(parts: &[&[u8]]) -> Vec<u8> {
-    let mut w = Writer::new(Vec::new());
-    for p in parts {
-        w.raw_string(p).unwrap();
-    }
-    w.into_inner()
-}
-
-fn file_nar(contents: &[u8]) -> Vec<u8> {
-    let mut v = strings(&[b"nix-archive-1", b"(", b"type", b"regular", b"contents"]);
-    let mut w = Writer::new(std::mem::take(&mut v));
-    w.raw_string(contents).unwrap();
-    w.raw_string(b")").unwrap();
-    w.into_inner()
-}
 
 fn dir_nar(names: &[&[u8]]) -> Vec<u8> {
     let mut w = Writer::new(Vec::new());
@@ -109,76 +92,10 @@ fn bomb() -> Vec<u8> {
     e.finish().unwrap()
 }
 
-/// An empty cache under prefix `h` of the server, and the key that signs for it.
-struct Cache {
-    dir: std::path::PathBuf,
-    sk: SecretKey,
-}
-
-impl Cache {
-    fn new(s3: &S3Server) -> Self {
-        let dir = s3.root.join(BUCKET).join("h");
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
-        Cache {
-            dir,
-            sk: SecretKey::from_seed("hostile-test", [9; 32]),
-        }
-    }
-
-    /// Puts `file` (the bytes at URL) and a narinfo signed by the trusted key, with
-    /// `edit` applied to the narinfo before signing; returns the basename.
-    fn put(
-        &self,
-        name: &str,
-        nar: &[u8],
-        compression: Compression,
-        file: &[u8],
-        edit: impl Fn(&mut NarInfo),
-    ) -> String {
-        let h = Sha256::digest(name.as_bytes());
-        let sp = StorePath::from_basename(&format!(
-            "{}-{name}",
-            narfs::formats::nixbase32::encode(&h.0[..20])
-        ))
-        .unwrap();
-        let file_hash = Sha256::digest(file);
-        let url = format!("nar/{}.nar", &file_hash.to_nix_string()[7..]);
-        std::fs::create_dir_all(self.dir.join("nar")).unwrap();
-        std::fs::write(self.dir.join(&url), file).unwrap();
-        let mut info = NarInfo {
-            store_path: sp.clone(),
-            url,
-            compression,
-            file_hash: Some(file_hash),
-            file_size: Some(file.len() as u64),
-            nar_hash: Sha256::digest(nar),
-            nar_size: nar.len() as u64,
-            references: vec![],
-            deriver: None,
-            sigs: vec![],
-            ca: None,
-        };
-        edit(&mut info);
-        info.sigs.push(self.sk.sign(info.fingerprint().as_bytes()));
-        std::fs::write(
-            self.dir.join(format!("{}.narinfo", sp.hash_part())),
-            info.to_text(),
-        )
-        .unwrap();
-        sp.basename().to_owned()
-    }
-
-    fn put_good(&self, name: &str) -> String {
-        let nar = file_nar(b"good content\n");
-        self.put(name, &nar, Compression::None, &nar, |_| {})
-    }
-}
-
 #[test]
 fn hostile_nars_are_refused_and_repairs_picked_up() {
     let s3 = S3Server::start();
-    let cache = Cache::new(&s3);
+    let cache = SignedCache::new(&s3);
     let key = cache.sk.public().to_nix_string();
     let neighbour = cache.put_good("neighbour");
     let m = Mounted::start(
@@ -317,7 +234,7 @@ fn hostile_nars_are_refused_and_repairs_picked_up() {
 #[test]
 fn hostile_narinfos_are_refused_and_repairs_picked_up() {
     let s3 = S3Server::start();
-    let cache = Cache::new(&s3);
+    let cache = SignedCache::new(&s3);
     let dir = cache.dir.clone();
     let key = cache.sk.public().to_nix_string();
     let m = Mounted::start(
@@ -440,7 +357,7 @@ fn hostile_narinfos_are_refused_and_repairs_picked_up() {
 #[test]
 fn an_unpacked_copy_is_served_only_under_its_own_nar_hash() {
     let s3 = S3Server::start();
-    let cache = Cache::new(&s3);
+    let cache = SignedCache::new(&s3);
     let key = cache.sk.public().to_nix_string();
     let cache_dir = tempfile::tempdir().unwrap();
     let first = file_nar(b"first push\n");
@@ -472,7 +389,7 @@ fn tree_nar(files: &[(&str, &str)]) -> Vec<u8> {
 /// Pushes `name` again with the uncompressed NAR `new`, deletes its `old` NAR, and
 /// reads `neighbour` so that the path is evicted: its next read must fetch.
 fn repush_and_evict(
-    cache: &Cache,
+    cache: &SignedCache,
     m: &Mounted,
     name: &str,
     old: &[u8],
@@ -492,7 +409,7 @@ fn repush_and_evict(
 #[test]
 fn a_path_pushed_again_with_other_contents_gets_its_new_tree() {
     let s3 = S3Server::start();
-    let cache = Cache::new(&s3);
+    let cache = SignedCache::new(&s3);
     let key = cache.sk.public().to_nix_string();
     let a = tree_nar(&[("bin/tool", "A\n"), ("share/a", "a\n")]);
     let name = cache.put("repushed", &a, Compression::None, &a, |_| {});
@@ -565,7 +482,7 @@ fn a_path_pushed_again_with_other_contents_gets_its_new_tree() {
 #[test]
 fn a_single_file_path_pushed_again_is_read_afresh() {
     let s3 = S3Server::start();
-    let cache = Cache::new(&s3);
+    let cache = SignedCache::new(&s3);
     let key = cache.sk.public().to_nix_string();
     let a = file_nar(b"AAAA\n");
     let name = cache.put("solo", &a, Compression::None, &a, |_| {});

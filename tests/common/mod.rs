@@ -680,3 +680,124 @@ pub fn generate_nar_cache(dir: &Path, n: usize, bytes: usize) -> (String, Vec<St
     }
     (sk.public().to_nix_string(), names)
 }
+
+/// NAR strings (length, bytes, padding), for hand-made archives.
+pub fn strings(parts: &[&[u8]]) -> Vec<u8> {
+    let mut w = narfs::formats::nar::Writer::new(Vec::new());
+    for p in parts {
+        w.raw_string(p).unwrap();
+    }
+    w.into_inner()
+}
+
+/// The NAR of a single regular file.
+pub fn file_nar(contents: &[u8]) -> Vec<u8> {
+    let mut v = strings(&[b"nix-archive-1", b"(", b"type", b"regular", b"contents"]);
+    let mut w = narfs::formats::nar::Writer::new(std::mem::take(&mut v));
+    w.raw_string(contents).unwrap();
+    w.raw_string(b")").unwrap();
+    w.into_inner()
+}
+
+/// An empty cache under prefix `h` of the server, and the key that signs for it.
+pub struct SignedCache {
+    pub dir: std::path::PathBuf,
+    pub sk: narfs::formats::keys::SecretKey,
+}
+
+impl SignedCache {
+    pub fn new(s3: &S3Server) -> Self {
+        let dir = s3.root.join(BUCKET).join("h");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
+        SignedCache {
+            dir,
+            sk: narfs::formats::keys::SecretKey::from_seed("hostile-test", [9; 32]),
+        }
+    }
+
+    /// Puts `file` (the bytes at URL) and a narinfo signed by the trusted key, with
+    /// `edit` applied to the narinfo before signing; returns the basename.
+    pub fn put(
+        &self,
+        name: &str,
+        nar: &[u8],
+        compression: narfs::formats::narinfo::Compression,
+        file: &[u8],
+        edit: impl Fn(&mut narfs::formats::narinfo::NarInfo),
+    ) -> String {
+        let h = narfs::formats::hash::Sha256::digest(name.as_bytes());
+        let sp = narfs::formats::store_path::StorePath::from_basename(&format!(
+            "{}-{name}",
+            narfs::formats::nixbase32::encode(&h.0[..20])
+        ))
+        .unwrap();
+        let file_hash = narfs::formats::hash::Sha256::digest(file);
+        let url = format!("nar/{}.nar", &file_hash.to_nix_string()[7..]);
+        std::fs::create_dir_all(self.dir.join("nar")).unwrap();
+        std::fs::write(self.dir.join(&url), file).unwrap();
+        let mut info = narfs::formats::narinfo::NarInfo {
+            store_path: sp.clone(),
+            url,
+            compression,
+            file_hash: Some(file_hash),
+            file_size: Some(file.len() as u64),
+            nar_hash: narfs::formats::hash::Sha256::digest(nar),
+            nar_size: nar.len() as u64,
+            references: vec![],
+            deriver: None,
+            sigs: vec![],
+            ca: None,
+        };
+        edit(&mut info);
+        info.sigs.push(self.sk.sign(info.fingerprint().as_bytes()));
+        std::fs::write(
+            self.dir.join(format!("{}.narinfo", sp.hash_part())),
+            info.to_text(),
+        )
+        .unwrap();
+        sp.basename().to_owned()
+    }
+
+    pub fn put_good(&self, name: &str) -> String {
+        let nar = file_nar(b"good content\n");
+        self.put(
+            name,
+            &nar,
+            narfs::formats::narinfo::Compression::None,
+            &nar,
+            |_| {},
+        )
+    }
+}
+
+/// The NAR of `dir` (a tree made for a test).
+pub fn nar_of(dir: &Path) -> Vec<u8> {
+    narfs::formats::nar::Writer::new(Vec::new())
+        .dump_path(dir)
+        .unwrap()
+}
+
+impl SignedCache {
+    /// Puts `tree` as the `.ls` listing of `basename` (true or forged).
+    pub fn put_listing(&self, basename: &str, tree: &narfs::formats::listing::Entry) {
+        let json = narfs::formats::listing::to_ls_json(tree).unwrap();
+        std::fs::write(self.dir.join(format!("{}.ls", &basename[..32])), json).unwrap();
+    }
+
+    /// Puts the NAR of `dir` (uncompressed) with a signed narinfo; returns the basename.
+    pub fn put_tree(&self, name: &str, dir: &Path) -> String {
+        let nar = nar_of(dir);
+        self.put(
+            name,
+            &nar,
+            narfs::formats::narinfo::Compression::None,
+            &nar,
+            |_| {},
+        )
+    }
+
+    pub fn public_key(&self) -> String {
+        self.sk.public().to_nix_string()
+    }
+}

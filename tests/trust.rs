@@ -1,0 +1,227 @@
+//! The trust boundary, tried as an attacker would: forged-but-signed objects in the
+//! cache, over many fresh mounts so that a race would show.
+
+mod common;
+
+use common::*;
+use narfs::formats::listing::Entry;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+fn file(size: u64, executable: bool) -> Entry {
+    Entry::Regular {
+        size,
+        executable,
+        nar_offset: None,
+    }
+}
+
+fn dir(entries: Vec<(&str, Entry)>) -> Entry {
+    Entry::Directory {
+        entries: entries
+            .into_iter()
+            .map(|(n, e)| (n.as_bytes().into(), e))
+            .collect(),
+    }
+}
+
+fn write(path: &Path, contents: &str, executable: bool) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, contents).unwrap();
+    // as a store path holds it (and the mount shows it)
+    let mode = if executable { 0o555 } else { 0o444 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Store paths whose signed NARs are sound but whose unsigned listings lie about
+/// sizes, exec bits and types; returns (public key, the trees on disk by name, the
+/// basenames by name).
+fn lying_cache(s3: &S3Server) -> (String, std::path::PathBuf, Vec<(&'static str, String)>) {
+    let cache = SignedCache::new(s3);
+    let src = tempfile::tempdir().unwrap().keep();
+    let mut names = Vec::new();
+    let mut add = |name: &'static str, listing: Entry| {
+        let base = cache.put_tree(name, &src.join(name));
+        cache.put_listing(&base, &listing);
+        names.push((name, base));
+    };
+    // a single-file path: the listing claims fewer bytes and an exec bit
+    write(
+        &src.join("single"),
+        "the whole of a single-file path\n",
+        false,
+    );
+    add("single", file(4, true));
+    // a nested file cut short, a program shown as plain data
+    write(
+        &src.join("nested/data/long.txt"),
+        &"0123456789".repeat(500),
+        false,
+    );
+    write(
+        &src.join("nested/bin/tool"),
+        "#!/bin/sh\necho real tool\n",
+        true,
+    );
+    add(
+        "nested",
+        dir(vec![
+            ("bin", dir(vec![("tool", file(2, false))])),
+            ("data", dir(vec![("long.txt", file(7, false))])),
+        ]),
+    );
+    // types: a directory shown as a file, a file shown as a directory, a symlink
+    // shown as a file, a file shown as a symlink out of the store
+    write(&src.join("is-a-dir/inner"), "inner file\n", false);
+    add("is-a-dir", file(3, false));
+    write(&src.join("is-a-file"), "just a file\n", false);
+    add("is-a-file", dir(vec![("inner", file(3, false))]));
+    write(&src.join("links/target"), "link target\n", false);
+    std::os::unix::fs::symlink("target", src.join("links/link")).unwrap();
+    write(&src.join("links/plain"), "plain, not a link\n", false);
+    add(
+        "links",
+        dir(vec![
+            ("link", file(5, true)),
+            (
+                "plain",
+                Entry::Symlink {
+                    target: b"/etc/passwd".to_vec().into(),
+                },
+            ),
+            ("target", file(12, false)),
+        ]),
+    );
+    // a script the listing calls executable, though the NAR says it is not
+    write(
+        &src.join("not-exec"),
+        "#!/bin/sh\necho must not run\n",
+        false,
+    );
+    add("not-exec", file(28, true));
+    run(std::process::Command::new("find").arg(&src).args([
+        "-mindepth",
+        "1",
+        "-type",
+        "d",
+        "-exec",
+        "chmod",
+        "555",
+        "{}",
+        "+",
+    ]));
+    (cache.public_key(), src, names)
+}
+
+/// What a user sees of `p` through the mount: every file's bytes, sizes, modes and
+/// link targets, in a stable order.
+fn seen(p: &Path) -> String {
+    let mut out = shape(p);
+    let files = run(std::process::Command::new("find")
+        .arg(p)
+        .args(["-type", "f"]));
+    let mut files: Vec<&str> = files.lines().collect();
+    files.sort();
+    for line in files {
+        out += &format!("\n{line}: {:?}", std::fs::read_to_string(line).unwrap());
+    }
+    out
+}
+
+fn forged_listings_never_reach_the_kernel(mode: &[&str], mounts: usize) {
+    let s3 = S3Server::start();
+    let (key, src, names) = lying_cache(&s3);
+    let url = s3.url(s3.port, "h");
+    let want: Vec<String> = names.iter().map(|(n, _)| seen(&src.join(n))).collect();
+    for round in 0..mounts {
+        let m = Mounted::start(&url, &[&key], None, mode);
+        let p = |name: &str| m.p(&names.iter().find(|(n, _)| *n == name).unwrap().1);
+        // first contact as users make it, each in its own order: stat, then read
+        let single = p("single");
+        let _ = std::fs::metadata(&single);
+        assert_eq!(
+            std::fs::read_to_string(&single).unwrap(),
+            "the whole of a single-file path\n",
+            "round {round}"
+        );
+        let long = p("nested").join("data/long.txt");
+        let _ = std::fs::metadata(&long);
+        assert_eq!(
+            std::fs::read(&long).unwrap().len(),
+            5000,
+            "round {round}: a listing's size cut the read short"
+        );
+        // a program runs with its real contents; a file the listing calls
+        // executable does not run
+        let out = run(&mut std::process::Command::new(
+            p("nested").join("bin/tool"),
+        ));
+        assert_eq!(out, "real tool\n", "round {round}");
+        let _ = std::fs::metadata(p("not-exec"));
+        let r = std::process::Command::new(p("not-exec")).output();
+        assert!(
+            r.as_ref()
+                .is_err_and(|e| e.raw_os_error() == Some(libc::EACCES)),
+            "round {round}: a non-executable file ran: {r:?}"
+        );
+        // types: a directory the listing calls a file is not entered until its NAR
+        // is verified (which opening it does); then it is entered
+        let inner = p("is-a-dir").join("inner");
+        match std::fs::read_to_string(&inner) {
+            Ok(s) => assert_eq!(s, "inner file\n"),
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ENOTDIR), "round {round}"),
+        }
+        assert!(std::fs::read(p("is-a-dir")).is_err());
+        assert_eq!(std::fs::read_to_string(&inner).unwrap(), "inner file\n");
+        // a file the listing calls a directory reads as one until a file the
+        // listing puts inside it is opened (and its NAR verified)
+        let _ = std::fs::metadata(p("is-a-file").join("inner"));
+        match std::fs::read_to_string(p("is-a-file")) {
+            Ok(s) => assert_eq!(s, "just a file\n"),
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EISDIR), "round {round}"),
+        }
+        assert!(std::fs::read(p("is-a-file").join("inner")).is_err());
+        assert_eq!(
+            std::fs::read_to_string(p("is-a-file")).unwrap(),
+            "just a file\n"
+        );
+        let _ = std::fs::metadata(p("links").join("plain"));
+        assert_eq!(
+            std::fs::read_to_string(p("links").join("plain")).unwrap(),
+            "plain, not a link\n"
+        );
+        assert_eq!(
+            std::fs::read_link(p("links").join("link")).unwrap(),
+            Path::new("target")
+        );
+        // and afterwards everything the kernel shows is the NAR's
+        for ((name, _), want) in names.iter().zip(&want) {
+            let got = seen(&p(name));
+            let strip = |s: &str, root: &Path| s.replace(&root.display().to_string(), "");
+            assert_eq!(
+                strip(&got, &p(name)),
+                strip(want, &src.join(name)),
+                "round {round}: {name}\n{}",
+                m.log_text()
+            );
+        }
+        if !mode.contains(&"--no-open") {
+            assert!(m.log_text().contains("disagrees with its verified NAR"));
+        }
+    }
+}
+
+#[test]
+fn forged_listings_never_reach_the_kernel_in_page_cache_mode() {
+    forged_listings_never_reach_the_kernel(&["--prefetch-references", "false"], 50);
+}
+
+#[test]
+fn forged_listings_never_reach_the_kernel_in_passthrough_mode() {
+    forged_listings_never_reach_the_kernel(&["--passthrough"], 50);
+}
+
+#[test]
+fn forged_listings_never_reach_the_kernel_in_no_open_mode() {
+    forged_listings_never_reach_the_kernel(&["--no-open"], 10);
+}

@@ -9,15 +9,18 @@ use std::io::Write;
 /// A reader of the NAR inside `r`, compressed as its narinfo says. xz's own CRC is
 /// skipped: NarHash is checked over the whole output anyway, and the CRC cost 3% of
 /// the CPU of a cold traversal.
-pub fn nar_reader<'a, R: Read + 'a>(c: &Compression, r: R) -> Result<Box<dyn Read + 'a>, String> {
+pub fn nar_reader<'a, R: Read + Send + 'a>(
+    c: &Compression,
+    r: R,
+) -> Result<Box<dyn Read + Send + 'a>, String> {
     reader(c, r, false)
 }
 
-fn reader<'a, R: Read + 'a>(
+fn reader<'a, R: Read + Send + 'a>(
     c: &Compression,
     r: R,
     xz_check: bool,
-) -> Result<Box<dyn Read + 'a>, String> {
+) -> Result<Box<dyn Read + Send + 'a>, String> {
     Ok(match c {
         Compression::None => Box::new(r),
         Compression::Xz => {
@@ -40,17 +43,17 @@ fn reader<'a, R: Read + 'a>(
     })
 }
 
-/// A listing's JSON. Nix may store listings compressed (`ls-compression=br` on
-/// cache.nixos.org), and S3 and plain web servers hand them over as stored, so the
-/// compression is told from the bytes: JSON starts with `{`, xz, zstd, gzip and
-/// bzip2 have magic numbers, and brotli, which has none, is tried last. At most `max`
-/// bytes come out, however well the input compresses.
-pub fn listing_json(raw: Vec<u8>, max: usize) -> Result<Vec<u8>, String> {
+/// A listing's JSON, as a stream. Nix may store listings compressed
+/// (`ls-compression=br` on cache.nixos.org), and S3 and plain web servers hand them
+/// over as stored, so the compression is told from the bytes: JSON starts with `{`,
+/// xz, zstd, gzip and bzip2 have magic numbers, and brotli, which has none, is tried
+/// last. Reading more than `max` bytes of JSON fails, however well the input
+/// compresses.
+pub fn listing_reader(raw: Vec<u8>, max: usize) -> Box<dyn Read + Send> {
     let first = raw.iter().find(|b| !b.is_ascii_whitespace()).copied();
-    if first == Some(b'{') || first.is_none() {
-        return Ok(raw);
-    }
-    let c = if raw.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
+    let c = if first == Some(b'{') || first.is_none() {
+        Compression::None
+    } else if raw.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
         Compression::Xz
     } else if raw.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         Compression::Zstd
@@ -61,16 +64,48 @@ pub fn listing_json(raw: Vec<u8>, max: usize) -> Result<Vec<u8>, String> {
     } else {
         Compression::Br
     };
-    let mut out = Vec::new();
+    let what = c.as_str().to_owned();
     // no hash covers a listing: keep xz's check
-    reader(&c, &raw[..], true)?
-        .take(max as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| format!("neither JSON nor a {}-compressed listing ({e})", c.as_str()))?;
-    if out.len() > max {
-        return Err(format!("decompresses to more than {max} bytes"));
+    match reader(&c, std::io::Cursor::new(raw), true) {
+        Ok(inner) => Box::new(Bounded {
+            inner,
+            left: max as u64,
+            max,
+            what,
+        }),
+        Err(e) => Box::new(Failing(e)),
     }
-    Ok(out)
+}
+
+/// Passes at most `max` bytes, then fails; names the compression when it fails.
+struct Bounded<R> {
+    inner: R,
+    left: u64,
+    max: usize,
+    what: String,
+}
+
+impl<R: Read> Read for Bounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf).map_err(|e| {
+            std::io::Error::other(format!(
+                "neither JSON nor a {}-compressed listing ({e})",
+                self.what
+            ))
+        })?;
+        self.left = self.left.checked_sub(n as u64).ok_or_else(|| {
+            std::io::Error::other(format!("more than {} bytes of JSON", self.max))
+        })?;
+        Ok(n)
+    }
+}
+
+struct Failing(String);
+
+impl Read for Failing {
+    fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+        Err(std::io::Error::other(self.0.clone()))
+    }
 }
 
 /// `data` compressed with `c`, for tests of the readers.
@@ -119,6 +154,14 @@ mod tests {
 
     const JSON: &[u8] = br#"{"version":1,"root":{"type":"regular","size":3}}"#;
 
+    fn listing_json(raw: Vec<u8>, max: usize) -> Result<Vec<u8>, String> {
+        let mut out = Vec::new();
+        listing_reader(raw, max)
+            .read_to_end(&mut out)
+            .map_err(|e| e.to_string())?;
+        Ok(out)
+    }
+
     #[test]
     fn every_compression_of_a_listing_is_recognised() {
         for c in &ALL {
@@ -155,6 +198,6 @@ mod tests {
         let bomb = compressed(&Compression::Zstd, &vec![b' '; 10 << 20]);
         assert!(bomb.len() < 4096);
         let e = listing_json(bomb, 1 << 20).unwrap_err();
-        assert!(e.contains("more than 1048576 bytes"), "{e}");
+        assert!(e.contains("more than 1048576 bytes of JSON"), "{e}");
     }
 }

@@ -6,7 +6,7 @@
 use crate::disk_cache::{remove_any, DiskCache};
 use crate::formats::hash::{Hasher, Sha256};
 use crate::formats::keys::TrustedKeys;
-use crate::formats::listing::{parse_ls, Entry, MAX_LISTING_BYTES};
+use crate::formats::listing::{parse_ls_reader, Entry, MAX_LISTING_BYTES};
 use crate::formats::nar;
 use crate::formats::narinfo::{Compression, NarInfo, MAX_NARINFO_BYTES};
 use crate::formats::store_path::StorePath;
@@ -52,6 +52,9 @@ pub enum Lookup {
     Rejected,
 }
 
+/// Listings fetched and parsed at once.
+const LISTING_SLOTS: usize = 4;
+
 pub struct Fetcher {
     storage: Arc<dyn Storage>,
     keys: TrustedKeys,
@@ -65,6 +68,9 @@ pub struct Fetcher {
     policy: Policy,
     /// Bounds parallel NAR downloads (`--jobs`).
     downloads: Arc<tokio::sync::Semaphore>,
+    /// Bounds listings fetched and parsed at once: each may hold up to
+    /// `MAX_LISTING_BYTES` and its tree in memory.
+    listing_slots: tokio::sync::Semaphore,
     metrics: Arc<Metrics>,
 }
 
@@ -87,6 +93,7 @@ impl Fetcher {
             negative_ttl,
             policy: Policy::default(),
             downloads: Arc::new(tokio::sync::Semaphore::new(4)),
+            listing_slots: tokio::sync::Semaphore::new(LISTING_SLOTS),
             metrics: Arc::default(),
         }
     }
@@ -266,11 +273,19 @@ impl Fetcher {
         self.listings
             .run(info.store_path.hash_part().to_owned(), move || async move {
                 let key = format!("{}.ls", info.store_path.hash_part());
+                let _slot = me.listing_slots.acquire().await;
                 let Some(bytes) = me.get_small_retrying(&key, MAX_LISTING_BYTES).await? else {
                     return Ok(None);
                 };
-                let json = crate::decompress::listing_json(bytes, MAX_LISTING_BYTES);
-                match json.and_then(|j| parse_ls(&j, info.nar_size).map_err(|e| e.to_string())) {
+                // parsed off the runtime: a large listing takes a while
+                let nar_size = info.nar_size;
+                let parsed = tokio::task::spawn_blocking(move || {
+                    let json = crate::decompress::listing_reader(bytes, MAX_LISTING_BYTES);
+                    parse_ls_reader(json, nar_size).map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| FetchError::Other(e.to_string()))?;
+                match parsed {
                     Ok(tree) => Ok(Some(Arc::new(tree))),
                     Err(e) => {
                         tracing::warn!(

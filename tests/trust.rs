@@ -225,3 +225,69 @@ fn forged_listings_never_reach_the_kernel_in_passthrough_mode() {
 fn forged_listings_never_reach_the_kernel_in_no_open_mode() {
     forged_listings_never_reach_the_kernel(&["--no-open"], 10);
 }
+
+/// `.ls` text of a directory of `n` empty files named `{i:x}` padded to `width`.
+fn huge_listing(n: usize, width: usize) -> String {
+    let mut s = String::from(r#"{"version":1,"root":{"type":"directory","entries":{"#);
+    for i in 0..n {
+        if i > 0 {
+            s.push(',');
+        }
+        s += &format!(r#""{i:0width$x}":{{"type":"regular","size":0}}"#);
+    }
+    s + "}}}"
+}
+
+#[test]
+fn a_forged_listing_of_millions_of_entries_costs_bounded_memory() {
+    let s3 = S3Server::start();
+    let cache = SignedCache::new(&s3);
+    let good = cache.put_good("neighbour");
+    // signed paths that claim NARs big enough for any listing; their listings are
+    // forged: 1.5 million entries plain (58 MB) and zstd-compressed (a few MB that
+    // decompress to 58 MB), and 100,000 entries with long names (22 MB)
+    let nar = file_nar(b"x");
+    let put = |name: &str, ls: Vec<u8>| {
+        let base = cache.put(
+            name,
+            &nar,
+            narfs::formats::narinfo::Compression::None,
+            &nar,
+            |i| i.nar_size = 1 << 36,
+        );
+        std::fs::write(cache.dir.join(format!("{}.ls", &base[..32])), ls).unwrap();
+        base
+    };
+    let million = huge_listing(1_500_000, 1);
+    let bombs = [
+        put("plain", million.clone().into_bytes()),
+        put("zstd", zstd::encode_all(million.as_bytes(), 3).unwrap()),
+        put("fat", huge_listing(100_000, 200).into_bytes()),
+    ];
+    drop(million);
+    let m = Mounted::start(&s3.url(s3.port, "h"), &[&cache.public_key()], None, &[]);
+    let readers: Vec<_> = bombs
+        .iter()
+        .map(|b| {
+            let p = m.p(b);
+            std::thread::spawn(move || std::fs::read_dir(p).map(|d| d.count()))
+        })
+        .collect();
+    // other paths are served meanwhile
+    assert_eq!(std::fs::read(m.p(&good)).unwrap(), b"good content\n");
+    for r in readers {
+        // the listing was refused and the NAR (which does not exist) was tried
+        assert!(r.join().unwrap().is_err());
+    }
+    let (_, peak_kib) = rss_kib(m.pid());
+    assert!(
+        peak_kib < 256 * 1024,
+        "peak RSS {} MiB\n{}",
+        peak_kib / 1024,
+        m.log_text()
+    );
+    let log = m.log_text();
+    assert!(log.contains("more than 16777216 bytes of JSON"), "{log}");
+    assert!(log.contains("more than 250000 entries"), "{log}");
+    assert_eq!(std::fs::read(m.p(&good)).unwrap(), b"good content\n");
+}

@@ -96,32 +96,13 @@ impl Entry {
     }
 }
 
-/// `.ls` files are a hint: narfs refuses anything larger rather than buffer it.
-pub const MAX_LISTING_BYTES: usize = 64 << 20;
-
-#[derive(serde::Deserialize)]
-struct LsFile {
-    version: u64,
-    root: LsNode,
-}
-
-#[derive(serde::Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
-enum LsNode {
-    Regular {
-        size: u64,
-        #[serde(default)]
-        executable: bool,
-        #[serde(rename = "narOffset", default)]
-        nar_offset: Option<u64>,
-    },
-    Symlink {
-        target: String,
-    },
-    Directory {
-        entries: std::collections::BTreeMap<String, LsNode>,
-    },
-}
+/// `.ls` files are a hint: narfs refuses anything larger (decompressed) rather than
+/// read it, and falls back to the NAR.
+pub const MAX_LISTING_BYTES: usize = 16 << 20;
+/// The most entries a listing may hold: more than any real store path has (a full
+/// TeX Live tree has about 200,000 files in many paths); beyond it the NAR is used.
+/// Counted while parsing, so a forged listing of millions of entries stops here.
+pub const MAX_LISTING_ENTRIES: usize = 250_000;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ListingError {
@@ -133,6 +114,10 @@ pub enum ListingError {
     Version(u64),
     #[error("listing entry {path:?}: {what}")]
     Entry { path: String, what: String },
+    #[error("listing has more than {0} entries")]
+    TooMany(usize),
+    #[error("listing cannot be read: {0}")]
+    Unreadable(String),
 }
 
 /// Writes a `.ls` listing as `nix copy --to ...?write-nar-listing=1` does (keys in
@@ -175,86 +160,290 @@ pub fn to_ls_json(root: &Entry) -> Option<String> {
 
 /// Parses a `.ls` listing (written by `nix copy --to ...?write-nar-listing=1`) and
 /// checks it could describe a NAR of `nar_size` bytes: valid names and targets, no
-/// file larger than the NAR, no deeper nesting than a NAR may have.
+/// file larger than the NAR, no deeper nesting than a NAR may have, and no more
+/// entries than the NAR could hold or `MAX_LISTING_ENTRIES`.
 pub fn parse_ls(bytes: &[u8], nar_size: u64) -> Result<Entry, ListingError> {
     if bytes.len() > MAX_LISTING_BYTES {
         return Err(ListingError::TooLarge);
     }
-    let f: LsFile = serde_json::from_slice(bytes).map_err(|e| ListingError::Json(e.to_string()))?;
-    if f.version != 1 {
-        return Err(ListingError::Version(f.version));
-    }
-    let tree = convert(f.root, &mut String::new(), 0, nar_size)?;
-    // Every NAR entry takes at least ~100 bytes of archive: a listing with more
-    // entries than that cannot describe this NAR (and would cost memory for nothing).
-    if tree.count() as u64 > nar_size / 64 + 1 {
-        return Err(ListingError::Entry {
-            path: "/".into(),
-            what: format!(
-                "{} entries cannot fit in a NAR of {nar_size} bytes",
-                tree.count()
-            ),
-        });
-    }
-    Ok(tree)
+    parse(&mut serde_json::Deserializer::from_slice(bytes), nar_size)
 }
 
-fn convert(
-    n: LsNode,
-    path: &mut String,
-    depth: usize,
+/// `parse_ls` over a stream (a decompressor, say), so a listing is never held whole
+/// in memory; the stream must end with the JSON.
+pub fn parse_ls_reader(r: impl std::io::Read, nar_size: u64) -> Result<Entry, ListingError> {
+    parse(&mut serde_json::Deserializer::from_reader(r), nar_size)
+}
+
+fn parse<'de, R: serde_json::de::Read<'de>>(
+    de: &mut serde_json::Deserializer<R>,
     nar_size: u64,
 ) -> Result<Entry, ListingError> {
-    let bad = |path: &str, what: &str| ListingError::Entry {
-        path: if path.is_empty() {
-            "/".into()
-        } else {
-            path.to_owned()
-        },
-        what: what.to_owned(),
+    use serde::de::DeserializeSeed;
+    // Every NAR entry takes at least ~100 bytes of archive: a listing with more
+    // entries than that cannot describe this NAR (and would cost memory for nothing).
+    let fits = usize::try_from(nar_size / 64 + 1).unwrap_or(usize::MAX);
+    let st = ParseState {
+        nar_size,
+        left: std::cell::Cell::new(fits.min(MAX_LISTING_ENTRIES)),
+        fits,
+        path: std::cell::RefCell::new(String::new()),
+        fault: std::cell::RefCell::new(None),
     };
-    if depth > MAX_DEPTH {
-        return Err(bad(path, "nested too deeply"));
+    let r = FileSeed(&st)
+        .deserialize(&mut *de)
+        .and_then(|t| de.end().map(|()| t));
+    if let Some(fault) = st.fault.into_inner() {
+        return Err(fault);
     }
-    Ok(match n {
-        LsNode::Regular {
-            size,
-            executable,
-            nar_offset,
-        } => {
-            if size > nar_size || nar_offset.is_some_and(|o| o.saturating_add(size) > nar_size) {
-                return Err(bad(path, "size or offset beyond the NAR's size"));
-            }
-            Entry::Regular {
-                size,
-                executable,
-                nar_offset,
-            }
-        }
-        LsNode::Symlink { target } => {
-            if let Some(what) = invalid_target(target.as_bytes()) {
-                return Err(bad(path, what));
-            }
-            Entry::Symlink {
-                target: target.into_bytes().into(),
-            }
-        }
-        LsNode::Directory { entries } => {
-            let mut out = Vec::with_capacity(entries.len());
-            for (name, child) in entries {
-                if let Some(what) = invalid_name(name.as_bytes()) {
-                    return Err(bad(path, what));
-                }
-                let len = path.len();
-                path.push('/');
-                path.push_str(&name);
-                let e = convert(child, path, depth + 1, nar_size)?;
-                path.truncate(len);
-                out.push((name.into_bytes().into(), e));
-            }
-            Entry::Directory { entries: out }
-        }
+    r.map_err(|e| match e.is_io() {
+        true => ListingError::Unreadable(e.to_string()),
+        false => ListingError::Json(e.to_string()),
     })
+}
+
+/// What a listing's parse has seen so far. A semantic fault is kept here (serde's
+/// errors are strings) and reported in place of the JSON error that stops the parse.
+struct ParseState {
+    nar_size: u64,
+    /// Entries still allowed.
+    left: std::cell::Cell<usize>,
+    /// Entries a NAR of `nar_size` could hold.
+    fits: usize,
+    path: std::cell::RefCell<String>,
+    fault: std::cell::RefCell<Option<ListingError>>,
+}
+
+impl ParseState {
+    fn fail<E: serde::de::Error>(&self, what: &str) -> E {
+        let path = self.path.borrow();
+        *self.fault.borrow_mut() = Some(ListingError::Entry {
+            path: if path.is_empty() {
+                "/".into()
+            } else {
+                path.clone()
+            },
+            what: what.to_owned(),
+        });
+        E::custom(what)
+    }
+
+    fn take_entry<E: serde::de::Error>(&self) -> Result<(), E> {
+        match self.left.get().checked_sub(1) {
+            Some(n) => {
+                self.left.set(n);
+                Ok(())
+            }
+            None => {
+                let fault = if self.fits <= MAX_LISTING_ENTRIES {
+                    ListingError::Entry {
+                        path: "/".into(),
+                        what: format!("more entries than fit in a NAR of {} bytes", self.nar_size),
+                    }
+                } else {
+                    ListingError::TooMany(MAX_LISTING_ENTRIES)
+                };
+                *self.fault.borrow_mut() = Some(fault);
+                Err(E::custom("too many entries"))
+            }
+        }
+    }
+}
+
+struct FileSeed<'a>(&'a ParseState);
+struct NodeSeed<'a> {
+    st: &'a ParseState,
+    depth: usize,
+}
+struct EntriesSeed<'a> {
+    st: &'a ParseState,
+    depth: usize,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for FileSeed<'_> {
+    type Value = Entry;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Entry, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for FileSeed<'_> {
+    type Value = Entry;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a listing object with version and root")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Entry, A::Error> {
+        use serde::de::Error;
+        let (mut version, mut root) = (None, None);
+        while let Some(k) = m.next_key::<std::borrow::Cow<'de, str>>()? {
+            match &*k {
+                "version" if version.is_none() => {
+                    let v: u64 = m.next_value()?;
+                    if v != 1 {
+                        *self.0.fault.borrow_mut() = Some(ListingError::Version(v));
+                        return Err(A::Error::custom("version"));
+                    }
+                    version = Some(v);
+                }
+                "root" if root.is_none() => {
+                    root = Some(m.next_value_seed(NodeSeed {
+                        st: self.0,
+                        depth: 0,
+                    })?)
+                }
+                k => {
+                    return Err(A::Error::custom(format!(
+                        "unexpected or repeated key '{k}'"
+                    )))
+                }
+            }
+        }
+        version.ok_or_else(|| A::Error::missing_field("version"))?;
+        root.ok_or_else(|| A::Error::missing_field("root"))
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for NodeSeed<'_> {
+    type Value = Entry;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Entry, D::Error> {
+        if self.depth > MAX_DEPTH {
+            return Err(self.st.fail("nested too deeply"));
+        }
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for NodeSeed<'_> {
+    type Value = Entry;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a listing node")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Entry, A::Error> {
+        use serde::de::Error;
+        let st = self.st;
+        let mut ty: Option<std::borrow::Cow<'de, str>> = None;
+        let (mut size, mut executable, mut nar_offset) = (None, None, None);
+        let (mut target, mut entries): (Option<String>, _) = (None, None);
+        while let Some(k) = m.next_key::<std::borrow::Cow<'de, str>>()? {
+            match &*k {
+                "type" if ty.is_none() => ty = Some(m.next_value()?),
+                "size" if size.is_none() => size = Some(m.next_value::<u64>()?),
+                "executable" if executable.is_none() => executable = Some(m.next_value()?),
+                "narOffset" if nar_offset.is_none() => {
+                    nar_offset = Some(m.next_value::<Option<u64>>()?)
+                }
+                "target" if target.is_none() => target = Some(m.next_value()?),
+                "entries" if entries.is_none() => {
+                    entries = Some(m.next_value_seed(EntriesSeed {
+                        st,
+                        depth: self.depth,
+                    })?)
+                }
+                k => {
+                    return Err(A::Error::custom(format!(
+                        "unexpected or repeated key '{k}'"
+                    )))
+                }
+            }
+        }
+        let ty = ty.ok_or_else(|| A::Error::missing_field("type"))?;
+        let extra = |present: bool, field: &'static str| {
+            if present {
+                Err(A::Error::unknown_field(field, &[]))
+            } else {
+                Ok(())
+            }
+        };
+        match &*ty {
+            "regular" => {
+                extra(target.is_some(), "target")?;
+                extra(entries.is_some(), "entries")?;
+                let size = size.ok_or_else(|| A::Error::missing_field("size"))?;
+                let nar_offset = nar_offset.flatten();
+                if size > st.nar_size
+                    || nar_offset.is_some_and(|o| o.saturating_add(size) > st.nar_size)
+                {
+                    return Err(st.fail("size or offset beyond the NAR's size"));
+                }
+                Ok(Entry::Regular {
+                    size,
+                    executable: executable.unwrap_or(false),
+                    nar_offset,
+                })
+            }
+            "symlink" => {
+                extra(size.is_some(), "size")?;
+                extra(executable.is_some(), "executable")?;
+                extra(nar_offset.is_some(), "narOffset")?;
+                extra(entries.is_some(), "entries")?;
+                let target = target.ok_or_else(|| A::Error::missing_field("target"))?;
+                if let Some(what) = invalid_target(target.as_bytes()) {
+                    return Err(st.fail(what));
+                }
+                Ok(Entry::Symlink {
+                    target: target.into_bytes().into(),
+                })
+            }
+            "directory" => {
+                extra(size.is_some(), "size")?;
+                extra(executable.is_some(), "executable")?;
+                extra(nar_offset.is_some(), "narOffset")?;
+                extra(target.is_some(), "target")?;
+                let entries = entries.ok_or_else(|| A::Error::missing_field("entries"))?;
+                Ok(Entry::Directory { entries })
+            }
+            other => Err(A::Error::unknown_variant(
+                other,
+                &["regular", "symlink", "directory"],
+            )),
+        }
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for EntriesSeed<'_> {
+    type Value = Vec<(Box<[u8]>, Entry)>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for EntriesSeed<'_> {
+    type Value = Vec<(Box<[u8]>, Entry)>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a map of directory entries")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+        let st = self.st;
+        let mut out: Vec<(Box<[u8]>, Entry)> = Vec::new();
+        while let Some(name) = m.next_key::<std::borrow::Cow<'de, str>>()? {
+            st.take_entry()?;
+            if let Some(what) = invalid_name(name.as_bytes()) {
+                return Err(st.fail(what));
+            }
+            let len = st.path.borrow().len();
+            {
+                let mut p = st.path.borrow_mut();
+                p.push('/');
+                p.push_str(&name);
+            }
+            let e = m.next_value_seed(NodeSeed {
+                st,
+                depth: self.depth + 1,
+            })?;
+            st.path.borrow_mut().truncate(len);
+            out.push((name.as_bytes().into(), e));
+        }
+        // JSON objects are unordered; NAR entries are strictly sorted and unique
+        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        if let Some(w) = out.windows(2).find(|w| w[0].0 == w[1].0) {
+            let what = format!(
+                "duplicate entry {:?}",
+                String::from_utf8_lossy(&w[0].0).into_owned()
+            );
+            return Err(st.fail(&what));
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -379,8 +568,61 @@ mod tests {
         assert!(parse_ls(text.as_bytes(), 1000)
             .unwrap_err()
             .to_string()
-            .contains("cannot fit"));
+            .contains("more entries than fit"));
         assert!(parse_ls(text.as_bytes(), 100_000).is_ok());
+    }
+
+    #[test]
+    fn entries_are_counted_while_parsing() {
+        let listing = |n: usize, extra: &str| {
+            let many: Vec<String> = (0..n)
+                .map(|i| format!("\"f{i}\":{{\"type\":\"regular\",\"size\":0}}"))
+                .collect();
+            format!(
+                r#"{{"version":1,"root":{{"type":"directory","entries":{{{}{extra}}}}}}}"#,
+                many.join(",")
+            )
+        };
+        let huge_nar = 1 << 40;
+        let at_cap = listing(MAX_LISTING_ENTRIES, "");
+        assert!(parse_ls(at_cap.as_bytes(), huge_nar).is_ok());
+        let over = listing(MAX_LISTING_ENTRIES + 1, "");
+        assert_eq!(
+            parse_ls(over.as_bytes(), huge_nar),
+            Err(ListingError::TooMany(MAX_LISTING_ENTRIES))
+        );
+        // the parse stops at the first entry too many: garbage after it is not seen
+        let over = listing(MAX_LISTING_ENTRIES + 1, r#","junk":not json"#);
+        assert_eq!(
+            parse_ls_reader(over.as_bytes(), huge_nar),
+            Err(ListingError::TooMany(MAX_LISTING_ENTRIES))
+        );
+        // keys in any order, and duplicate names refused
+        let any_order = r#"{"root":{"entries":{"b":{"size":1,"type":"regular"},"a":{"target":"b","type":"symlink"}},"type":"directory"},"version":1}"#;
+        let t = parse_ls(any_order.as_bytes(), 1000).unwrap();
+        assert_eq!(
+            t,
+            parse_ls_reader(any_order.as_bytes(), 1000).unwrap(),
+            "slice and stream agree"
+        );
+        let Entry::Directory { entries } = t else {
+            panic!()
+        };
+        assert_eq!(&*entries[0].0, b"a");
+        let dup = r#"{"version":1,"root":{"type":"directory","entries":{"a":{"type":"regular","size":1},"a":{"type":"regular","size":2}}}}"#;
+        assert!(parse_ls(dup.as_bytes(), 1000)
+            .unwrap_err()
+            .to_string()
+            .contains("duplicate entry"));
+        for bad in [
+            r#"{"version":1,"root":{"type":"regular","size":1,"target":"x"}}"#,
+            r#"{"version":1,"root":{"type":"regular"}}"#,
+            r#"{"version":1,"root":{"type":"regular","size":1},"root":{"type":"regular","size":1}}"#,
+            r#"{"version":1,"root":{"type":"regular","size":1}} trailing"#,
+            r#"{"version":1}"#,
+        ] {
+            assert!(parse_ls(bad.as_bytes(), 1000).is_err(), "{bad}");
+        }
     }
 
     #[test]

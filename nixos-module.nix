@@ -34,7 +34,8 @@ in
 
     mountPoint = mkOption {
       type = types.str;
-      default = "/run/narfs";
+      # not /run/narfs: that holds the control socket, which a mount there would hide
+      default = "/mnt/narfs";
       description = "Where the cache is mounted; created if missing.";
     };
 
@@ -63,6 +64,16 @@ in
       description = ''
         A file with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (systemd EnvironmentFile
         syntax). Credentials set in a user's shell never reach a system service.
+      '';
+    };
+
+    netrcFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/run/secrets/narfs-netrc";
+      description = ''
+        Credentials for an http(s) cache in netrc syntax (nix.conf's netrc-file), so
+        they stay out of the cache URL, the unit file and the process list.
       '';
     };
 
@@ -106,6 +117,7 @@ in
         ExecStart = escapeExec (
           [ "${cfg.package}/bin/narfs" "mount" "--cache-dir" cfg.cacheDir ]
           ++ optionals (cfg.cacheSize != null) [ "--cache-size" cfg.cacheSize ]
+          ++ optionals (cfg.netrcFile != null) [ "--netrc-file" cfg.netrcFile ]
           ++ optional cfg.allowOther "--allow-other"
           ++ cfg.extraArgs
           ++ [ cfg.cacheUrl cfg.mountPoint ]
@@ -114,8 +126,10 @@ in
         EnvironmentFile = optional (cfg.environmentFile != null) cfg.environmentFile;
         Restart = "on-failure";
         RestartSec = 5;
-        # /run/narfs: the control socket `narfs prefetch` and `narfs stats` talk to
+        # /run/narfs: the control socket `narfs prefetch` and `narfs stats` talk to,
+        # for root alone
         RuntimeDirectory = "narfs";
+        RuntimeDirectoryMode = "0700";
         # Hardening that still allows /dev/fuse and the mount itself.
         DeviceAllow = [ "/dev/fuse rw" ];
         DevicePolicy = "closed";

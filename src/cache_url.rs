@@ -14,8 +14,101 @@ pub enum CacheUrl {
     /// `http(s)://HOST[/PATH]`: nix-serve, cache.nixos.org-style caches, a CDN or a
     /// caching proxy in front of a bucket. Read by name only (HTTP cannot list).
     Http {
+        /// Without credentials: safe to show.
         base: String,
+        /// `user:password@` of the URL, kept apart so it is never shown; a netrc file
+        /// is the better place for them.
+        credentials: Option<Credentials>,
     },
+}
+
+/// HTTP basic credentials. `Debug` and `Display` never show the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Credentials({:?}, <redacted>)", self.user)
+    }
+}
+
+/// `s` with credentials hidden: the `user:password@` of a URL and the values of
+/// query parameters whose names say they are secret. For every place a URL the user
+/// gave is shown (logs, errors).
+pub fn redact(s: &str) -> String {
+    let (head, query) = match s.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (s, None),
+    };
+    let mut out = match head.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = match rest.find('/') {
+                Some(i) => rest.split_at(i),
+                None => (rest, ""),
+            };
+            match authority.rsplit_once('@') {
+                Some((_, host)) => format!("{scheme}://***@{host}{path}"),
+                None => head.to_owned(),
+            }
+        }
+        None => head.to_owned(),
+    };
+    if let Some(q) = query {
+        out.push('?');
+        let params: Vec<String> = q
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if is_secret_param(k) => format!("{k}=***"),
+                _ => kv.to_owned(),
+            })
+            .collect();
+        out.push_str(&params.join("&"));
+    }
+    out
+}
+
+fn is_secret_param(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    [
+        "secret",
+        "password",
+        "passwd",
+        "token",
+        "signature",
+        "credential",
+        "auth",
+    ]
+    .iter()
+    .any(|w| n.contains(w))
+}
+
+/// Why `key` (a narinfo's unsigned `URL`, or any key asked of a cache) is not a
+/// plain relative key under the cache root; `None` if it is. Only a safe character
+/// set passes: no percent-escapes or backslashes that a server or URL parser could
+/// turn into `..`, no `.`/`..`/empty segments, no scheme, host or absolute path.
+pub fn unsafe_key(key: &str) -> Option<&'static str> {
+    let (path, query) = match key.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (key, None),
+    };
+    let plain = |c: u8| c.is_ascii_alphanumeric() || b"-._~+=,".contains(&c);
+    if path.is_empty() || key.len() > 1024 {
+        Some("empty or over-long key")
+    } else if !path.bytes().all(|c| plain(c) || c == b'/') {
+        Some("characters outside [A-Za-z0-9-._~+=,/] (no %, \\, :, @ or spaces)")
+    } else if path
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        Some("an empty, '.' or '..' path segment (or a leading '/')")
+    } else if query.is_some_and(|q| !q.bytes().all(|c| plain(c) || c == b'&')) {
+        Some("a query string with characters outside [A-Za-z0-9-._~+=,&]")
+    } else {
+        None
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -106,7 +199,7 @@ const KNOWN_IGNORED: &[&str] = &[
 
 pub fn parse(input: &str) -> Result<Parsed, UrlError> {
     let err = |why: &str| UrlError {
-        url: input.to_owned(),
+        url: redact(input),
         why: why.to_owned(),
     };
     let (scheme, rest) = input
@@ -184,7 +277,23 @@ pub fn parse(input: &str) -> Result<Parsed, UrlError> {
             })
         }
         "http" | "https" => {
-            let (host, _) = path.split_once('/').unwrap_or((path, ""));
+            let (authority, rest) = path.split_once('/').unwrap_or((path, ""));
+            let (credentials, host) = match authority.rsplit_once('@') {
+                Some((userinfo, host)) => {
+                    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+                    let decode = |s| {
+                        percent_decode(s).ok_or_else(|| {
+                            err("user name or password is not valid percent-encoded UTF-8")
+                        })
+                    };
+                    let c = Credentials {
+                        user: decode(user)?,
+                        password: decode(password)?,
+                    };
+                    (Some(c), host)
+                }
+                None => (None, authority),
+            };
             if host.is_empty() {
                 return Err(err("missing host name"));
             }
@@ -193,9 +302,11 @@ pub fn parse(input: &str) -> Result<Parsed, UrlError> {
                     warnings.push(format!("ignoring unknown cache URL parameter '{k}'"));
                 }
             }
+            let base = format!("{scheme}://{host}/{rest}");
             Ok(Parsed {
                 url: CacheUrl::Http {
-                    base: format!("{scheme}://{}", path.trim_end_matches('/')),
+                    base: base.trim_end_matches('/').to_owned(),
+                    credentials,
                 },
                 warnings,
             })
@@ -226,7 +337,7 @@ impl fmt::Display for CacheUrl {
                 Ok(())
             }
             CacheUrl::File { root } => write!(f, "file://{}", root.display()),
-            CacheUrl::Http { base } => f.write_str(base),
+            CacheUrl::Http { base, .. } => f.write_str(base),
         }
     }
 }
@@ -247,7 +358,10 @@ mod tests {
         ] {
             assert_eq!(
                 parse(input).unwrap().url,
-                CacheUrl::Http { base: base.into() },
+                CacheUrl::Http {
+                    base: base.into(),
+                    credentials: None
+                },
                 "{input}"
             );
         }
@@ -317,6 +431,57 @@ mod tests {
             }
         );
         assert!(p.warnings.is_empty());
+    }
+
+    #[test]
+    fn credentials_are_kept_apart_and_never_shown() {
+        let p = parse("https://us%40er:p%3Ass@cache.example.org:8443/sub/?x=1").unwrap();
+        let CacheUrl::Http { base, credentials } = &p.url else {
+            panic!()
+        };
+        assert_eq!(base, "https://cache.example.org:8443/sub");
+        let c = credentials.clone().unwrap();
+        assert_eq!((c.user.as_str(), c.password.as_str()), ("us@er", "p:ss"));
+        assert!(!format!("{:?} {}", p.url, p.url).contains("p:ss"));
+        assert_eq!(
+            redact("http://u:pw@h:1/p?compression=xz&token=abc&secret-key=/k"),
+            "http://***@h:1/p?compression=xz&token=***&secret-key=***"
+        );
+        assert_eq!(redact("s3://b/p?endpoint=e"), "s3://b/p?endpoint=e");
+        let e = parse("http://u:pw@/x").unwrap_err().to_string();
+        assert!(e.contains("missing host") && !e.contains("pw"), "{e}");
+        let e = parse("gopher://u:pw@h/").unwrap_err().to_string();
+        assert!(!e.contains("pw"), "{e}");
+    }
+
+    #[test]
+    fn only_plain_relative_keys_are_safe() {
+        for good in [
+            "nar/1w1fff338fvdw53sqgamddn1b2xgds473pv6y13gizdbqjv4i5p3.nar.xz",
+            "nar/abc.nar?hash=xyz",
+            "x.nar",
+            "a/b/c.nar.zst",
+        ] {
+            assert_eq!(unsafe_key(good), None, "{good}");
+        }
+        for bad in [
+            "",
+            "/etc/passwd",
+            "nar/../x.nar",
+            "nar/%2e%2e/%2e%2e/x.nar",
+            "nar/..\\..\\x.nar",
+            "nar//x",
+            "./x",
+            "http://evil/x",
+            "//evil/x",
+            "nar/x y",
+            "nar/x\n",
+            "nar/x?a=%2e",
+            "nar/x#frag",
+            "u@evil/x",
+        ] {
+            assert!(unsafe_key(bad).is_some(), "{bad}");
+        }
     }
 
     #[test]

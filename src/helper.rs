@@ -20,6 +20,7 @@ const VALUED: &[(&str, &str)] = &[
     ("timeout", "--timeout"),
     ("metrics-addr", "--metrics-addr"),
     ("log", "--log-file"),
+    ("netrc-file", "--netrc-file"),
 ];
 
 /// Flags without a value.

@@ -17,7 +17,11 @@ pub struct Session {
 }
 
 /// Sets up storage and verification for one command; `Err` is a message for the user.
-pub async fn session(url: &str, keys: &[String]) -> Result<Session, String> {
+pub async fn session(
+    url: &str,
+    keys: &[String],
+    netrc_file: Option<&std::path::Path>,
+) -> Result<Session, String> {
     let parsed = cache_url::parse(url).map_err(|e| e.to_string())?;
     for w in &parsed.warnings {
         tracing::warn!("{w}");
@@ -31,7 +35,8 @@ pub async fn session(url: &str, keys: &[String]) -> Result<Session, String> {
     }
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let disk = Arc::new(DiskCache::open(dir.path()).map_err(|e| e.to_string())?);
-    let storage = crate::storage::open(&parsed.url).await;
+    let netrc = crate::storage::load_netrc(netrc_file).map_err(|e| e.to_string())?;
+    let storage = crate::storage::open(&parsed.url, netrc.as_ref()).await;
     crate::mount::check_cache(&*storage, &parsed.url)
         .await
         .map_err(|e| e.to_string())?;
@@ -49,10 +54,11 @@ pub async fn session(url: &str, keys: &[String]) -> Result<Session, String> {
 pub async fn open_path(
     url: &str,
     keys: &[String],
+    netrc_file: Option<&std::path::Path>,
     arg: &str,
 ) -> Result<(Session, Arc<NarInfo>, Vec<String>), String> {
     let (sp, sub) = split_path(arg)?;
-    let s = session(url, keys).await?;
+    let s = session(url, keys, netrc_file).await?;
     let info = s.info(&sp).await?;
     Ok((s, info, sub))
 }

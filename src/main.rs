@@ -105,6 +105,10 @@ struct Keys {
     /// A trusted key, NAME:BASE64 (repeatable); also NARFS_TRUSTED_PUBLIC_KEYS.
     #[arg(long = "trusted-public-key", value_name = "NAME:BASE64")]
     trusted_public_keys: Vec<String>,
+    /// Credentials for http(s) caches, as nix.conf's netrc-file
+    /// [default: /etc/nix/netrc if it exists].
+    #[arg(long, value_name = "FILE")]
+    netrc_file: Option<PathBuf>,
 }
 
 impl Keys {
@@ -176,6 +180,10 @@ struct MountArgs {
     /// Serve Prometheus metrics at http://HOST:PORT/metrics.
     #[arg(long, value_name = "HOST:PORT")]
     metrics_addr: Option<String>,
+    /// Credentials for http(s) caches, as nix.conf's netrc-file: keeps passwords out
+    /// of the URL [default: /etc/nix/netrc if it exists].
+    #[arg(long, value_name = "FILE")]
+    netrc_file: Option<PathBuf>,
     /// More logging (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = ArgAction::Count)]
     verbose: u8,
@@ -320,7 +328,8 @@ fn push(
     }
     if matches!(url.url, narfs::cache_url::CacheUrl::Http { .. }) {
         return Err(format!(
-            "{cache_url}: narfs does not write to HTTP caches; push to the s3:// or file:// cache behind it"
+            "{}: narfs does not write to HTTP caches; push to the s3:// or file:// cache behind it",
+            narfs::cache_url::redact(cache_url)
         ));
     }
     let compression = compression
@@ -364,7 +373,7 @@ fn push(
     });
     let progress = PushProgress { bar };
     runtime().block_on(async {
-        let storage = narfs::storage::open(&url.url).await;
+        let storage = narfs::storage::open(&url.url, None).await;
         narfs::push::push(storage, infos, &opts, &progress).await
     })
 }
@@ -466,11 +475,17 @@ fn inspect(cmd: Cmd) -> ExitCode {
                 cache_url,
                 path,
             } => {
-                let (s, info, sub) =
-                    match narfs::inspect::open_path(&cache_url, &keys.all(), &path).await {
-                        Ok(v) => v,
-                        Err(e) => return fail(e),
-                    };
+                let (s, info, sub) = match narfs::inspect::open_path(
+                    &cache_url,
+                    &keys.all(),
+                    keys.netrc_file.as_deref(),
+                    &path,
+                )
+                .await
+                {
+                    Ok(v) => v,
+                    Err(e) => return fail(e),
+                };
                 let tree = match s.tree(&info).await {
                     Ok(t) => t,
                     Err(e) => return fail(e),
@@ -494,11 +509,17 @@ fn inspect(cmd: Cmd) -> ExitCode {
                 cache_url,
                 path,
             } => {
-                let (s, info, sub) =
-                    match narfs::inspect::open_path(&cache_url, &keys.all(), &path).await {
-                        Ok(v) => v,
-                        Err(e) => return fail(e),
-                    };
+                let (s, info, sub) = match narfs::inspect::open_path(
+                    &cache_url,
+                    &keys.all(),
+                    keys.netrc_file.as_deref(),
+                    &path,
+                )
+                .await
+                {
+                    Ok(v) => v,
+                    Err(e) => return fail(e),
+                };
                 let dir = match s.content(&info).await {
                     Ok(d) => d,
                     Err(e) => return fail(e),
@@ -532,7 +553,13 @@ fn inspect(cmd: Cmd) -> ExitCode {
                 cache_url,
                 paths,
             } => {
-                let s = match narfs::inspect::session(&cache_url, &keys.all()).await {
+                let s = match narfs::inspect::session(
+                    &cache_url,
+                    &keys.all(),
+                    keys.netrc_file.as_deref(),
+                )
+                .await
+                {
                     Ok(s) => s,
                     Err(e) => return fail(e),
                 };
@@ -698,6 +725,7 @@ fn main() -> ExitCode {
                 no_open: a.no_open,
                 noexec: a.noexec,
                 metrics_addr: a.metrics_addr,
+                netrc_file: a.netrc_file,
             };
             match mount::run(opts) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -29,6 +29,8 @@ pub struct MountOptions {
     pub noexec: bool,
     /// `HOST:PORT` to serve Prometheus metrics on.
     pub metrics_addr: Option<String>,
+    /// Credentials for http(s) caches (default: Nix's `/etc/nix/netrc` if present).
+    pub netrc_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +107,8 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
         tracing::warn!("{w}");
     }
     let keys = parse_keys(&opts.trusted_public_keys)?;
+    let netrc = storage::load_netrc(opts.netrc_file.as_deref())
+        .map_err(|e| MountError::Usage(e.to_string()))?;
     match std::fs::metadata(&opts.mountpoint) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => {
@@ -143,7 +147,7 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
         .build()
         .map_err(|e| MountError::Failed(format!("cannot start the runtime: {e}")))?;
     let t0 = Instant::now();
-    let storage = rt.block_on(storage::open(&parsed.url));
+    let storage = rt.block_on(storage::open(&parsed.url, netrc.as_ref()));
     rt.block_on(check_cache(&*storage, &parsed.url))?;
     tracing::info!(url = %parsed.url, ms = t0.elapsed().as_millis() as u64, "cache answered");
 

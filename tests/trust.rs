@@ -291,3 +291,136 @@ fn a_forged_listing_of_millions_of_entries_costs_bounded_memory() {
     assert!(log.contains("more than 250000 entries"), "{log}");
     assert_eq!(std::fs::read(m.p(&good)).unwrap(), b"good content\n");
 }
+
+#[test]
+fn secrets_in_urls_never_reach_logs_and_netrc_keeps_them_out_of_urls() {
+    let f = fixture();
+    let http = HttpServer::start(&f.cache);
+    let proxy = common::proxy::Proxy::start(http.port);
+    const SECRET: &str = "pw-S3CRET-1";
+    proxy.require_basic_auth("narfs", SECRET);
+    let lib = f.path("narfs-test-lib");
+    // a NAR that fails, so its URL is shown in an error
+    let nar = f.narinfo_field("narfs-test-app", "URL");
+    proxy.fault(&nar, common::proxy::Fault::Status(404), usize::MAX);
+    let with_secret = format!("http://narfs:{SECRET}@127.0.0.1:{}/", proxy.port);
+    let m = Mounted::start(&with_secret, &[&f.public_key], None, &[]);
+    assert_eq!(
+        std::fs::read_to_string(m.p(lib).join("lib/greet.sh")).unwrap(),
+        "greet() { echo \"hello from lib\"; }\n"
+    );
+    assert!(read_err(&m.p(f.path("narfs-test-app")).join("bin/app")).is_some());
+    let log = m.log_text();
+    assert!(log.contains("cache answered") && log.contains("the NAR does not exist"));
+    assert!(log.contains(&nar), "{log}");
+    assert!(!log.contains(SECRET), "{log}");
+    drop(m);
+    // errors of the command line tools and of a malformed URL
+    let (code, _, err) = out(narfs()
+        .args(["cat", "--trusted-public-key", &f.public_key, &with_secret])
+        .arg(format!("/nix/store/{}/bin/app", f.path("narfs-test-app"))));
+    assert_eq!(code, 1);
+    assert!(err.contains(&nar) && !err.contains(SECRET), "{err}");
+    let bad = with_secret.replace("http://", "htp://");
+    let tmp = tempfile::tempdir().unwrap();
+    let (code, _, err) = out(narfs()
+        .args(["mount", "--trusted-public-key", &f.public_key, &bad])
+        .arg(tmp.path()));
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("unsupported scheme") && !err.contains(SECRET),
+        "{err}"
+    );
+
+    // the credentials in a netrc file instead (nix.conf's netrc-file), and without
+    // them the cache refuses
+    let plain = format!("http://127.0.0.1:{}/", proxy.port);
+    let (code, _, err) = out(narfs()
+        .args(["ls", "--trusted-public-key", &f.public_key, &plain])
+        .arg(format!("/nix/store/{lib}")));
+    assert_eq!(code, 1);
+    assert!(err.contains("401"), "{err}");
+    let netrc = tmp.path().join("netrc");
+    std::fs::write(
+        &netrc,
+        format!("machine other.example.org login x password y\nmachine 127.0.0.1\n  login narfs\n  password {SECRET}\n"),
+    )
+    .unwrap();
+    let netrc_arg = netrc.to_str().unwrap();
+    let m = Mounted::start(&plain, &[&f.public_key], None, &["--netrc-file", netrc_arg]);
+    assert_eq!(
+        std::fs::read_to_string(m.p(lib).join("lib/greet.sh")).unwrap(),
+        "greet() { echo \"hello from lib\"; }\n"
+    );
+    assert!(!m.log_text().contains(SECRET));
+    let (code, text, err) = out(narfs()
+        .args(["cat", "--netrc-file", netrc_arg])
+        .args(["--trusted-public-key", &f.public_key, &plain])
+        .arg(format!("/nix/store/{lib}/lib/greet.sh")));
+    assert_eq!(
+        (code, text.as_str()),
+        (0, "greet() { echo \"hello from lib\"; }\n"),
+        "{err}"
+    );
+    // a netrc file that cannot be read is a usage error naming it
+    let (code, _, err) = out(narfs()
+        .args(["mount", "--netrc-file", "/nonexistent/netrc"])
+        .args(["--trusted-public-key", &f.public_key, &plain])
+        .arg(tmp.path()));
+    assert_eq!(code, 2);
+    assert!(err.contains("/nonexistent/netrc"), "{err}");
+}
+
+#[test]
+fn a_narinfo_url_cannot_leave_the_cache_prefix() {
+    // an http cache under /h/ of a server that holds, outside it, a NAR that would
+    // even verify; narinfos point at it with dot segments in disguise
+    let root = tempfile::tempdir().unwrap();
+    let cache = SignedCache::at(&root.path().join("h"));
+    let nar = file_nar(b"outside the prefix\n");
+    std::fs::write(root.path().join("x.nar"), &nar).unwrap();
+    let mut names = Vec::new();
+    for (i, url) in [
+        "nar/%2e%2e/%2e%2e/x.nar",
+        "nar/%2E%2E/%2E%2E/x.nar",
+        "nar/..%2f..%2fx.nar",
+        "nar/..\\..\\x.nar",
+        "nar/../../x.nar",
+        "/x.nar",
+        "http://127.0.0.1:1/x.nar",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        names.push(cache.put(
+            &format!("escape-{i}"),
+            &nar,
+            narfs::formats::narinfo::Compression::None,
+            &nar,
+            |info| info.url = url.to_owned(),
+        ));
+    }
+    let good = cache.put_good("inside");
+    let http = HttpServer::start(root.path());
+    let proxy = common::proxy::Proxy::start(http.port);
+    let url = format!("http://127.0.0.1:{}/h", proxy.port);
+    let m = Mounted::start(&url, &[&cache.public_key()], None, &[]);
+    for n in &names {
+        assert_eq!(read_err(&m.p(n)), Some(libc::ENOENT), "{n}");
+    }
+    assert_eq!(std::fs::read(m.p(&good)).unwrap(), b"good content\n");
+    let outside: Vec<String> = proxy
+        .requests()
+        .into_iter()
+        .filter(|r| !r.starts_with("GET /h/"))
+        .collect();
+    assert!(
+        outside.is_empty(),
+        "requests outside the prefix: {outside:?}"
+    );
+    let log = m.log_text();
+    assert!(
+        log.contains("is not a plain relative key inside the cache"),
+        "{log}"
+    );
+}

@@ -93,8 +93,8 @@ pub enum NarInfoError {
         field: &'static str,
         source: StorePathError,
     },
-    #[error("URL '{0}' is not a relative key inside the cache")]
-    Url(String),
+    #[error("URL '{0}' is not a plain relative key inside the cache: {1}")]
+    Url(String, &'static str),
 }
 
 /// Verification failures: the narinfo parsed but must not be served.
@@ -172,15 +172,9 @@ impl NarInfo {
                     })?,
                 )?,
                 "URL" => {
-                    let ok = !value.is_empty()
-                        && !value.starts_with('/')
-                        && !value.contains("://")
-                        && !value
-                            .split('/')
-                            .any(|c| c == ".." || c == "." || c.is_empty())
-                        && !value.bytes().any(|c| c < 0x20);
-                    if !ok {
-                        return Err(NarInfoError::Url(truncate(value)));
+                    // unsigned: it may only name a key under the cache's root
+                    if let Some(why) = crate::cache_url::unsafe_key(value) {
+                        return Err(NarInfoError::Url(truncate(value), why));
                     }
                     set(&mut url, "URL", value.to_owned())?
                 }

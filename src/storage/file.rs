@@ -18,6 +18,7 @@ impl FileStorage {
 #[async_trait]
 impl Storage for FileStorage {
     async fn get(&self, key: &str) -> Result<Option<Body>, StorageError> {
+        super::check_key(self, "open", key)?;
         match tokio::fs::File::open(self.root.join(key)).await {
             Ok(f) => Ok(Some(Box::pin(f))),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
@@ -51,6 +52,7 @@ impl Storage for FileStorage {
     }
 
     async fn exists(&self, key: &str) -> Result<bool, StorageError> {
+        super::check_key(self, "stat", key)?;
         match tokio::fs::symlink_metadata(self.root.join(key)).await {
             Ok(_) => Ok(true),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
@@ -63,6 +65,7 @@ impl Storage for FileStorage {
     }
 
     async fn put(&self, key: &str, data: Upload, _content_type: &str) -> Result<(), StorageError> {
+        super::check_key(self, "write", key)?;
         let dest = self.root.join(key);
         let err = |e: std::io::Error| StorageError {
             op: "write",

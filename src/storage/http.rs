@@ -2,17 +2,20 @@
 //! proxy in front of a bucket). HTTP cannot list a cache: paths are found by name.
 
 use super::{Body, ListPage, Storage, StorageError, Upload};
+use crate::cache_url::Credentials;
 use async_trait::async_trait;
 use futures::TryStreamExt;
 use std::time::Duration;
 
 pub struct HttpStorage {
     client: reqwest::Client,
+    /// Without credentials.
     base: String,
+    credentials: Option<Credentials>,
 }
 
 impl HttpStorage {
-    pub fn new(base: &str) -> Self {
+    pub fn new(base: &str, credentials: Option<Credentials>) -> Self {
         let client = reqwest::Client::builder()
             .user_agent(concat!("narfs/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(5))
@@ -22,11 +25,20 @@ impl HttpStorage {
         HttpStorage {
             client,
             base: base.to_owned(),
+            credentials,
         }
     }
 
     fn url(&self, key: &str) -> String {
         format!("{}/{key}", self.base)
+    }
+
+    fn request(&self, method: reqwest::Method, key: &str) -> reqwest::RequestBuilder {
+        let r = self.client.request(method, self.url(key));
+        match &self.credentials {
+            Some(c) => r.basic_auth(&c.user, Some(&c.password)),
+            None => r,
+        }
     }
 
     fn error(&self, op: &'static str, key: &str, detail: String) -> StorageError {
@@ -72,8 +84,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[async_trait]
 impl Storage for HttpStorage {
     async fn get(&self, key: &str) -> Result<Option<Body>, StorageError> {
+        super::check_key(self, "GET", key)?;
         let Some(res) = self
-            .send("GET", key, self.client.get(self.url(key)))
+            .send("GET", key, self.request(reqwest::Method::GET, key))
             .await?
         else {
             return Ok(None);
@@ -91,23 +104,14 @@ impl Storage for HttpStorage {
     }
 
     fn location(&self, key: &str) -> String {
-        // never show credentials given as https://user:password@host
-        let url = self.url(key);
-        match url.split_once("://") {
-            Some((scheme, rest)) => match rest.split_once('/') {
-                Some((host, path)) if host.contains('@') => format!(
-                    "{scheme}://{}/{path}",
-                    host.rsplit('@').next().unwrap_or(host)
-                ),
-                _ => url,
-            },
-            None => url,
-        }
+        // the base holds no credentials; redact() hides secret-looking query values
+        crate::cache_url::redact(&self.url(key))
     }
 
     async fn exists(&self, key: &str) -> Result<bool, StorageError> {
+        super::check_key(self, "HEAD", key)?;
         Ok(self
-            .send("HEAD", key, self.client.head(self.url(key)))
+            .send("HEAD", key, self.request(reqwest::Method::HEAD, key))
             .await?
             .is_some())
     }

@@ -3,6 +3,7 @@
 
 mod file;
 mod http;
+pub mod netrc;
 mod s3;
 
 pub use file::FileStorage;
@@ -89,10 +90,59 @@ pub async fn get_small(
     Ok(Some(buf))
 }
 
-pub async fn open(url: &CacheUrl) -> Arc<dyn Storage> {
+/// Opens the cache at `url`. An http(s) cache without credentials in its URL takes
+/// those `netrc` has for its host, as Nix does.
+pub async fn open(url: &CacheUrl, netrc: Option<&netrc::Netrc>) -> Arc<dyn Storage> {
     match url {
         CacheUrl::S3(u) => Arc::new(S3Storage::new(u).await),
         CacheUrl::File { root } => Arc::new(FileStorage::new(root.clone())),
-        CacheUrl::Http { base } => Arc::new(HttpStorage::new(base)),
+        CacheUrl::Http { base, credentials } => {
+            let host = base
+                .split_once("://")
+                .map_or("", |(_, r)| r.split(['/', ':']).next().unwrap_or(""));
+            let credentials = credentials
+                .clone()
+                .or_else(|| netrc.and_then(|n| n.lookup(host)).cloned());
+            Arc::new(HttpStorage::new(base, credentials))
+        }
+    }
+}
+
+/// The netrc file to use: `explicit` if given (it must load), else Nix's default
+/// `/etc/nix/netrc` when it exists (a warning if it cannot be read).
+pub fn load_netrc(
+    explicit: Option<&std::path::Path>,
+) -> Result<Option<netrc::Netrc>, netrc::NetrcError> {
+    match explicit {
+        Some(p) => netrc::Netrc::load(p).map(Some),
+        None => {
+            let p = std::path::Path::new(netrc::NIX_DEFAULT);
+            if !p.exists() {
+                return Ok(None);
+            }
+            match netrc::Netrc::load(p) {
+                Ok(n) => Ok(Some(n)),
+                Err(e) => {
+                    tracing::warn!("ignoring {e}");
+                    Ok(None)
+                }
+            }
+        }
+    }
+}
+
+/// Refuses a key that could leave the cache root (a narinfo's unsigned URL is checked
+/// when parsed; this holds for every backend whatever asks).
+fn check_key(s: &dyn Storage, op: &'static str, key: &str) -> Result<(), StorageError> {
+    match crate::cache_url::unsafe_key(key) {
+        None => Ok(()),
+        Some(why) => Err(StorageError {
+            op,
+            location: s.location(""),
+            detail: format!(
+                "refusing key {:?}: {why}",
+                key.chars().take(200).collect::<String>()
+            ),
+        }),
     }
 }

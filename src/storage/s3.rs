@@ -232,6 +232,7 @@ impl Drop for AbortOnDrop {
 #[async_trait]
 impl Storage for S3Storage {
     async fn get(&self, key: &str) -> Result<Option<Body>, StorageError> {
+        super::check_key(self, "GET", key)?;
         let res = self
             .client
             .get_object()
@@ -282,6 +283,7 @@ impl Storage for S3Storage {
     }
 
     async fn exists(&self, key: &str) -> Result<bool, StorageError> {
+        super::check_key(self, "HEAD", key)?;
         let res = self
             .client
             .head_object()
@@ -305,6 +307,7 @@ impl Storage for S3Storage {
     }
 
     async fn put(&self, key: &str, data: Upload, content_type: &str) -> Result<(), StorageError> {
+        super::check_key(self, "PUT", key)?;
         use aws_sdk_s3::primitives::ByteStream;
         let file_err = |p: &std::path::Path, e: &dyn std::fmt::Display| StorageError {
             op: "PUT",

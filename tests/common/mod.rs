@@ -707,7 +707,12 @@ pub struct SignedCache {
 
 impl SignedCache {
     pub fn new(s3: &S3Server) -> Self {
-        let dir = s3.root.join(BUCKET).join("h");
+        Self::at(&s3.root.join(BUCKET).join("h"))
+    }
+
+    /// An empty cache in `dir`.
+    pub fn at(dir: &Path) -> Self {
+        let dir = dir.to_owned();
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
         SignedCache {
@@ -799,5 +804,53 @@ impl SignedCache {
 
     pub fn public_key(&self) -> String {
         self.sk.public().to_nix_string()
+    }
+}
+
+/// `python3 -m http.server` over a directory, as a stand-in for nix-serve or a CDN.
+pub struct HttpServer {
+    child: Child,
+    pub port: u16,
+}
+
+impl HttpServer {
+    pub fn start(dir: &std::path::Path) -> Self {
+        for _ in 0..10 {
+            let port = free_port();
+            let mut child = Command::new("python3")
+                .args([
+                    "-m",
+                    "http.server",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                ])
+                .arg("--directory")
+                .arg(dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(10) {
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return HttpServer { child, port };
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("could not start python3 -m http.server");
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -31,6 +31,8 @@ struct State {
     requests: Mutex<Vec<String>>,
     rules: Mutex<Vec<Rule>>,
     stop: AtomicBool,
+    /// The `Authorization` header value every request must carry (else 401).
+    auth: Mutex<Option<String>>,
 }
 
 /// What the response pump of one connection must do to the current response.
@@ -109,6 +111,13 @@ impl Proxy {
     pub fn clear_faults(&self) {
         self.state.rules.lock().unwrap().clear();
     }
+
+    /// Answers 401 to every request without HTTP basic auth as `user:password`.
+    pub fn require_basic_auth(&self, user: &str, password: &str) {
+        use base64::Engine;
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        *self.state.auth.lock().unwrap() = Some(format!("Basic {token}"));
+    }
 }
 
 impl Drop for Proxy {
@@ -180,6 +189,21 @@ fn pump_requests(
                 .to_owned();
             let target: String = line.split(' ').take(2).collect::<Vec<_>>().join(" ");
             st.requests.lock().unwrap().push(target.clone());
+            if let Some(want) = st.auth.lock().unwrap().clone() {
+                let text = String::from_utf8_lossy(&req);
+                let ok = text.lines().any(|l| {
+                    l.split_once(':').is_some_and(|(k, v)| {
+                        k.eq_ignore_ascii_case("authorization") && v.trim() == want
+                    })
+                });
+                if !ok {
+                    let resp = "HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n";
+                    if client.write_all(resp.as_bytes()).is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            }
             let fault = {
                 let mut rules = st.rules.lock().unwrap();
                 rules

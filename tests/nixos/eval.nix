@@ -37,6 +37,7 @@ in
     trustedPublicKeys = [ "demo-store:Y0WaH1THk0KGJ1fKhNry+2UA2Y8ZRWVgN6aFARhAJAc=" "k2:AAAA" ];
     cacheSize = "10G";
     environmentFile = "/run/secrets/narfs";
+    netrcFile = "/run/secrets/netrc";
     extraArgs = [ "--jobs" "8" ];
   };
   minimal = evalWith {

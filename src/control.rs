@@ -43,22 +43,54 @@ impl Drop for Listening {
     }
 }
 
+/// Why the socket directory `dir` cannot be trusted by user `uid`: it must be a real
+/// directory owned by that user (or root) that no one else may write to.
+fn untrusted_dir(dir: &Path, uid: u32) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = match std::fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        // nothing there: connecting fails and says so
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => return Some(format!("{}: {e}", dir.display())),
+    };
+    if !m.is_dir() {
+        Some(format!("{} is not a directory", dir.display()))
+    } else if m.uid() != uid && m.uid() != 0 {
+        Some(format!(
+            "{} belongs to uid {}, not to you",
+            dir.display(),
+            m.uid()
+        ))
+    } else if m.mode() & 0o022 != 0 {
+        Some(format!(
+            "{} may be written by group or others (mode {:04o})",
+            dir.display(),
+            m.mode() & 0o7777
+        ))
+    } else {
+        None
+    }
+}
+
 /// Binds the socket (replacing one a dead mount left) and serves it on the runtime.
+/// The socket is 0600 in a directory that is the user's alone (0700), and a client
+/// that is neither the mounting user nor root is turned away (SO_PEERCRED).
 pub fn listen(fs: Arc<Fs>, mountpoint: &Path, jobs: usize) -> std::io::Result<Listening> {
+    use std::os::unix::fs::PermissionsExt;
     let path = socket_path(mountpoint);
+    let uid = unsafe { libc::getuid() };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-        // the directory must be ours and not a symlink someone put there first
+        crate::disk_cache::create_private_dir(dir)?;
+        // ours (not a symlink someone put there first), and then ours alone
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::symlink_metadata(dir)?;
-        if !m.is_dir() || m.uid() != unsafe { libc::getuid() } {
+        if !m.is_dir() || m.uid() != uid {
             return Err(std::io::Error::other(format!(
                 "{} is not a directory owned by this user",
                 dir.display()
             )));
         }
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
     if std::os::unix::net::UnixStream::connect(&path).is_ok() {
         return Err(std::io::Error::other(format!(
@@ -68,6 +100,7 @@ pub fn listen(fs: Arc<Fs>, mountpoint: &Path, jobs: usize) -> std::io::Result<Li
     }
     let _ = std::fs::remove_file(&path);
     let listener = tokio::net::UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     tokio::spawn(async move {
         loop {
             let Ok((sock, _)) = listener.accept().await else {
@@ -75,6 +108,20 @@ pub fn listen(fs: Arc<Fs>, mountpoint: &Path, jobs: usize) -> std::io::Result<Li
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             };
+            match sock.peer_cred() {
+                Ok(c) if c.uid() == uid || c.uid() == 0 => {}
+                Ok(c) => {
+                    tracing::warn!(
+                        uid = c.uid(),
+                        "control socket: refused a client of another user"
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!("control socket: cannot tell who connected: {e}");
+                    continue;
+                }
+            }
             let fs = fs.clone();
             tokio::spawn(async move {
                 let (r, mut w) = sock.into_split();
@@ -147,6 +194,13 @@ pub fn request(
     req: &str,
 ) -> Result<BufReader<std::os::unix::net::UnixStream>, String> {
     let path = socket_path(mountpoint);
+    // only a socket in a directory of this user's (or root's) can be the mount's
+    if let Some(why) = path
+        .parent()
+        .and_then(|d| untrusted_dir(d, unsafe { libc::getuid() }))
+    {
+        return Err(format!("refusing to talk to {}: {why}", path.display()));
+    }
     let mut s = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
         format!(
             "no narfs mount answers for {} ({}: {e}); is it mounted by narfs, by this user?",

@@ -1,16 +1,26 @@
 //! The cache directory: verified narinfos and unpacked store paths, kept across mounts.
 //!
-//! Layout: `store/<hash>-<name>` holds unpacked trees, `narinfo/<hash>.narinfo` verified
-//! narinfos, `tmp/` work in progress. A path appears in `store/` by one rename, after its
-//! NAR matched NarHash and NarSize, so anything in `store/` is complete and verified;
-//! `tmp/` is emptied at start, which removes whatever a crash left. A lock file keeps
-//! two narfs processes from sharing one directory.
+//! Layout: `store/<hash>-<name>` holds unpacked trees, `narinfo/<key id>/<hash>.narinfo`
+//! narinfo records, `verified/<hash>-<name>` the NarHash each tree was verified against,
+//! `tmp/` work in progress, `pending/` trees not yet flushed, `trash/` what is being
+//! deleted. A path appears in `store/` by one rename, after its NAR matched NarHash and
+//! NarSize, so anything in `store/` is complete and verified; `tmp/` is emptied at
+//! start, which removes whatever a crash left. A lock file keeps two narfs processes
+//! from sharing one directory.
+//!
+//! The directory is trusted only because no one else can write to it: it must belong
+//! to the user running narfs and be writable by no one else (narfs creates it 0700 and
+//! everything in it without group or other write, whatever the umask), its
+//! subdirectories must be real directories (a symlink there is refused, never
+//! followed), and clean-up works through directory descriptors. Even so, narinfo
+//! records are verified again when read, and a tree is served only under a record
+//! that verifies with the keys trusted now.
 
 use crate::formats::listing::Entry;
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -20,13 +30,111 @@ pub struct DiskCache {
     _lock: File,
     counter: AtomicU64,
     usage: Mutex<Usage>,
+    hooks: std::sync::OnceLock<std::sync::Weak<dyn EvictionHooks>>,
 }
 
-/// Bytes on disk of each unpacked path, least recently used first.
+/// Bytes on disk of each unpacked path, least recently used first, and bytes
+/// reserved by unpacks under way: `total + reserved` is what the quota bounds, so
+/// it holds at every moment, not only between unpacks.
 struct Usage {
     lru: lru::LruCache<String, u64>,
     total: u64,
+    reserved: u64,
     quota: u64,
+}
+
+impl Usage {
+    /// Takes least recently used paths (not `keep`, not pinned) out of the account
+    /// until `need` bytes are freed or none is left; returns them for deletion.
+    fn choose_victims(
+        &mut self,
+        need: u64,
+        keep: &str,
+        pinned: impl Fn(&str) -> bool,
+    ) -> Vec<String> {
+        let mut victims = Vec::new();
+        if need == 0 {
+            return victims;
+        }
+        let mut freed = 0;
+        let candidates: Vec<(String, u64)> = self
+            .lru
+            .iter()
+            .rev()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        for (name, size) in candidates {
+            if freed >= need {
+                break;
+            }
+            if name == keep || pinned(&name) {
+                continue;
+            }
+            self.lru.pop(&name);
+            self.total -= size;
+            freed += size;
+            victims.push(name);
+        }
+        victims
+    }
+}
+
+/// What the layer above knows about the paths the disk cache may evict.
+pub trait EvictionHooks: Send + Sync {
+    /// Whether `basename` is in use (an open file): it is never evicted.
+    fn pinned(&self, basename: &str) -> bool;
+    /// `basename` was evicted: nothing of it may be read from disk any more.
+    fn evicted(&self, basename: &str);
+}
+
+/// Room in the quota held for an unpack under way, returned when dropped.
+pub struct Reservation {
+    disk: std::sync::Arc<DiskCache>,
+    bytes: u64,
+    /// Whether growing it may evict other paths (a demand) or must not (a prefetch).
+    may_evict: bool,
+    keep: String,
+}
+
+/// The quota has no room for what a prefetch wants without evicting.
+#[derive(Debug, thiserror::Error)]
+#[error("no room in the cache quota without evicting other paths")]
+pub struct NoRoom;
+
+impl Reservation {
+    /// Holds `bytes` more, evicting least recently used paths for them when allowed.
+    /// A demand that finds nothing left to evict goes over the quota (a path larger
+    /// than the quota is still served); a prefetch fails instead.
+    pub fn grow(&mut self, bytes: u64) -> Result<(), NoRoom> {
+        self.disk.make_room(bytes, &self.keep, self.may_evict)?;
+        self.bytes += bytes;
+        Ok(())
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut u = self.disk.usage.lock().unwrap();
+        u.reserved = u.reserved.saturating_sub(self.bytes);
+    }
+}
+
+/// Bytes what the unpacker is about to create will take on disk, estimated before it
+/// is written (ext4-like: whole 4 KiB blocks, short link targets inline, a block per
+/// directory and its entries' names).
+pub fn footprint(c: crate::formats::nar::Creating) -> u64 {
+    use crate::formats::nar::Creating;
+    const BLOCK: u64 = 4096;
+    match c {
+        Creating::File { size } => size.div_ceil(BLOCK) * BLOCK,
+        Creating::Symlink { target_len } if target_len < 60 => 0,
+        Creating::Symlink { .. } | Creating::Dir => BLOCK,
+        Creating::Entry { name_len } => 8 + (name_len as u64).div_ceil(4) * 4,
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +143,144 @@ pub enum DiskCacheError {
     Io { path: PathBuf, source: io::Error },
     #[error("cache directory {0} is in use by another narfs process")]
     Locked(PathBuf),
+    /// Others could change what narfs trusts: refused until the user fixes it.
+    #[error("refusing cache directory {path}: {why}")]
+    Unsafe { path: PathBuf, why: String },
+}
+
+/// The subdirectories, each a real directory of ours.
+const SUBDIRS: [&str; 6] = ["store", "narinfo", "tmp", "pending", "verified", "trash"];
+
+/// Creates directory `p` and its missing parents 0700, whatever the umask.
+pub fn create_private_dir(p: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(p)
+}
+
+/// Opens a log or lock file for appending: created 0600, never through a symlink.
+pub fn open_private_file(p: &Path) -> io::Result<File> {
+    File::options()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(p)
+}
+
+/// Creates `root` (0700, parents too) if missing and checks that only this user can
+/// change it: owned by the effective user, not writable by group or others.
+fn secure_root(root: &Path) -> Result<std::os::fd::OwnedFd, DiskCacheError> {
+    if !root.exists() {
+        create_private_dir(root).map_err(io_err(root))?;
+    }
+    let fd = rustix::fs::open(
+        root,
+        rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| io_err(root)(e.into()))?;
+    check_ours(&fd, root, "")?;
+    Ok(fd)
+}
+
+/// Refuses a directory another user owns or that group or others may write to.
+fn check_ours(fd: &impl std::os::fd::AsFd, path: &Path, fix: &str) -> Result<(), DiskCacheError> {
+    let st = rustix::fs::fstat(fd).map_err(|e| io_err(path)(e.into()))?;
+    let me = unsafe { libc::geteuid() };
+    let unsafe_dir = |why: String| DiskCacheError::Unsafe {
+        path: path.to_owned(),
+        why,
+    };
+    if st.st_uid != me {
+        return Err(unsafe_dir(format!(
+            "it belongs to uid {}, not to you (uid {me}); use a directory of your own (--cache-dir){fix}",
+            st.st_uid
+        )));
+    }
+    let mode = st.st_mode & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(unsafe_dir(format!(
+            "group or others may write to it (mode {mode:04o}); run `chmod go-w {}` (narfs creates it 0700){fix}",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Opens (creating it 0700 if missing) subdirectory `name` of the cache directory
+/// without following a symlink; a subdirectory of ours with loose modes is tightened.
+fn open_subdir(
+    root_fd: &std::os::fd::OwnedFd,
+    root: &Path,
+    name: &str,
+) -> Result<std::os::fd::OwnedFd, DiskCacheError> {
+    use rustix::fs::{Mode, OFlags};
+    let path = root.join(name);
+    match rustix::fs::mkdirat(root_fd, name, Mode::from_raw_mode(0o700)) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        Err(e) => return Err(io_err(&path)(e.into())),
+    }
+    let fd = rustix::fs::openat(
+        root_fd,
+        name,
+        OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| match e {
+        rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR => DiskCacheError::Unsafe {
+            path: path.clone(),
+            why: "it is a symlink or not a directory; narfs never follows links in its cache directory: remove it".into(),
+        },
+        e => io_err(&path)(e.into()),
+    })?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| io_err(&path)(e.into()))?;
+    if st.st_uid == unsafe { libc::geteuid() } && st.st_mode & 0o077 != 0 {
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o700)).map_err(|e| io_err(&path)(e.into()))?;
+    }
+    check_ours(&fd, &path, "")?;
+    Ok(fd)
+}
+
+/// Removes everything inside the directory `dir` without following any symlink:
+/// a link is removed, never what it points to. Calls `each` with every top name.
+fn empty_dir_at(dir: &impl std::os::fd::AsFd, mut each: impl FnMut(&str)) -> io::Result<()> {
+    let mut names = Vec::new();
+    for e in rustix::fs::Dir::read_from(dir)? {
+        let e = e?;
+        let name = e.file_name().to_owned();
+        if name.as_bytes() != b"." && name.as_bytes() != b".." {
+            names.push(name);
+        }
+    }
+    for name in names {
+        each(&name.to_string_lossy());
+        remove_at(dir, &name)?;
+    }
+    Ok(())
+}
+
+/// Removes `name` in `dir`: a file or link by unlink, a directory by emptying it
+/// through its own descriptor first.
+fn remove_at(dir: &impl std::os::fd::AsFd, name: &std::ffi::CStr) -> io::Result<()> {
+    use rustix::fs::{AtFlags, Mode, OFlags};
+    match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => return Ok(()),
+        Err(rustix::io::Errno::ISDIR) | Err(rustix::io::Errno::PERM) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let sub = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    // unpacked trees are read-only (0555 directories): make each writable to empty it
+    let _ = rustix::fs::fchmod(&sub, Mode::from_raw_mode(0o700));
+    empty_dir_at(&sub, |_| {})?;
+    match rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DiskCacheError + '_ {
@@ -46,43 +292,47 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DiskCacheError + '_ {
 
 impl DiskCache {
     pub fn open(root: &Path) -> Result<Self, DiskCacheError> {
-        for d in ["store", "narinfo", "tmp", "pending", "verified", "trash"] {
-            fs::create_dir_all(root.join(d)).map_err(io_err(root))?;
+        // Nothing narfs creates in here may be writable by group or others, whatever
+        // the umask it was started with (the mount is the whole process).
+        unsafe { libc::umask(libc::umask(0o077) | 0o077) };
+        let root_fd = secure_root(root)?;
+        let mut dirs = Vec::new();
+        for d in SUBDIRS {
+            dirs.push(open_subdir(&root_fd, root, d)?);
         }
         let lock_path = root.join("lock");
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_err(&lock_path))?;
+        let lock = open_private_file(&lock_path).map_err(io_err(&lock_path))?;
         use std::os::fd::AsRawFd;
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(DiskCacheError::Locked(root.to_owned()));
         }
+        let [_, _, tmp_fd, pending_fd, _, trash_fd] = &dirs[..] else {
+            unreachable!("six subdirectories")
+        };
         let trash = root.join("trash");
-        for e in fs::read_dir(&trash).map_err(io_err(&trash))? {
-            let p = e.map_err(io_err(&trash))?.path();
-            remove_any(&p).map_err(io_err(&p))?;
-        }
+        empty_dir_at(trash_fd, |_| {}).map_err(io_err(&trash))?;
         let tmp = root.join("tmp");
-        for e in fs::read_dir(&tmp).map_err(io_err(&tmp))? {
-            let p = e.map_err(io_err(&tmp))?.path();
-            remove_any(&p).map_err(io_err(&p))?;
-            tracing::info!(path = %p.display(), "removed leftover of an interrupted unpack");
-        }
+        empty_dir_at(tmp_fd, |name| {
+            tracing::info!(path = %tmp.join(name).display(), "removed leftover of an interrupted unpack");
+        })
+        .map_err(io_err(&tmp))?;
         // A path whose contents may not have reached the disk before a crash (its
         // flush had not finished) is not trusted: it is removed and fetched again.
         let pending = root.join("pending");
-        for e in fs::read_dir(&pending).map_err(io_err(&pending))? {
-            let e = e.map_err(io_err(&pending))?;
-            let name = e.file_name().to_string_lossy().into_owned();
+        let mut unflushed = Vec::new();
+        empty_dir_at(pending_fd, |name| unflushed.push(name.to_owned()))
+            .map_err(io_err(&pending))?;
+        let [store_fd, _, _, _, verified_fd, _] = &dirs[..] else {
+            unreachable!("six subdirectories")
+        };
+        for name in unflushed {
             let basename = name.rsplit_once('.').map_or(name.as_str(), |(b, _)| b);
-            let dir = root.join("store").join(basename);
-            remove_any(&dir).map_err(io_err(&dir))?;
-            let _ = fs::remove_file(root.join("verified").join(basename));
-            let _ = fs::remove_file(e.path());
-            tracing::info!(path = %dir.display(), "removed a path whose flush to disk was interrupted");
+            let Ok(c) = std::ffi::CString::new(basename) else {
+                continue;
+            };
+            remove_at(store_fd, &c).map_err(io_err(&root.join("store").join(basename)))?;
+            let _ = remove_at(verified_fd, &c);
+            tracing::info!(path = %root.join("store").join(basename).display(), "removed a path whose flush to disk was interrupted");
         }
         // What earlier mounts unpacked, oldest first by modification time (set when
         // the path was unpacked or last used).
@@ -100,6 +350,7 @@ impl DiskCache {
         let mut usage = Usage {
             lru: lru::LruCache::unbounded(),
             total: 0,
+            reserved: 0,
             quota: u64::MAX,
         };
         for (_, name, size) in known {
@@ -111,7 +362,53 @@ impl DiskCache {
             _lock: lock,
             counter: AtomicU64::new(0),
             usage: Mutex::new(usage),
+            hooks: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Tells the cache which paths are in use and whom to tell of an eviction.
+    pub fn set_hooks(&self, hooks: std::sync::Weak<dyn EvictionHooks>) {
+        let _ = self.hooks.set(hooks);
+    }
+
+    fn hooks(&self) -> Option<std::sync::Arc<dyn EvictionHooks>> {
+        self.hooks.get().and_then(std::sync::Weak::upgrade)
+    }
+
+    /// Holds `bytes` of the quota for an unpack of `keep`, evicting least recently
+    /// used paths for them if `may_evict`; without, `NoRoom` unless they fit as is.
+    pub fn reserve(
+        self: &std::sync::Arc<Self>,
+        bytes: u64,
+        keep: &str,
+        may_evict: bool,
+    ) -> Result<Reservation, NoRoom> {
+        let mut r = Reservation {
+            disk: self.clone(),
+            bytes: 0,
+            may_evict,
+            keep: keep.to_owned(),
+        };
+        r.grow(bytes)?;
+        Ok(r)
+    }
+
+    /// Counts `bytes` as reserved, first evicting (if allowed) until they fit.
+    fn make_room(&self, bytes: u64, keep: &str, may_evict: bool) -> Result<(), NoRoom> {
+        let hooks = self.hooks();
+        let victims = {
+            let mut u = self.usage.lock().unwrap();
+            let need = (u.total + u.reserved + bytes).saturating_sub(u.quota);
+            if need > 0 && !may_evict {
+                return Err(NoRoom);
+            }
+            let victims =
+                u.choose_victims(need, keep, |n| hooks.as_ref().is_some_and(|h| h.pinned(n)));
+            u.reserved += bytes;
+            victims
+        };
+        self.remove_evicted(victims, hooks.as_deref());
+        Ok(())
     }
 
     /// Caps the bytes unpacked paths may take; `None` picks 10% of the file system
@@ -136,38 +433,28 @@ impl DiskCache {
         self.usage.lock().unwrap().lru.promote(basename);
     }
 
-    /// Evicts least recently used paths until the total fits the quota, skipping
-    /// `keep` and any path `pinned` says is in use. Returns what was evicted. Each
-    /// path disappears by one rename before it is deleted, so no reader ever sees half
-    /// of one.
-    pub fn evict(&self, keep: &str, pinned: impl Fn(&str) -> bool) -> Vec<String> {
-        let mut victims = Vec::new();
-        {
+    /// Evicts least recently used paths (never a pinned one) until what is unpacked
+    /// and reserved fits the quota, as after the quota was lowered. Returns what was
+    /// evicted.
+    pub fn evict_to_quota(&self) -> Vec<String> {
+        let hooks = self.hooks();
+        let victims = {
             let mut u = self.usage.lock().unwrap();
-            if u.total <= u.quota {
-                return victims;
-            }
-            let mut over = u.total - u.quota;
-            let candidates: Vec<(String, u64)> =
-                u.lru.iter().rev().map(|(k, v)| (k.clone(), *v)).collect();
-            for (name, size) in candidates {
-                if over == 0 {
-                    break;
-                }
-                if name == keep || pinned(&name) {
-                    continue;
-                }
-                u.lru.pop(&name);
-                u.total -= size;
-                over = over.saturating_sub(size);
-                victims.push(name);
-            }
-        }
-        for name in &victims {
-            let _ = fs::remove_file(self.root.join("verified").join(name));
+            let need = (u.total + u.reserved).saturating_sub(u.quota);
+            u.choose_victims(need, "", |n| hooks.as_ref().is_some_and(|h| h.pinned(n)))
+        };
+        self.remove_evicted(victims.clone(), hooks.as_deref());
+        victims
+    }
+
+    /// Each victim disappears by one rename before it is deleted, so no reader ever
+    /// sees half of one; it is gone from the disk before this returns.
+    fn remove_evicted(&self, victims: Vec<String>, hooks: Option<&dyn EvictionHooks>) {
+        for name in victims {
+            let _ = fs::remove_file(self.root.join("verified").join(&name));
             let n = self.counter.fetch_add(1, Ordering::Relaxed);
             let doomed = self.root.join("trash").join(format!("{name}.{n}"));
-            match fs::rename(self.path_dir(name), &doomed) {
+            match fs::rename(self.path_dir(&name), &doomed) {
                 Ok(()) => {
                     if let Err(e) = remove_any(&doomed) {
                         tracing::warn!("removing evicted {}: {e}", doomed.display());
@@ -175,8 +462,11 @@ impl DiskCache {
                 }
                 Err(e) => tracing::warn!("evicting {name}: {e}"),
             }
+            tracing::info!(path = name, "evicted from the cache directory");
+            if let Some(h) = hooks {
+                h.evicted(&name);
+            }
         }
-        victims
     }
 
     pub fn root(&self) -> &Path {
@@ -191,7 +481,7 @@ impl DiskCache {
     /// another NarHash (the path was pushed again, or verified under keys no longer
     /// trusted) is removed rather than served under the new narinfo.
     pub fn has_verified(&self, basename: &str, nar_hash: &str) -> bool {
-        let record = fs::read_to_string(self.root.join("verified").join(basename)).ok();
+        let record = read_nofollow(&self.root.join("verified").join(basename)).ok();
         if record.as_deref() == Some(nar_hash) && self.has_path(basename) {
             return true;
         }
@@ -223,9 +513,16 @@ impl DiskCache {
         self.root.join("tmp").join(format!("{basename}.{n}"))
     }
 
-    /// Moves a verified unpack into place. If the path is already there, the new copy
-    /// is dropped: both were verified against the same NarHash.
-    pub fn commit(&self, tmp: &Path, basename: &str, nar_hash: &str) -> io::Result<()> {
+    /// Moves a verified unpack into place; its reservation becomes its size on disk.
+    /// If the path is already there, the new copy is dropped: both were verified
+    /// against the same NarHash.
+    pub fn commit(
+        &self,
+        tmp: &Path,
+        basename: &str,
+        nar_hash: &str,
+        reservation: Reservation,
+    ) -> io::Result<()> {
         let size = disk_usage(tmp);
         // The path becomes visible at once and is flushed in the background: a marker
         // in pending/, itself flushed before the rename, says its contents may not be
@@ -256,6 +553,8 @@ impl DiskCache {
             u.total -= old;
         }
         u.total += size;
+        drop(u);
+        drop(reservation);
         Ok(())
     }
 
@@ -286,7 +585,7 @@ impl DiskCache {
     }
 
     pub fn load_narinfo(&self, key_id: &str, hash_part: &str) -> Option<String> {
-        fs::read_to_string(self.narinfo_path(key_id, hash_part)).ok()
+        read_nofollow(&self.narinfo_path(key_id, hash_part)).ok()
     }
 
     /// Calls `f(hash part, text)` for every narinfo verified by key `key_id`, one at a
@@ -301,7 +600,7 @@ impl DiskCache {
             let Some(hash) = name.strip_suffix(".narinfo") else {
                 continue;
             };
-            if let Ok(text) = fs::read_to_string(e.path()) {
+            if let Ok(text) = read_nofollow(&e.path()) {
                 f(hash, &text);
             }
         }
@@ -326,6 +625,19 @@ impl Drop for DiskCache {
     fn drop(&mut self) {
         self.flush();
     }
+}
+
+/// Reads a record, refusing a symlink in its place (and anything over 1 MiB).
+fn read_nofollow(p: &Path) -> io::Result<String> {
+    use std::io::Read;
+    let f = File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(p)?;
+    let mut s = String::new();
+    f.take(crate::formats::narinfo::MAX_NARINFO_BYTES as u64)
+        .read_to_string(&mut s)?;
+    Ok(s)
 }
 
 /// Flushes the file system holding `p` (one call for a whole unpacked tree, instead of
@@ -455,38 +767,73 @@ mod tests {
         }
     }
 
+    /// Pins "c" and counts evictions.
+    struct Hooks(std::sync::Mutex<Vec<String>>);
+    impl EvictionHooks for Hooks {
+        fn pinned(&self, name: &str) -> bool {
+            name == "c"
+        }
+        fn evicted(&self, name: &str) {
+            self.0.lock().unwrap().push(name.to_owned());
+        }
+    }
+
+    fn put(c: &std::sync::Arc<DiskCache>, name: &str, bytes: usize) {
+        let t = c.temp_path(name);
+        fs::create_dir(&t).unwrap();
+        fs::write(t.join("f"), vec![1u8; bytes]).unwrap();
+        let r = c.reserve(0, name, true).unwrap();
+        c.commit(&t, name, "h", r).unwrap();
+    }
+
     #[test]
-    fn evicts_least_recently_used_but_never_pinned_or_kept() {
+    fn reservations_evict_least_recently_used_but_never_pinned_or_kept() {
         let d = tempfile::tempdir().unwrap();
-        let c = DiskCache::open(d.path()).unwrap();
+        let c = std::sync::Arc::new(DiskCache::open(d.path()).unwrap());
+        let hooks = std::sync::Arc::new(Hooks(Default::default()));
+        let weak: std::sync::Weak<dyn EvictionHooks> =
+            std::sync::Arc::downgrade(&(hooks.clone() as std::sync::Arc<dyn EvictionHooks>));
+        c.set_hooks(weak);
         for name in ["a", "b", "c", "d"] {
-            let t = c.temp_path(name);
-            fs::create_dir(&t).unwrap();
-            fs::write(t.join("f"), vec![1u8; 100_000]).unwrap();
-            c.commit(&t, name, "h").unwrap();
+            put(&c, name, 100_000);
         }
         let each = c.used() / 4;
-        c.set_quota(Some(each * 2));
+        c.set_quota(Some(each * 4));
         c.touch("a"); // now b is the oldest
-        let evicted = c.evict("d", |n| n == "c");
-        assert_eq!(evicted, vec!["b".to_owned(), "a".to_owned()]);
+                      // a prefetch finds no room and evicts nothing
+        assert!(c.reserve(each, "e", false).is_err());
+        assert!(hooks.0.lock().unwrap().is_empty());
+        // a demand for two paths' worth evicts b, then a (c is pinned, d is kept)
+        let r = c.reserve(each * 2, "d", true).unwrap();
+        assert_eq!(
+            *hooks.0.lock().unwrap(),
+            vec!["b".to_owned(), "a".to_owned()]
+        );
         assert!(!c.has_path("b") && !c.has_path("a") && c.has_path("c") && c.has_path("d"));
         assert_eq!(c.used(), each * 2);
+        // reserved room counts until it is dropped or committed
+        assert!(c.reserve(1, "e", false).is_err());
+        drop(r);
+        assert!(c.reserve(each, "e", false).is_ok());
+        // with nothing left to evict a demand still gets its room (over the quota)
+        let mut r = c.reserve(each * 3, "e", true).unwrap();
+        r.grow(each).unwrap();
+        assert_eq!(r.bytes(), each * 4);
+        assert!(c.has_path("c"));
+        drop(r);
         // a reopened cache knows what is there
         drop(c);
         let c = DiskCache::open(d.path()).unwrap();
-        assert_eq!(c.used(), each * 2);
+        assert!(c.used() <= each * 2);
     }
 
     #[test]
     fn a_path_whose_flush_was_interrupted_is_dropped_at_start() {
         let d = tempfile::tempdir().unwrap();
         {
-            let c = DiskCache::open(d.path()).unwrap();
+            let c = std::sync::Arc::new(DiskCache::open(d.path()).unwrap());
             for name in ["flushed", "unflushed"] {
-                let t = c.temp_path(name);
-                fs::create_dir(&t).unwrap();
-                c.commit(&t, name, "h").unwrap();
+                put(&c, name, 10);
             }
             // the background flush removes the markers
             let t = std::time::Instant::now();
@@ -522,19 +869,21 @@ mod tests {
     #[test]
     fn commit_and_reload_tree() {
         let d = tempfile::tempdir().unwrap();
-        let c = DiskCache::open(d.path()).unwrap();
+        let c = std::sync::Arc::new(DiskCache::open(d.path()).unwrap());
         let t = c.temp_path("p");
         fs::create_dir(&t).unwrap();
         fs::write(t.join("f"), b"abc").unwrap();
         std::os::unix::fs::symlink("f", t.join("l")).unwrap();
-        c.commit(&t, "p", "h").unwrap();
+        c.commit(&t, "p", "h", c.reserve(0, "p", true).unwrap())
+            .unwrap();
         assert!(c.has_path("p"));
         let tree = c.load_tree("p").unwrap();
         assert_eq!(tree.count(), 3);
         // a second commit of the same path keeps the first
         let t2 = c.temp_path("p");
         fs::create_dir(&t2).unwrap();
-        c.commit(&t2, "p", "h").unwrap();
+        c.commit(&t2, "p", "h", c.reserve(0, "p", true).unwrap())
+            .unwrap();
         assert!(!t2.exists());
         assert!(c.path_dir("p").join("f").exists());
     }

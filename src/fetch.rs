@@ -14,7 +14,6 @@ use crate::metrics::Metrics;
 use crate::retry::{Attempt, Guarded, Policy};
 use crate::singleflight::SingleFlight;
 use crate::storage::{Storage, StorageError};
-use std::collections::HashMap;
 use std::io::{self, Read};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,8 +23,19 @@ use tokio::io::AsyncReadExt;
 pub enum FetchError {
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// A prefetch that would have had to evict other paths: skipped.
+    #[error(transparent)]
+    NoRoom(#[from] crate::disk_cache::NoRoom),
     #[error("{0}")]
     Other(String),
+}
+
+/// Who wants a NAR: a reader waiting for it, or reference prefetch guessing it will
+/// be wanted. A prefetch never evicts anything from the disk cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Priority {
+    Demand,
+    Prefetch,
 }
 
 impl From<String> for FetchError {
@@ -54,6 +64,8 @@ pub enum Lookup {
 
 /// Listings fetched and parsed at once.
 const LISTING_SLOTS: usize = 4;
+/// Missing store paths remembered (about 100 bytes each).
+const NEGATIVE_ENTRIES: usize = 65_536;
 
 pub struct Fetcher {
     storage: Arc<dyn Storage>,
@@ -63,7 +75,9 @@ pub struct Fetcher {
     narinfos: SingleFlight<String, Lookup, FetchError>,
     listings: SingleFlight<String, Option<Arc<Entry>>, FetchError>,
     nars: SingleFlight<String, Arc<Content>, FetchError>,
-    negative: Mutex<HashMap<String, Instant>>,
+    /// Missing narinfos by hash, least recently asked first out: bounded however
+    /// many names mount users look up.
+    negative: Mutex<lru::LruCache<String, Instant>>,
     negative_ttl: Duration,
     policy: Policy,
     /// Bounds parallel NAR downloads (`--jobs`).
@@ -89,7 +103,9 @@ impl Fetcher {
             narinfos: SingleFlight::default(),
             listings: SingleFlight::default(),
             nars: SingleFlight::default(),
-            negative: Mutex::default(),
+            negative: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(NEGATIVE_ENTRIES).expect("non-zero"),
+            )),
             negative_ttl,
             policy: Policy::default(),
             downloads: Arc::new(tokio::sync::Semaphore::new(4)),
@@ -150,26 +166,74 @@ impl Fetcher {
         &self.metrics
     }
 
-    fn parse_kept(hash: &str, text: &str) -> Option<Arc<NarInfo>> {
-        // Written by us after verification with one of the current keys; a record
-        // without its signature line is torn and ignored.
-        let info = NarInfo::parse(text).ok()?;
-        (info.store_path.hash_part() == hash && !info.sigs.is_empty())
-            .then(|| Arc::new(info.compact()))
+    /// A narinfo record from the cache directory, verified again exactly as a fetched
+    /// one (signature by a key trusted now, StorePath of `hash`, every field): a
+    /// record planted there, torn by a crash or left by a mount that trusted other
+    /// keys is dropped with a warning.
+    fn parse_kept(&self, hash: &str, text: &str) -> Option<Arc<NarInfo>> {
+        let checked = NarInfo::parse(text)
+            .map_err(|e| e.to_string())
+            .and_then(|i| {
+                i.verify(hash, &self.keys)
+                    .map(|_| i)
+                    .map_err(|e| e.to_string())
+            });
+        match checked {
+            Ok(info) => Some(Arc::new(info.compact())),
+            Err(e) => {
+                tracing::warn!(
+                    "ignoring the narinfo record of {hash} in the cache directory {}: {e}",
+                    self.disk.root().display()
+                );
+                None
+            }
+        }
     }
 
-    /// Calls `f` with each store path earlier mounts verified with the keys trusted
-    /// now: the root listing is ready from disk before the cache is listed again.
+    /// Calls `f` with each store path earlier mounts verified, verified again with the
+    /// keys trusted now: the root listing is ready from disk before the cache is
+    /// listed again. Records are read in batches (a remount of a huge cache does not
+    /// hold them all) and each batch is checked on every core (a signature costs
+    /// tens of microseconds).
     pub fn verified_on_disk(&self, mut f: impl FnMut(&StorePath)) -> usize {
+        const BATCH: usize = 4096;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut n = 0;
+        let mut check = |batch: &mut Vec<(String, String)>| {
+            let chunk = batch.len().div_ceil(threads).max(1);
+            let found: Vec<Vec<StorePath>> = std::thread::scope(|s| {
+                let workers: Vec<_> = batch
+                    .chunks(chunk)
+                    .map(|c| {
+                        s.spawn(move || {
+                            c.iter()
+                                .filter_map(|(h, t)| self.parse_kept(h, t))
+                                .map(|i| i.store_path.clone())
+                                .collect()
+                        })
+                    })
+                    .collect();
+                workers
+                    .into_iter()
+                    .map(|w| w.join().unwrap_or_default())
+                    .collect()
+            });
+            batch.clear();
+            for sp in found.iter().flatten() {
+                f(sp);
+                n += 1;
+            }
+        };
+        let mut batch = Vec::with_capacity(BATCH);
         for id in &self.key_ids {
             self.disk.for_each_narinfo(id, |hash, text| {
-                if let Some(i) = Self::parse_kept(hash, text) {
-                    f(&i.store_path);
-                    n += 1;
+                batch.push((hash.to_owned(), text.to_owned()));
+                if batch.len() == BATCH {
+                    check(&mut batch);
                 }
             });
         }
+        check(&mut batch);
         n
     }
 
@@ -181,7 +245,7 @@ impl Fetcher {
             if let Some(info) = self
                 .disk
                 .load_narinfo(id, hash)
-                .and_then(|t| Self::parse_kept(hash, &t))
+                .and_then(|t| self.parse_kept(hash, &t))
             {
                 Metrics::inc(&self.metrics.narinfo_disk_hits);
                 return Ok(Lookup::Found(info));
@@ -212,15 +276,10 @@ impl Fetcher {
         let mut neg = self.negative.lock().unwrap();
         match r {
             Ok(Lookup::Missing) => {
-                // keep the map bounded: drop expired entries when it grows
-                if neg.len() >= 65_536 {
-                    let ttl = self.negative_ttl;
-                    neg.retain(|_, t| t.elapsed() < ttl);
-                }
-                neg.insert(hash.to_owned(), Instant::now());
+                neg.put(hash.to_owned(), Instant::now());
             }
             Ok(_) | Err(_) => {
-                neg.remove(hash);
+                neg.pop(hash);
             }
         }
         r
@@ -303,25 +362,39 @@ impl Fetcher {
     /// Makes the path's contents available in the disk cache and returns its tree.
     /// The tree comes with the NarHash it was verified against: a caller holding a
     /// newer narinfo may have joined a fetch started with an older one.
+    /// A demand that joined a prefetch which found no room runs again as a demand.
     pub async fn content(
         self: &Arc<Self>,
         info: Arc<NarInfo>,
+        priority: Priority,
     ) -> Result<Arc<Content>, Arc<FetchError>> {
-        let me = self.clone();
-        self.nars
-            .run(info.store_path.hash_part().to_owned(), move || async move {
-                let nar_hash = info.nar_hash;
-                me.fetch_content(info).await.map(|tree| {
-                    Arc::new(Content {
-                        tree: Arc::new(tree),
-                        nar_hash,
+        loop {
+            let me = self.clone();
+            let info = info.clone();
+            let r = self
+                .nars
+                .run(info.store_path.hash_part().to_owned(), move || async move {
+                    let nar_hash = info.nar_hash;
+                    me.fetch_content(info, priority).await.map(|tree| {
+                        Arc::new(Content {
+                            tree: Arc::new(tree),
+                            nar_hash,
+                        })
                     })
                 })
-            })
-            .await
+                .await;
+            match r {
+                Err(e) if priority == Priority::Demand && matches!(*e, FetchError::NoRoom(_)) => {}
+                r => return r,
+            }
+        }
     }
 
-    async fn fetch_content(&self, info: Arc<NarInfo>) -> Result<Entry, FetchError> {
+    async fn fetch_content(
+        &self,
+        info: Arc<NarInfo>,
+        priority: Priority,
+    ) -> Result<Entry, FetchError> {
         let basename = info.store_path.basename().to_owned();
         if self
             .disk
@@ -341,6 +414,16 @@ impl Fetcher {
                 });
         }
         let _slot = self.downloads.acquire().await;
+        // room in the quota for the unpacked tree, held from before the first byte
+        // is written; a prefetch that would have to evict for it is skipped
+        let may_evict = priority == Priority::Demand;
+        let reservation = self
+            .disk
+            .reserve(info.nar_size, &basename, may_evict)
+            .inspect_err(|_| {
+                tracing::debug!(path = %info.store_path, "prefetch skipped: the cache quota has no room without evicting");
+            })?;
+        let reservation = Arc::new(Mutex::new(Some(reservation)));
         let _in_flight = self.metrics.in_flight();
         let t0 = Instant::now();
         let location = self.storage.location(&info.url);
@@ -352,7 +435,11 @@ impl Fetcher {
             |deadline| {
                 let info = info.clone();
                 let basename = basename.clone();
-                async move { self.attempt_content(info, &basename, deadline).await }
+                let reservation = reservation.clone();
+                async move {
+                    self.attempt_content(info, &basename, deadline, reservation)
+                        .await
+                }
             },
         )
         .await;
@@ -372,6 +459,10 @@ impl Fetcher {
                 );
                 Ok(tree)
             }
+            Err(_) if reservation.lock().unwrap().is_none() => {
+                // the reservation was spent on growing past the quota: a prefetch
+                Err(FetchError::NoRoom(crate::disk_cache::NoRoom))
+            }
             Err(e) => {
                 Metrics::inc(&self.metrics.nar_failed);
                 let msg = format!("{} (NAR {location}): {e}", info.store_path);
@@ -387,6 +478,7 @@ impl Fetcher {
         info: Arc<NarInfo>,
         basename: &str,
         deadline: Instant,
+        reservation: Arc<Mutex<Option<crate::disk_cache::Reservation>>>,
     ) -> Result<Entry, Attempt> {
         let left = deadline.saturating_duration_since(Instant::now());
         let body = match tokio::time::timeout(left, self.storage.get(&info.url)).await {
@@ -409,11 +501,31 @@ impl Fetcher {
         let base = basename.to_owned();
         // Unpack, verify and commit off the runtime: big trees must not stall lookups.
         let res = tokio::task::spawn_blocking(move || {
+            // what is written is charged to the reservation first, which grows as
+            // needed (a prefetch's cannot grow past the quota: it is dropped)
+            let mut charged = 0u64;
+            let mut observe = |c: nar::Creating| -> io::Result<()> {
+                charged += crate::disk_cache::footprint(c);
+                let mut held = reservation.lock().unwrap();
+                let Some(r) = held.as_mut() else {
+                    return Err(io::Error::other(crate::disk_cache::NoRoom));
+                };
+                if charged > r.bytes() {
+                    if let Err(e) = r.grow(charged - r.bytes()) {
+                        *held = None;
+                        return Err(io::Error::other(e));
+                    }
+                }
+                Ok(())
+            };
             // (whether the NAR itself was refused, why)
-            let r = unpack_verified(reader, &info, &tmp)
+            let r = unpack_verified_observed(reader, &info, &tmp, &mut observe)
                 .map_err(|e| (matches!(e, UnpackError::Refused(_)), e.to_string()))
                 .and_then(|tree| {
-                    disk.commit(&tmp, &base, &info.nar_hash.to_nix_string())
+                    let held = reservation.lock().unwrap().take();
+                    let held =
+                        held.ok_or_else(|| (false, "no room in the cache quota".to_owned()))?;
+                    disk.commit(&tmp, &base, &info.nar_hash.to_nix_string(), held)
                         .map(|()| tree)
                         .map_err(|e| {
                             (
@@ -561,6 +673,17 @@ pub fn unpack_verified<R: Read + Send>(
     info: &NarInfo,
     dest: &std::path::Path,
 ) -> Result<Entry, UnpackError> {
+    unpack_verified_observed(reader, info, dest, &mut |_| Ok(()))
+}
+
+/// `unpack_verified`, telling `observe` of each thing before it is written (an error
+/// from it is a local fault that stops the unpack).
+pub fn unpack_verified_observed<R: Read + Send>(
+    reader: R,
+    info: &NarInfo,
+    dest: &std::path::Path,
+    observe: &mut dyn FnMut(nar::Creating) -> io::Result<()>,
+) -> Result<Entry, UnpackError> {
     let mut file = Checked {
         inner: reader,
         hasher: Hasher::default(),
@@ -607,7 +730,7 @@ pub fn unpack_verified<R: Read + Send>(
             limit: info.nar_size,
             what: "NAR",
         };
-        let unpacked = nar::unpack(&mut nar_stream, dest).map_err(|e| match e {
+        let unpacked = nar::unpack_observed(&mut nar_stream, dest, observe).map_err(|e| match e {
             nar::NarError::Write(_) => UnpackError::Local(e.to_string()),
             e => UnpackError::Refused(format!("bad NAR: {e}")),
         });

@@ -5,7 +5,7 @@
 //! `Outcome::Need`; the caller satisfies that need off the request loop and asks again.
 //! That is how the FUSE loop never waits on the network.
 
-use crate::fetch::{Fetcher, Lookup};
+use crate::fetch::{Fetcher, Lookup, Priority};
 use crate::formats::store_path::StorePath;
 use crate::index::{Index, Kind, NodeView, PathId, TreeSource, ROOT};
 use futures::StreamExt;
@@ -232,8 +232,42 @@ impl Default for FsOptions {
 
 const DIR_SIZE: u64 = 4096;
 
+impl crate::disk_cache::EvictionHooks for Fs {
+    fn pinned(&self, basename: &str) -> bool {
+        self.index
+            .path_by_basename(basename)
+            .is_some_and(|p| self.is_pinned(p))
+    }
+
+    fn evicted(&self, basename: &str) {
+        crate::metrics::Metrics::inc(&self.fetcher.metrics().evictions);
+        let Some(p) = self.index.path_by_basename(basename) else {
+            return;
+        };
+        self.index.set_unpacked(p, false);
+        // close its cached descriptors so the space is really freed
+        let mut cache = self.fd_cache.lock().unwrap();
+        let stale: Vec<u64> = cache
+            .iter()
+            .map(|(&ino, _)| ino)
+            .filter(|&ino| self.index.path_of(ino) == Some(p))
+            .collect();
+        for ino in stale {
+            cache.pop(&ino);
+        }
+    }
+}
+
 impl Fs {
     pub fn new(index: Arc<Index>, fetcher: Arc<Fetcher>, opts: FsOptions) -> Arc<Self> {
+        let fs = Self::build(index, fetcher, opts);
+        let hooks: std::sync::Weak<dyn crate::disk_cache::EvictionHooks> =
+            Arc::downgrade(&(fs.clone() as Arc<dyn crate::disk_cache::EvictionHooks>));
+        fs.fetcher.disk().set_hooks(hooks);
+        fs
+    }
+
+    fn build(index: Arc<Index>, fetcher: Arc<Fetcher>, opts: FsOptions) -> Arc<Self> {
         Arc::new_cyclic(|me| Fs {
             index,
             fetcher,
@@ -286,10 +320,16 @@ impl Fs {
                 };
                 if !me.index.is_unpacked(id) {
                     tracing::debug!(path = %r, "prefetching a reference");
-                    let _ = me.satisfy(Need::Content(id)).await;
+                    let _ = me.fetch_content(id, Priority::Prefetch).await;
                 }
             });
         }
+    }
+
+    /// Whether a file of `id` is open: its path is never evicted.
+    fn is_pinned(&self, id: PathId) -> bool {
+        self.pins.lock().unwrap().values().any(|&p| p == id)
+            || self.handles.lock().unwrap().values().any(|&p| p == id)
     }
 
     pub fn set_invalidator(&self, inv: Arc<dyn Invalidator>) {
@@ -581,38 +621,6 @@ impl Fs {
         }
     }
 
-    fn is_pinned(&self, id: PathId) -> bool {
-        self.pins.lock().unwrap().values().any(|&p| p == id)
-            || self.handles.lock().unwrap().values().any(|&p| p == id)
-    }
-
-    /// Keeps the disk cache within its quota after `id` was unpacked.
-    fn evict_for(&self, id: PathId) {
-        let keep = self.index.store_path(id);
-        let evicted = self.fetcher.disk().evict(keep.basename(), |name| {
-            self.index
-                .path_by_basename(name)
-                .is_some_and(|p| self.is_pinned(p))
-        });
-        for name in evicted {
-            crate::metrics::Metrics::inc(&self.fetcher.metrics().evictions);
-            tracing::info!(path = name, "evicted from the cache directory");
-            if let Some(p) = self.index.path_by_basename(&name) {
-                self.index.set_unpacked(p, false);
-                // close its cached descriptors so the space is really freed
-                let mut cache = self.fd_cache.lock().unwrap();
-                let stale: Vec<u64> = cache
-                    .iter()
-                    .map(|(&ino, _)| ino)
-                    .filter(|&ino| self.index.node(ino).is_some_and(|n| n.path == p))
-                    .collect();
-                for ino in stale {
-                    cache.pop(&ino);
-                }
-            }
-        }
-    }
-
     /// The mount's metrics in the Prometheus text format.
     pub fn metrics_text(&self) -> String {
         let disk = self.fetcher.disk();
@@ -779,31 +787,35 @@ impl Fs {
                 }
                 Box::pin(self.satisfy(Need::Content(id))).await
             }
-            Need::Content(id) => {
-                if self.index.has_failed(id) {
-                    // The cache may have been repaired since: verify its narinfo afresh
-                    // (a good one replaces the copy kept on disk).
-                    let sp = self.index.store_path(id);
-                    let _ = self.fetcher.narinfo_from_cache(sp.hash_part()).await;
-                }
-                let info = self.info(id).await?;
-                match self.fetcher.content(info.clone()).await {
-                    Ok(c) => {
-                        self.index.set_failed(id, false);
-                        let stale =
-                            self.index
-                                .attach_tree(id, &c.tree, TreeSource::Nar, &c.nar_hash);
-                        self.index.set_unpacked(id, true);
-                        self.invalidate(stale);
-                        self.evict_for(id);
-                        self.prefetch_references(&info);
-                        Ok(())
-                    }
-                    Err(_) => {
-                        self.index.set_failed(id, true);
-                        Err(Errno::EIO)
-                    }
-                }
+            Need::Content(id) => self.fetch_content(id, Priority::Demand).await,
+        }
+    }
+
+    /// Makes the contents of `id` available on disk and attaches their tree.
+    async fn fetch_content(&self, id: PathId, priority: Priority) -> Result<(), Errno> {
+        if self.index.has_failed(id) {
+            // The cache may have been repaired since: verify its narinfo afresh (a
+            // good one replaces the copy kept on disk).
+            let sp = self.index.store_path(id);
+            let _ = self.fetcher.narinfo_from_cache(sp.hash_part()).await;
+        }
+        let info = self.info(id).await?;
+        match self.fetcher.content(info.clone(), priority).await {
+            Ok(c) => {
+                self.index.set_failed(id, false);
+                let stale = self
+                    .index
+                    .attach_tree(id, &c.tree, TreeSource::Nar, &c.nar_hash);
+                self.index.set_unpacked(id, true);
+                self.invalidate(stale);
+                self.prefetch_references(&info);
+                Ok(())
+            }
+            // a prefetch skipped for want of room: nothing failed
+            Err(e) if matches!(*e, crate::fetch::FetchError::NoRoom(_)) => Err(Errno(libc::EAGAIN)),
+            Err(_) => {
+                self.index.set_failed(id, true);
+                Err(Errno::EIO)
             }
         }
     }

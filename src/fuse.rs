@@ -23,7 +23,14 @@ pub struct NarFuse {
     rt: tokio::runtime::Handle,
     passthrough: Arc<Passthrough>,
     mode: OpenMode,
+    /// Bounds the requests waiting on the network at once: each is a task, and mount
+    /// users (many processes, many threads) must not be able to pile up without end.
+    waiting: Arc<tokio::sync::Semaphore>,
 }
+
+/// Requests that may wait on the network at once; more get EAGAIN. A process waits on
+/// at most one request per thread, so only thousands of blocked threads reach this.
+const MAX_WAITING: usize = 4096;
 
 /// How files are opened and read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +104,7 @@ impl NarFuse {
             rt,
             passthrough: Arc::default(),
             mode,
+            waiting: Arc::new(tokio::sync::Semaphore::new(MAX_WAITING)),
         }
     }
 
@@ -110,8 +118,15 @@ impl NarFuse {
         match op(&self.fs) {
             Outcome::Ready(r) => done(r),
             Outcome::Need(need) => {
+                let Ok(permit) = self.waiting.clone().try_acquire_owned() else {
+                    tracing::warn!(
+                        "{MAX_WAITING} requests already wait on the cache: answering EAGAIN"
+                    );
+                    return done(Err(Errno(libc::EAGAIN)));
+                };
                 let fs = self.fs.clone();
                 self.rt.spawn(async move {
+                    let _permit = permit;
                     let mut need = need;
                     for _ in 0..4 {
                         if let Err(e) = fs.satisfy(need).await {

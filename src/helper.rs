@@ -139,13 +139,11 @@ pub fn daemon(log: &Path) -> Result<(), (u8, String)> {
         .map_err(|e| fail(format!("{}: {e}", ready.display())))?;
     sock.set_read_timeout(Some(Duration::from_millis(100)))
         .map_err(|e| fail(e.to_string()))?;
-    if let Some(d) = log.parent() {
-        let _ = std::fs::create_dir_all(d);
+    if let Some(d) = log.parent().filter(|d| !d.exists()) {
+        // often the cache directory, which must be the user's alone
+        let _ = crate::disk_cache::create_private_dir(d);
     }
-    let log_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
+    let log_file = crate::disk_cache::open_private_file(log)
         .map_err(|e| fail(format!("log file {}: {e}", log.display())))?;
     let start = log_file.metadata().map(|m| m.len()).unwrap_or(0);
     let exe = std::env::current_exe().map_err(|e| fail(e.to_string()))?;

@@ -94,12 +94,17 @@ impl Session {
     }
 
     /// The tree of a path: from its `.ls` if it has one, else from its verified NAR.
-    pub async fn tree(&self, info: &Arc<NarInfo>) -> Result<Arc<Entry>, String> {
+    /// With `targets`, link targets are wanted: they are content, so a listing that
+    /// holds symlinks is not enough (its targets are unsigned) and the NAR is used,
+    /// as the mount does.
+    pub async fn tree(&self, info: &Arc<NarInfo>, targets: bool) -> Result<Arc<Entry>, String> {
         if let Ok(Some(t)) = self.fetcher.listing(info.clone()).await {
-            return Ok(t);
+            if !(targets && has_symlinks(&t)) {
+                return Ok(t);
+            }
         }
         self.fetcher
-            .content(info.clone())
+            .content(info.clone(), crate::fetch::Priority::Demand)
             .await
             .map(|c| c.tree.clone())
             .map_err(|e| e.to_string())
@@ -107,7 +112,7 @@ impl Session {
 
     pub async fn content(&self, info: &Arc<NarInfo>) -> Result<std::path::PathBuf, String> {
         self.fetcher
-            .content(info.clone())
+            .content(info.clone(), crate::fetch::Priority::Demand)
             .await
             .map_err(|e| e.to_string())?;
         Ok(self.fetcher.disk().path_dir(info.store_path.basename()))
@@ -116,6 +121,42 @@ impl Session {
     pub fn fetcher(&self) -> &Arc<Fetcher> {
         &self.fetcher
     }
+}
+
+fn has_symlinks(e: &Entry) -> bool {
+    match e {
+        Entry::Symlink { .. } => true,
+        Entry::Directory { entries } => entries.iter().any(|(_, c)| has_symlinks(c)),
+        Entry::Regular { .. } => false,
+    }
+}
+
+/// A name or link target for a terminal, as `ls -b` prints it: backslash escapes
+/// for control characters, backslashes and bytes that are not UTF-8, so a hostile
+/// name can neither move the cursor nor pass for another line.
+pub fn escaped(b: &[u8]) -> String {
+    let mut out = String::new();
+    for chunk in b.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\t' => out.push_str("\\t"),
+                '\r' => out.push_str("\\r"),
+                c if c.is_control() => {
+                    let mut buf = [0u8; 4];
+                    for byte in c.encode_utf8(&mut buf).bytes() {
+                        out.push_str(&format!("\\{byte:03o}"));
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        for byte in chunk.invalid() {
+            out.push_str(&format!("\\{byte:03o}"));
+        }
+    }
+    out
 }
 
 pub fn find<'a>(tree: &'a Entry, sub: &[String]) -> Option<&'a Entry> {
@@ -157,12 +198,7 @@ pub fn print_ls(
                 )
             }
             Entry::Symlink { target } => {
-                writeln!(
-                    out,
-                    "lrwxrwxrwx {:>20} {p} -> {}",
-                    0,
-                    String::from_utf8_lossy(target)
-                )
+                writeln!(out, "lrwxrwxrwx {:>20} {p} -> {}", 0, escaped(target))
             }
             Entry::Directory { .. } => writeln!(out, "dr-xr-xr-x {:>20} {p}", 0),
         }
@@ -173,7 +209,7 @@ pub fn print_ls(
                 line(out, e, path)?;
             }
             for (n, c) in entries {
-                let p = format!("{path}/{}", String::from_utf8_lossy(n));
+                let p = format!("{path}/{}", escaped(n));
                 if recursive {
                     print_ls(out, c, &p, long, recursive, false)?;
                 } else {
@@ -222,7 +258,10 @@ pub async fn all_hashes(fetcher: &Fetcher) -> Result<Vec<String>, String> {
 /// the archive itself). `Err` names the path and the fault.
 pub async fn verify_one(s: &Session, sp: &StorePath) -> Result<StorePath, String> {
     let info = s.info(sp).await?;
-    s.fetcher.content(info).await.map_err(|e| e.to_string())?;
+    s.fetcher
+        .content(info, crate::fetch::Priority::Demand)
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(sp.clone())
 }
 

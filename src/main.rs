@@ -203,10 +203,7 @@ fn init_logging(verbose: u8, file: Option<&std::path::Path>) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let b = tracing_subscriber::fmt().with_env_filter(filter);
     let opened = file.map(|f| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(f)
+        narfs::disk_cache::open_private_file(f)
             .map_err(|e| format!("log file {}: {e}", f.display()))
     });
     match opened {
@@ -486,7 +483,7 @@ fn inspect(cmd: Cmd) -> ExitCode {
                     Ok(v) => v,
                     Err(e) => return fail(e),
                 };
-                let tree = match s.tree(&info).await {
+                let tree = match s.tree(&info, long).await {
                     Ok(t) => t,
                     Err(e) => return fail(e),
                 };

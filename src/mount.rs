@@ -125,15 +125,12 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
         }
     }
     raise_fd_limit();
-    let disk =
-        Arc::new(DiskCache::open(&opts.cache_dir).map_err(|e| MountError::Failed(e.to_string()))?);
+    let disk = Arc::new(DiskCache::open(&opts.cache_dir).map_err(|e| match e {
+        crate::disk_cache::DiskCacheError::Unsafe { .. } => MountError::Usage(e.to_string()),
+        e => MountError::Failed(e.to_string()),
+    })?);
     let quota = disk.set_quota(opts.cache_size);
-    for name in disk.evict("", |_| false) {
-        tracing::info!(
-            path = name,
-            "evicted from the cache directory (over the quota)"
-        );
-    }
+    disk.evict_to_quota();
     tracing::info!(
         cache_dir = %opts.cache_dir.display(),
         used_mb = disk.used() >> 20,

@@ -164,7 +164,7 @@ fn a_full_disk_fails_that_path_only() {
     let e = env();
     let dir = tempfile::tempdir().unwrap();
     run(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .args(["-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs"])
         .arg(dir.path()));
     let _guard = Tmpfs(dir.path().to_owned());
     let m = Mounted::start(&e.url, &[&f.public_key], Some(dir.path()), &[]);

@@ -424,3 +424,375 @@ fn a_narinfo_url_cannot_leave_the_cache_prefix() {
         "{log}"
     );
 }
+
+/// Every entry under `dir` (not following links) whose mode lets group or others
+/// write, as "mode path".
+fn writable_by_others(dir: &Path) -> Vec<String> {
+    run(std::process::Command::new("find")
+        .arg(dir)
+        .args(["!", "-type", "l", "-perm", "/022", "-printf", "%m %p\n"]))
+    .lines()
+    .map(str::to_owned)
+    .collect()
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn the_cache_directory_is_the_users_alone() {
+    let f = fixture();
+    let e = env();
+    let base = tempfile::tempdir().unwrap();
+    let keys = [f.public_key.as_str()];
+    let dir = base.path().join("new/cache");
+    // created under umask 000, it and everything in it are still the user's alone
+    let m = Mounted::try_start_umask(&e.url, &keys, Some(&dir), &[], &[], Some(0)).unwrap();
+    let lib = m.p(f.path("narfs-test-lib"));
+    assert_eq!(
+        std::fs::read_to_string(lib.join("lib/greet.sh")).unwrap(),
+        "greet() { echo \"hello from lib\"; }\n"
+    );
+    drop(m);
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(dir.parent().unwrap()), 0o700);
+    assert!(dir.join("store").join(f.path("narfs-test-lib")).exists());
+    assert_eq!(writable_by_others(&dir), Vec::<String>::new());
+
+    // a directory others may write to, or that another user owns, is refused
+    let start = || Mounted::try_start(&e.url, &keys, Some(&dir), &[]).map(drop);
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (st, log) = start().unwrap_err();
+    assert_eq!(st.code(), Some(2), "{log}");
+    assert!(
+        log.contains(&format!("refusing cache directory {}", dir.display())),
+        "{log}"
+    );
+    assert!(log.contains("chmod go-w"), "{log}");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
+    let (st, log) = start().unwrap_err();
+    assert_eq!(st.code(), Some(2), "{log}");
+    assert!(log.contains("belongs to uid 65534"), "{log}");
+    std::os::unix::fs::chown(&dir, Some(0), None).unwrap();
+
+    // symlinks planted inside are never followed: clean-up removes links, not what
+    // they point to, and a linked subdirectory or lock file is refused
+    let victim = base.path().join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    std::fs::write(victim.join("precious"), "keep me").unwrap();
+    std::fs::rename(dir.join("trash"), base.path().join("old-trash")).unwrap();
+    std::os::unix::fs::symlink(&victim, dir.join("trash")).unwrap();
+    let (st, log) = start().unwrap_err();
+    assert_eq!(st.code(), Some(2), "{log}");
+    assert!(log.contains("trash") && log.contains("symlink"), "{log}");
+    std::fs::remove_file(dir.join("trash")).unwrap();
+    let fake = "00000000000000000000000000000000-planted";
+    std::os::unix::fs::symlink(&victim, dir.join("tmp/leftover")).unwrap();
+    std::os::unix::fs::symlink(&victim, dir.join("store").join(fake)).unwrap();
+    std::fs::write(dir.join("pending").join(format!("{fake}.3")), "").unwrap();
+    let m = Mounted::start(&e.url, &keys, Some(&dir), &[]);
+    assert_eq!(
+        std::fs::read_to_string(lib_path(&m, f)).unwrap(),
+        "greet() { echo \"hello from lib\"; }\n"
+    );
+    drop(m);
+    assert_eq!(
+        std::fs::read_to_string(victim.join("precious")).unwrap(),
+        "keep me"
+    );
+    assert!(!dir.join("tmp/leftover").exists() && !dir.join("store").join(fake).exists());
+    std::fs::remove_file(dir.join("lock")).unwrap();
+    let target = base.path().join("lock-target");
+    std::os::unix::fs::symlink(&target, dir.join("lock")).unwrap();
+    let (st, log) = start().unwrap_err();
+    assert_ne!(st.code(), Some(0), "{log}");
+    assert!(log.contains("lock"), "{log}");
+    assert!(!target.exists());
+}
+
+fn lib_path(m: &Mounted, f: &Fixture) -> std::path::PathBuf {
+    m.p(f.path("narfs-test-lib")).join("lib/greet.sh")
+}
+
+#[test]
+fn narinfo_records_on_disk_are_verified_again() {
+    let s3 = S3Server::start();
+    let cache = SignedCache::new(&s3);
+    let kept = cache.put_good("kept");
+    let url = s3.url(s3.port, "h");
+    let key = cache.public_key();
+    let base = tempfile::tempdir().unwrap();
+    let dir = base.path().join("cache");
+    let m = Mounted::start(&url, &[&key], Some(&dir), &[]);
+    assert_eq!(std::fs::read(m.p(&kept)).unwrap(), b"good content\n");
+    drop(m);
+    // planted next to the records the trusted key verified: a path the cache does not
+    // have, signed by someone else, with an unpacked tree and a "verified" marker; and
+    // the kept record edited (a NarSize the signature does not cover any more)
+    let id = narfs::formats::keys::PublicKey::parse(&key).unwrap().id();
+    let records = dir.join("narinfo").join(&id);
+    let intruder = narfs::formats::keys::SecretKey::from_seed("intruder", [5; 32]);
+    let planted_nar = file_nar(b"planted\n");
+    let sp = narfs::formats::store_path::StorePath::from_basename(
+        "0pl4nd00000000000000000000000000-planted",
+    )
+    .unwrap();
+    let mut info = narfs::formats::narinfo::NarInfo::parse(
+        &std::fs::read_to_string(records.join(format!("{}.narinfo", &kept[..32]))).unwrap(),
+    )
+    .unwrap();
+    let mut planted = info.clone();
+    planted.store_path = sp.clone();
+    planted.nar_hash = narfs::formats::hash::Sha256::digest(&planted_nar);
+    planted.sigs = vec![intruder.sign(planted.fingerprint().as_bytes())];
+    std::fs::write(
+        records.join(format!("{}.narinfo", sp.hash_part())),
+        planted.to_text(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("store").join(sp.basename()), "planted\n").unwrap();
+    std::fs::write(
+        dir.join("verified").join(sp.basename()),
+        planted.nar_hash.to_nix_string(),
+    )
+    .unwrap();
+    info.nar_size += 1;
+    std::fs::write(
+        records.join(format!("{}.narinfo", &kept[..32])),
+        info.to_text(),
+    )
+    .unwrap();
+    let m = Mounted::start(&url, &[&key], Some(&dir), &["--refresh-interval", "0"]);
+    m.wait_log("loaded verified paths from the cache directory");
+    assert_eq!(read_err(&m.p(sp.basename())), Some(libc::ENOENT));
+    let names = m.wait_root(1);
+    assert_eq!(names, vec![kept.clone()], "{}", m.log_text());
+    // the edited record was dropped and the narinfo fetched afresh
+    assert_eq!(std::fs::read(m.p(&kept)).unwrap(), b"good content\n");
+    let log = m.log_text();
+    assert!(
+        log.contains("ignoring the narinfo record of 0pl4nd"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("ignoring the narinfo record of {}", &kept[..32])),
+        "{log}"
+    );
+}
+
+#[test]
+fn the_control_socket_answers_its_user_alone() {
+    // in a mount namespace of its own, with a private /run/narfs, so that loosening
+    // modes on purpose cannot touch other mounts
+    let f = fixture();
+    let e = env();
+    let base = tempfile::tempdir().unwrap();
+    let mnt = base.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    std::fs::create_dir_all("/run/narfs").unwrap();
+    let script = r#"
+        set -u
+        mount -t tmpfs -o mode=0755 none /run/narfs
+        "$NARFS" mount --daemon --cache-dir "$BASE/cache" --trusted-public-key "$KEY" "$URL" "$MNT" || exit 9
+        sock=$(ls /run/narfs/*.sock)
+        echo "dir $(stat -c %a /run/narfs) sock $(stat -c %a "$sock")"
+        "$NARFS" stats "$MNT" >/dev/null && echo "stats ok"
+        # another user, let in by modes loosened on purpose, is turned away by the mount
+        chmod 711 /run/narfs; chmod 666 "$sock"
+        python3 -c 'import os,socket,sys
+os.setgid(65534); os.setuid(65534)
+s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+try:
+    s.sendall(b"metrics\n"); n=len(s.recv(100))
+except ConnectionResetError:
+    n=0
+print("other user got", n, "bytes")' "$sock"
+        # a socket whose directory others may write to is not trusted by the client
+        chmod 777 /run/narfs
+        "$NARFS" stats "$MNT" 2>&1 | head -1
+        chmod 700 /run/narfs
+        "$NARFS" stats "$MNT" >/dev/null && echo "stats ok again"
+        fusermount3 -u "$MNT"
+    "#;
+    let o = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", script])
+        .env("NARFS", env!("CARGO_BIN_EXE_narfs"))
+        .env("BASE", base.path())
+        .env("KEY", &f.public_key)
+        .env("URL", &e.url)
+        .env("MNT", &mnt)
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        vec![
+            "dir 700 sock 600",
+            "stats ok",
+            "other user got 0 bytes",
+            &*format!(
+                "narfs: refusing to talk to {}: /run/narfs may be written by group or others (mode 0777)",
+                narfs::control::socket_path(&mnt).display()
+            ),
+            "stats ok again",
+        ],
+        "{err}"
+    );
+    let log = std::fs::read_to_string(base.path().join("cache/narfs.log")).unwrap();
+    assert!(log.contains("refused a client of another user"), "{log}");
+}
+
+#[test]
+fn narfs_ls_escapes_names_and_shows_only_verified_link_targets() {
+    let s3 = S3Server::start();
+    let cache = SignedCache::new(&s3);
+    let src = tempfile::tempdir().unwrap();
+    let tree = src.path().join("t");
+    std::fs::create_dir(&tree).unwrap();
+    std::fs::write(tree.join("evil\x1b[2J\nname"), "x").unwrap();
+    std::os::unix::fs::symlink("real-target", tree.join("link")).unwrap();
+    let base = cache.put_tree("escapes", &tree);
+    // the listing agrees, but for the link's target
+    cache.put_listing(
+        &base,
+        &dir(vec![
+            ("evil\x1b[2J\nname", file(1, false)),
+            (
+                "link",
+                Entry::Symlink {
+                    target: b"/forged/target".to_vec().into(),
+                },
+            ),
+        ]),
+    );
+    let url = s3.url(s3.port, "h");
+    let (code, text, err) = out(narfs()
+        .args([
+            "ls",
+            "-l",
+            "--trusted-public-key",
+            &cache.public_key(),
+            &url,
+        ])
+        .arg(format!("/nix/store/{base}")));
+    assert_eq!(code, 0, "{err}");
+    assert!(text.contains("./evil\\033[2J\\nname\n"), "{text:?}");
+    assert!(text.contains("./link -> real-target\n"), "{text:?}");
+    assert!(
+        !text.contains("forged") && !text.contains('\x1b'),
+        "{text:?}"
+    );
+}
+
+#[test]
+fn slow_metrics_clients_do_not_hold_up_a_scrape() {
+    let f = fixture();
+    let e = env();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &["--metrics-addr", &addr]);
+    m.wait_log("serving metrics");
+    // clients that connect and then say nothing, or send half a request
+    let idle: Vec<std::net::TcpStream> = (0..20)
+        .map(|i| {
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            if i % 2 == 0 {
+                use std::io::Write;
+                s.write_all(b"GET /metr").unwrap();
+            }
+            s
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    let body = run(std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "3"])
+        .arg(format!("http://{addr}/metrics")));
+    assert!(body.contains("narfs_"), "{body}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        t.elapsed()
+    );
+    // and the idle ones are let go within the deadline
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    for mut s in idle {
+        use std::io::Read;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(1)))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        assert!(matches!(s.read(&mut buf), Ok(0) | Err(_)));
+    }
+}
+
+#[test]
+fn the_quota_holds_at_every_moment_and_prefetch_never_evicts() {
+    // a closure of 12 paths of 2 MiB, each referencing the next three (so every open
+    // prefetches), read twice in order through a 10 MiB quota, the cache directory
+    // measured every few milliseconds meanwhile
+    let s3 = S3Server::start();
+    let dir = s3.root.join(BUCKET).join("q");
+    let (key, names) = generate_nar_cache_refs(&dir, 12, 2 << 20, 3);
+    let proxy = common::proxy::Proxy::start(s3.port);
+    let quota: u64 = 10 << 20;
+    let m = Mounted::start(
+        &s3.url(proxy.port, "q"),
+        &[&key],
+        None,
+        &["--cache-size", "10M", "--jobs", "4"],
+    );
+    let cache_dir = m.cache_dir.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let used: u64 = ["store", "tmp", "trash"]
+                    .iter()
+                    .map(|d| narfs::disk_cache::disk_usage(&cache_dir.join(d)))
+                    .sum();
+                peak = peak.max(used);
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            peak
+        })
+    };
+    for pass in 0..2 {
+        if pass == 1 {
+            assert!(std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok());
+        }
+        for name in &names {
+            for f in 0..4 {
+                let data = std::fs::read(m.p(name).join(format!("f{f}"))).unwrap();
+                assert_eq!(data.len(), (2 << 20) / 4, "pass {pass} {name}");
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().unwrap();
+    let gets = proxy.gets(".nar?");
+    eprintln!(
+        "quota {} MiB: peak {:.2} MiB in the cache directory; {gets} NAR GETs for 2 passes of 12 paths",
+        quota >> 20,
+        peak as f64 / (1 << 20) as f64
+    );
+    assert!(
+        peak as f64 <= quota as f64 * 1.05,
+        "peak {peak} bytes in the cache directory, quota {quota}\n{}",
+        m.log_text()
+    );
+    // nothing fetched was thrown away by a prefetch and fetched again: at most one GET
+    // per path and pass
+    assert!(
+        gets <= 2 * names.len(),
+        "{gets} NAR GETs\n{:?}",
+        proxy.requests()
+    );
+}

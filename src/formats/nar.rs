@@ -40,6 +40,7 @@ struct Reader<'a, R> {
     r: &'a mut R,
     pos: u64,
     buf: Vec<u8>,
+    observe: &'a mut dyn FnMut(Creating) -> io::Result<()>,
 }
 
 fn show(b: &[u8]) -> String {
@@ -166,11 +167,31 @@ fn write_error(e: io::Error) -> NarError {
     }
 }
 
+/// What the unpacker is about to create, told to an observer first (the disk cache
+/// holds room in its quota for it; an error from the observer stops the unpack).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Creating {
+    File { size: u64 },
+    Symlink { target_len: usize },
+    Dir,
+    Entry { name_len: usize },
+}
+
 pub fn unpack<R: Read>(r: &mut R, dest: &Path) -> Result<Entry, NarError> {
+    unpack_observed(r, dest, &mut |_| Ok(()))
+}
+
+/// `unpack`, telling `observe` of each thing before it is created.
+pub fn unpack_observed<R: Read>(
+    r: &mut R,
+    dest: &Path,
+    observe: &mut dyn FnMut(Creating) -> io::Result<()>,
+) -> Result<Entry, NarError> {
     let mut rd = Reader {
         r,
         pos: 0,
         buf: Vec::with_capacity(64),
+        observe,
     };
     rd.string(MAGIC.len(), "magic")
         .map_err(|_| NarError::Magic)?;
@@ -219,6 +240,7 @@ fn node<R: Read>(
             }
             let size = rd.u64()?;
             let nar_offset = rd.pos;
+            (rd.observe)(Creating::File { size }).map_err(NarError::Write)?;
             let mut f = OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -262,12 +284,17 @@ fn node<R: Read>(
                 });
             }
             let target: Box<[u8]> = rd.buf.as_slice().into();
+            (rd.observe)(Creating::Symlink {
+                target_len: target.len(),
+            })
+            .map_err(NarError::Write)?;
             use std::os::unix::ffi::OsStrExt;
             symlink(std::ffi::OsStr::from_bytes(&target), path).map_err(write_error)?;
             rd.tag(")")?;
             Ok(Entry::Symlink { target })
         }
         _ => {
+            (rd.observe)(Creating::Dir).map_err(NarError::Write)?;
             fs::DirBuilder::new()
                 .mode(0o755)
                 .create(path)
@@ -302,6 +329,10 @@ fn node<R: Read>(
                     }
                 }
                 rd.tag("node")?;
+                (rd.observe)(Creating::Entry {
+                    name_len: name.len(),
+                })
+                .map_err(NarError::Write)?;
                 use std::os::unix::ffi::OsStrExt;
                 child.push(std::ffi::OsStr::from_bytes(&name));
                 let e = node(rd, &child, depth + 1, copy_buf)?;
@@ -446,10 +477,11 @@ mod tests {
             .unwrap();
         assert_eq!(bytes, again);
         assert_eq!(tree.count(), 9);
+        // read-only, executable or not (what the umask leaves of 0555 and 0444)
         let meta = fs::metadata(d.path().join("dst/bin/app")).unwrap();
-        assert_eq!(meta.permissions().mode() & 0o777, 0o555);
+        assert_eq!(meta.permissions().mode() & 0o722, 0o500);
         let meta = fs::metadata(d.path().join("dst/share/empty")).unwrap();
-        assert_eq!(meta.permissions().mode() & 0o777, 0o444);
+        assert_eq!(meta.permissions().mode() & 0o722, 0o400);
     }
 
     #[test]

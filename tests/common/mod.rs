@@ -368,6 +368,18 @@ impl Mounted {
         extra: &[&str],
         envs: &[(&str, &str)],
     ) -> Result<Self, (ExitStatus, String)> {
+        Self::try_start_umask(url, keys, cache_dir, extra, envs, None)
+    }
+
+    /// Like `try_start`, with narfs started under `umask`.
+    pub fn try_start_umask(
+        url: &str,
+        keys: &[&str],
+        cache_dir: Option<&Path>,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+        umask: Option<u32>,
+    ) -> Result<Self, (ExitStatus, String)> {
         let base = tempfile::tempdir().unwrap().keep();
         let mnt = base.join("mnt");
         std::fs::create_dir(&mnt).unwrap();
@@ -384,6 +396,15 @@ impl Mounted {
             .arg(url)
             .arg(&mnt)
             .envs(envs.iter().copied());
+        if let Some(mask) = umask {
+            use std::os::unix::process::CommandExt;
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::umask(mask);
+                    Ok(())
+                });
+            }
+        }
         let child = cmd
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -621,6 +642,17 @@ pub fn rss_kib(pid: u32) -> (u64, u64) {
 /// A cache of `n` generated store paths with real, uncompressed NARs of about `bytes`
 /// each (four files of pseudo-random data). Returns the public key and the basenames.
 pub fn generate_nar_cache(dir: &Path, n: usize, bytes: usize) -> (String, Vec<String>) {
+    generate_nar_cache_refs(dir, n, bytes, 0)
+}
+
+/// `generate_nar_cache` where path `i` references the `refs` paths after it (a chain,
+/// as a closure is read: opening one prefetches its references).
+pub fn generate_nar_cache_refs(
+    dir: &Path,
+    n: usize,
+    bytes: usize,
+    refs: usize,
+) -> (String, Vec<String>) {
     use narfs::formats::hash::Sha256;
     use narfs::formats::keys::SecretKey;
     use narfs::formats::narinfo::{Compression, NarInfo};
@@ -629,9 +661,18 @@ pub fn generate_nar_cache(dir: &Path, n: usize, bytes: usize) -> (String, Vec<St
     std::fs::create_dir_all(dir.join("nar")).unwrap();
     std::fs::write(dir.join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
     let work = tempfile::tempdir().unwrap();
-    let mut names = Vec::new();
     let mut x: u64 = 0x9E3779B97F4A7C15;
-    for i in 0..n {
+    let paths: Vec<StorePath> = (0..n)
+        .map(|i| {
+            let h = Sha256::digest(format!("quota-{i}").as_bytes());
+            StorePath::from_basename(&format!(
+                "{}-gen-{i}",
+                narfs::formats::nixbase32::encode(&h.0[..20])
+            ))
+            .unwrap()
+        })
+        .collect();
+    for (i, sp) in paths.iter().enumerate() {
         let tree = work.path().join(format!("t{i}"));
         std::fs::create_dir(&tree).unwrap();
         for f in 0..4 {
@@ -651,12 +692,10 @@ pub fn generate_nar_cache(dir: &Path, n: usize, bytes: usize) -> (String, Vec<St
         let nar_hash = Sha256::digest(&nar);
         let url = format!("nar/{}.nar", &nar_hash.to_nix_string()[7..]);
         std::fs::write(dir.join(&url), &nar).unwrap();
-        let h = Sha256::digest(format!("quota-{i}").as_bytes());
-        let sp = StorePath::from_basename(&format!(
-            "{}-gen-{i}",
-            narfs::formats::nixbase32::encode(&h.0[..20])
-        ))
-        .unwrap();
+        let mut references: Vec<StorePath> =
+            (1..=refs).map(|k| paths[(i + k) % n].clone()).collect();
+        references.sort();
+        references.dedup();
         let mut info = NarInfo {
             store_path: sp.clone(),
             url,
@@ -665,7 +704,7 @@ pub fn generate_nar_cache(dir: &Path, n: usize, bytes: usize) -> (String, Vec<St
             file_size: Some(nar.len() as u64),
             nar_hash,
             nar_size: nar.len() as u64,
-            references: vec![],
+            references,
             deriver: None,
             sigs: vec![],
             ca: None,
@@ -676,9 +715,11 @@ pub fn generate_nar_cache(dir: &Path, n: usize, bytes: usize) -> (String, Vec<St
             info.to_text(),
         )
         .unwrap();
-        names.push(sp.basename().to_owned());
     }
-    (sk.public().to_nix_string(), names)
+    (
+        sk.public().to_nix_string(),
+        paths.iter().map(|p| p.basename().to_owned()).collect(),
+    )
 }
 
 /// NAR strings (length, bytes, padding), for hand-made archives.

@@ -45,8 +45,8 @@ import sys
 HOST = "127.0.0.1"
 CHUNK = 32 * 1024  # per read: 2.6 ms of a 100 Mbit/s link, small enough to interleave
 SLACK = 256 * 1024  # queued per connection beyond the bandwidth-delay product
-EOF = b""  # queue markers; data chunks are never empty
-RESET = None
+EOF = object()  # queue markers, after the data chunks (bytes)
+RESET = object()
 
 
 def log(msg):
@@ -95,7 +95,7 @@ class Pipe:
     def put(self, at, item):
         self.last = max(self.last, at)
         self.queue.append((self.last, item))
-        if item:
+        if isinstance(item, bytes):
             self.queued += len(item)
         self.items.set()
 

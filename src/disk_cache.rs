@@ -743,6 +743,7 @@ fn walk(p: &Path, depth: usize) -> io::Result<Entry> {
             size: m.len(),
             executable: m.permissions().mode() & 0o100 != 0,
             nar_offset: None,
+            chunks: None,
         })
     } else {
         Err(io::Error::other(format!(

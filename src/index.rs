@@ -557,6 +557,7 @@ mod tests {
                     size,
                     executable: false,
                     nar_offset: None,
+                    chunks: None,
                 },
             )],
         }
@@ -633,6 +634,7 @@ mod tests {
             size: 3,
             executable: true,
             nar_offset: None,
+            chunks: None,
         };
         let stale = index.attach_tree(id, &file, TreeSource::Listing, &Sha256::digest(b"x"));
         assert_eq!(stale, vec![(ROOT, sp.basename().as_bytes().into())]);

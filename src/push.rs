@@ -353,6 +353,7 @@ fn walk(p: &Path) -> io::Result<Entry> {
             size: m.len(),
             executable: m.permissions().mode() & 0o100 != 0,
             nar_offset: None,
+            chunks: None,
         }
     } else {
         return Err(io::Error::other(

@@ -5,6 +5,7 @@
 
 mod common;
 
+use narfs::formats::file_index::{Block, BlockCompression, FileIndex};
 use narfs::formats::hash::Sha256;
 use narfs::formats::listing::parse_ls;
 use narfs::formats::nar;
@@ -23,7 +24,10 @@ enum Node {
 fn node() -> impl Strategy<Value = Node> {
     let leaf = prop_oneof![
         (
-            proptest::collection::vec(any::<u8>(), 0..300),
+            prop_oneof![
+                4 => proptest::collection::vec(any::<u8>(), 0..300),
+                1 => proptest::collection::vec(any::<u8>(), 4000..12000),
+            ],
             any::<bool>()
         )
             .prop_map(|(d, x)| Node::File(d, x)),
@@ -38,6 +42,32 @@ fn node() -> impl Strategy<Value = Node> {
             )
         })
     })
+}
+
+/// A file index of `nar` (one uncompressed block), 4 KiB chunks, signed with `sk`.
+fn index_of(nar: &[u8], sk: &narfs::formats::keys::SecretKey) -> (FileIndex, Vec<u8>) {
+    let mut root = nar::parse(&mut &nar[..], &mut nar::TreeOnly, 12).unwrap();
+    // the index stores no offsets: the parse must find the ones lay_out derives
+    assert_eq!(nar::lay_out(&mut root), nar.len() as u64);
+    let index = FileIndex {
+        store_path: StorePath::from_basename("00000000000000000000000000000000-p").unwrap(),
+        nar_hash: Sha256::digest(nar),
+        nar_size: nar.len() as u64,
+        url: "nar/p.nar".into(),
+        compression: BlockCompression::None,
+        file_size: nar.len() as u64,
+        file_hash: Sha256::digest(nar),
+        chunk_shift: 12,
+        blocks: vec![Block {
+            comp_offset: 0,
+            comp_len: nar.len() as u32,
+            nar_offset: 0,
+            nar_len: nar.len() as u32,
+        }],
+        root,
+    };
+    let bytes = index.to_bytes(&[sk]);
+    (index, bytes)
 }
 
 fn materialize(n: &Node, p: &Path) {
@@ -171,6 +201,123 @@ fn mutations_of_real_narinfos_and_listings_never_panic_or_verify() {
             let at = (rnd() as usize) % l.len();
             l[at] = rnd() as u8;
             let _ = parse_ls(&l, good.nar_size);
+        }
+    }
+}
+
+/// Every chunk of every file of `e`, by hash.
+fn chunks_of(
+    dir: &Path,
+    e: &narfs::formats::listing::Entry,
+    out: &mut std::collections::HashMap<Sha256, Vec<u8>>,
+) {
+    use narfs::formats::listing::Entry;
+    match e {
+        Entry::Regular { chunks, .. } => {
+            let data = std::fs::read(dir).unwrap();
+            for (c, h) in data.chunks(4096).zip(chunks.as_deref().unwrap()) {
+                assert_eq!(Sha256::digest(c), *h);
+                out.insert(*h, c.to_vec());
+            }
+        }
+        Entry::Directory { entries } => {
+            for (n, c) in entries {
+                chunks_of(&dir.join(std::str::from_utf8(n).unwrap()), c, out);
+            }
+        }
+        Entry::Symlink { .. } => {}
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// index -> NAR: the tree and chunks of a verified index rebuild the very NAR
+    /// (it hashes to NarHash), and the index survives its own serialisation.
+    #[test]
+    fn file_index_round_trips_with_its_nar(tree in node()) {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("t");
+        materialize(&tree, &src);
+        let nar = nar::Writer::new(Vec::new()).dump_path(&src).unwrap();
+        let sk = narfs::formats::keys::SecretKey::from_seed("prop-1", [1; 32]);
+        let mut keys = narfs::formats::keys::TrustedKeys::default();
+        keys.add(sk.public());
+        let (index, bytes) = index_of(&nar, &sk);
+        let (back, _) = FileIndex::parse_verified(&bytes, &index.store_path, &index.nar_hash, index.nar_size, &keys).unwrap();
+        prop_assert_eq!(&back, &index);
+        let mut store = std::collections::HashMap::new();
+        chunks_of(&src, &back.root, &mut store);
+        let rebuilt = nar::Writer::new(Vec::new())
+            .dump_entry(&back.root, &mut |hashes| {
+                Ok(hashes.iter().flat_map(|h| store[h].clone()).collect())
+            })
+            .unwrap();
+        prop_assert_eq!(Sha256::digest(&rebuilt), index.nar_hash);
+    }
+
+    /// Any byte of a signed index changed, any truncation: it never verifies, and the
+    /// parser never panics.
+    #[test]
+    fn mutated_file_indexes_never_verify(tree in node(), at in any::<prop::sample::Index>(), bit in 0u8..8, cut in any::<prop::sample::Index>()) {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("t");
+        materialize(&tree, &src);
+        let nar = nar::Writer::new(Vec::new()).dump_path(&src).unwrap();
+        let sk = narfs::formats::keys::SecretKey::from_seed("prop-1", [1; 32]);
+        let mut keys = narfs::formats::keys::TrustedKeys::default();
+        keys.add(sk.public());
+        let (index, bytes) = index_of(&nar, &sk);
+        let verify = |b: &[u8]| FileIndex::parse_verified(b, &index.store_path, &index.nar_hash, index.nar_size, &keys);
+        let mut flipped = bytes.clone();
+        let i = at.index(flipped.len());
+        flipped[i] ^= 1 << bit;
+        prop_assert!(verify(&flipped).is_err(), "byte {} bit {} flipped and it verified", i, bit);
+        let n = cut.index(bytes.len());
+        prop_assert!(verify(&bytes[..n]).is_err());
+        let mut longer = bytes.clone();
+        longer.push(b'\n');
+        prop_assert!(verify(&longer).is_err());
+    }
+
+    #[test]
+    fn file_index_parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2000)) {
+        let keys = narfs::formats::keys::TrustedKeys::default();
+        let sp = StorePath::from_basename("00000000000000000000000000000000-p").unwrap();
+        let mut text = b"NarfsIndex: 1\nStorePath: /nix/store/00000000000000000000000000000000-p\n".to_vec();
+        text.extend_from_slice(&bytes);
+        let _ = FileIndex::parse_verified(&bytes, &sp, &Sha256::digest(b""), 100, &keys);
+        let _ = FileIndex::parse_verified(&text, &sp, &Sha256::digest(b""), 100, &keys);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// A trusted signer's malformed body (any byte changed, cut or extended, then
+    /// signed): never a panic; if it still verifies, it is a consistent index.
+    #[test]
+    fn signed_but_malformed_bodies_never_panic(tree in node(), at in any::<prop::sample::Index>(), byte in any::<u8>(), cut in any::<prop::sample::Index>()) {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("t");
+        materialize(&tree, &src);
+        let nar = nar::Writer::new(Vec::new()).dump_path(&src).unwrap();
+        let sk = narfs::formats::keys::SecretKey::from_seed("prop-1", [1; 32]);
+        let mut keys = narfs::formats::keys::TrustedKeys::default();
+        keys.add(sk.public());
+        let (index, _) = index_of(&nar, &sk);
+        let body = index.body();
+        let mut changed = body.clone();
+        let i = at.index(changed.len());
+        changed[i] = byte;
+        let n = cut.index(body.len());
+        for b in [changed, body[..n].to_vec(), [&body[..], &[byte]].concat()] {
+            let bytes = narfs::formats::file_index::encode(&index.store_path, &index.nar_hash, index.nar_size, &b, &[&sk]);
+            if let Ok((x, _)) = FileIndex::parse_verified(&bytes, &index.store_path, &index.nar_hash, index.nar_size, &keys) {
+                let mut root = x.root.clone();
+                prop_assert_eq!(nar::lay_out(&mut root), index.nar_size);
+                prop_assert_eq!(x.blocks.iter().map(|b| b.nar_len as u64).sum::<u64>(), index.nar_size);
+            }
         }
     }
 }

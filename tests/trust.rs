@@ -13,6 +13,7 @@ fn file(size: u64, executable: bool) -> Entry {
         size,
         executable,
         nar_offset: None,
+        chunks: None,
     }
 }
 

@@ -18,6 +18,9 @@ pub enum Entry {
         executable: bool,
         /// Where the contents start in the NAR, when known.
         nar_offset: Option<u64>,
+        /// SHA-256 of each chunk of the contents (see `chunk_count`), when known: from
+        /// a verified NAR or file index, never from a listing.
+        chunks: Option<Box<[crate::formats::hash::Sha256]>>,
     },
     Symlink {
         target: Box<[u8]>,
@@ -131,6 +134,7 @@ pub fn to_ls_json(root: &Entry) -> Option<String> {
                 size,
                 executable,
                 nar_offset,
+                ..
             } => {
                 let mut m = Map::new();
                 m.insert("type".into(), json!("regular"));
@@ -369,6 +373,7 @@ impl<'de> serde::de::Visitor<'de> for NodeSeed<'_> {
                     size,
                     executable: executable.unwrap_or(false),
                     nar_offset,
+                    chunks: None,
                 })
             }
             "symlink" => {
@@ -480,7 +485,8 @@ mod tests {
             Entry::Regular {
                 size: 90,
                 executable: true,
-                nar_offset: Some(400)
+                nar_offset: Some(400),
+                chunks: None,
             }
         );
         // a top-level file

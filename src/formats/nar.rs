@@ -6,6 +6,7 @@
 //! `/` or be `..`, and each directory is freshly created by us). The caller bounds the
 //! total size by wrapping the input (see `fetch`).
 
+use super::hash::Sha256;
 use super::listing::{invalid_name, invalid_target, Entry, MAX_DEPTH};
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
@@ -40,7 +41,6 @@ struct Reader<'a, R> {
     r: &'a mut R,
     pos: u64,
     buf: Vec<u8>,
-    observe: &'a mut dyn FnMut(Creating) -> io::Result<()>,
 }
 
 fn show(b: &[u8]) -> String {
@@ -153,10 +153,6 @@ impl<R: Read> Reader<'_, R> {
     }
 }
 
-/// Unpacks a NAR read from `r` into `dest` (which must not exist) and returns its tree.
-/// Regular files get mode 0444 (0555 if executable), directories 0755 so the disk cache
-/// can remove them. On error, `dest` may hold a partial tree: the caller owns cleanup
-/// (it unpacks into a temporary directory).
 /// A failure to write the unpacked tree: local, unless the archive's own names made
 /// a path too long for the file system.
 fn write_error(e: io::Error) -> NarError {
@@ -177,29 +173,44 @@ pub enum Creating {
     Entry { name_len: usize },
 }
 
-pub fn unpack<R: Read>(r: &mut R, dest: &Path) -> Result<Entry, NarError> {
-    unpack_observed(r, dest, &mut |_| Ok(()))
+/// Where the nodes of a NAR go as the parser meets them, in NAR order. `path` is
+/// relative to the archive's root (empty for the root itself). A file's contents come
+/// in pieces that never straddle a chunk boundary; each chunk ends with its hash.
+/// An error from the sink is a local fault (`NarError::Write`) that stops the parse.
+pub trait Sink {
+    fn dir(&mut self, path: &Path) -> io::Result<()>;
+    fn entry(&mut self, _name: &[u8]) -> io::Result<()> {
+        Ok(())
+    }
+    fn symlink(&mut self, path: &Path, target: &[u8]) -> io::Result<()>;
+    fn file_start(&mut self, path: &Path, size: u64, executable: bool) -> io::Result<()>;
+    fn file_data(&mut self, data: &[u8]) -> io::Result<()>;
+    fn chunk_end(&mut self, _hash: &Sha256) -> io::Result<()> {
+        Ok(())
+    }
+    fn file_end(&mut self) -> io::Result<()>;
 }
 
-/// `unpack`, telling `observe` of each thing before it is created.
-pub fn unpack_observed<R: Read>(
-    r: &mut R,
-    dest: &Path,
-    observe: &mut dyn FnMut(Creating) -> io::Result<()>,
-) -> Result<Entry, NarError> {
+/// Parses a NAR, strictly, into `sink`, and returns its tree with every file's NAR
+/// offset and the SHA-256 of each of its chunks (`2^chunk_shift` bytes).
+pub fn parse<R: Read>(r: &mut R, sink: &mut dyn Sink, chunk_shift: u8) -> Result<Entry, NarError> {
     let mut rd = Reader {
         r,
         pos: 0,
         buf: Vec::with_capacity(64),
-        observe,
     };
     rd.string(MAGIC.len(), "magic")
         .map_err(|_| NarError::Magic)?;
     if rd.buf != MAGIC {
         return Err(NarError::Magic);
     }
-    let mut copy_buf = vec![0u8; 256 * 1024];
-    let entry = node(&mut rd, dest, 0, &mut copy_buf)?;
+    let mut p = Parse {
+        sink,
+        copy_buf: vec![0u8; 256 * 1024],
+        chunk: 1u64 << chunk_shift,
+        path: PathBuf::new(),
+    };
+    let entry = p.node(&mut rd, 0)?;
     // Nothing may follow the root node.
     let mut probe = [0u8; 1];
     loop {
@@ -218,40 +229,234 @@ pub fn unpack_observed<R: Read>(
     Ok(entry)
 }
 
-fn node<R: Read>(
-    rd: &mut Reader<'_, R>,
-    path: &Path,
-    depth: usize,
-    copy_buf: &mut [u8],
+/// Unpacks a NAR read from `r` into `dest` (which must not exist) and returns its tree.
+/// Regular files get mode 0444 (0555 if executable), directories 0755 so the disk cache
+/// can remove them. On error, `dest` may hold a partial tree: the caller owns cleanup
+/// (it unpacks into a temporary directory).
+pub fn unpack<R: Read>(r: &mut R, dest: &Path) -> Result<Entry, NarError> {
+    unpack_observed(r, dest, &mut |_| Ok(()))
+}
+
+/// `unpack`, telling `observe` of each thing before it is created.
+pub fn unpack_observed<R: Read>(
+    r: &mut R,
+    dest: &Path,
+    observe: &mut dyn FnMut(Creating) -> io::Result<()>,
 ) -> Result<Entry, NarError> {
-    if depth > MAX_DEPTH {
-        return Err(NarError::TooDeep);
+    let mut sink = DiskSink {
+        dest,
+        observe,
+        file: None,
+    };
+    parse(r, &mut sink, super::file_index::DEFAULT_CHUNK_SHIFT)
+}
+
+/// Writes the tree under `dest`, never outside it: names cannot contain `/` or be
+/// `..`, and every directory is freshly created here.
+struct DiskSink<'a> {
+    dest: &'a Path,
+    observe: &'a mut dyn FnMut(Creating) -> io::Result<()>,
+    file: Option<fs::File>,
+}
+
+impl DiskSink<'_> {
+    /// The root itself when `path` is empty (`Path::join("")` would add a slash).
+    fn at(&self, path: &Path) -> PathBuf {
+        if path.as_os_str().is_empty() {
+            self.dest.to_owned()
+        } else {
+            self.dest.join(path)
+        }
     }
-    rd.tag("(")?;
-    rd.tag("type")?;
-    match rd.choice(&["regular", "symlink", "directory"], "a node type")? {
-        "regular" => {
-            let mut executable = false;
-            if rd.choice(&["executable", "contents"], "'executable' or 'contents'")? == "executable"
-            {
-                rd.tag("")?;
-                rd.tag("contents")?;
-                executable = true;
-            }
-            let size = rd.u64()?;
-            let nar_offset = rd.pos;
-            (rd.observe)(Creating::File { size }).map_err(NarError::Write)?;
-            let mut f = OpenOptions::new()
+}
+
+impl Sink for DiskSink<'_> {
+    fn dir(&mut self, path: &Path) -> io::Result<()> {
+        (self.observe)(Creating::Dir)?;
+        fs::DirBuilder::new().mode(0o755).create(self.at(path))
+    }
+
+    fn entry(&mut self, name: &[u8]) -> io::Result<()> {
+        (self.observe)(Creating::Entry {
+            name_len: name.len(),
+        })
+    }
+
+    fn symlink(&mut self, path: &Path, target: &[u8]) -> io::Result<()> {
+        (self.observe)(Creating::Symlink {
+            target_len: target.len(),
+        })?;
+        use std::os::unix::ffi::OsStrExt;
+        symlink(std::ffi::OsStr::from_bytes(target), self.at(path))
+    }
+
+    fn file_start(&mut self, path: &Path, size: u64, executable: bool) -> io::Result<()> {
+        (self.observe)(Creating::File { size })?;
+        self.file = Some(
+            OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(if executable { 0o555 } else { 0o444 })
                 .custom_flags(libc::O_NOFOLLOW)
-                .open(path)
-                .map_err(write_error)?;
-            let mut left = size;
-            while left > 0 {
-                let n = left.min(copy_buf.len() as u64) as usize;
-                rd.r.read_exact(&mut copy_buf[..n]).map_err(|e| {
+                .open(self.at(path))?,
+        );
+        Ok(())
+    }
+
+    fn file_data(&mut self, data: &[u8]) -> io::Result<()> {
+        match &mut self.file {
+            Some(f) => f.write_all(data),
+            None => Err(io::Error::other("file data outside a file")),
+        }
+    }
+
+    fn file_end(&mut self) -> io::Result<()> {
+        self.file = None;
+        Ok(())
+    }
+}
+
+/// A sink that writes nothing: the parse alone, for the tree and its chunk hashes.
+pub struct TreeOnly;
+
+impl Sink for TreeOnly {
+    fn dir(&mut self, _: &Path) -> io::Result<()> {
+        Ok(())
+    }
+    fn symlink(&mut self, _: &Path, _: &[u8]) -> io::Result<()> {
+        Ok(())
+    }
+    fn file_start(&mut self, _: &Path, _: u64, _: bool) -> io::Result<()> {
+        Ok(())
+    }
+    fn file_data(&mut self, _: &[u8]) -> io::Result<()> {
+        Ok(())
+    }
+    fn file_end(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+struct Parse<'s> {
+    sink: &'s mut dyn Sink,
+    copy_buf: Vec<u8>,
+    chunk: u64,
+    path: PathBuf,
+}
+
+impl Parse<'_> {
+    fn node<R: Read>(&mut self, rd: &mut Reader<'_, R>, depth: usize) -> Result<Entry, NarError> {
+        if depth > MAX_DEPTH {
+            return Err(NarError::TooDeep);
+        }
+        rd.tag("(")?;
+        rd.tag("type")?;
+        match rd.choice(&["regular", "symlink", "directory"], "a node type")? {
+            "regular" => {
+                let mut executable = false;
+                if rd.choice(&["executable", "contents"], "'executable' or 'contents'")?
+                    == "executable"
+                {
+                    rd.tag("")?;
+                    rd.tag("contents")?;
+                    executable = true;
+                }
+                let size = rd.u64()?;
+                let nar_offset = rd.pos;
+                self.sink
+                    .file_start(&self.path, size, executable)
+                    .map_err(write_error)?;
+                let chunks = self.contents(rd, size)?;
+                self.sink.file_end().map_err(write_error)?;
+                rd.padding(size)?;
+                rd.tag(")")?;
+                Ok(Entry::Regular {
+                    size,
+                    executable,
+                    nar_offset: Some(nar_offset),
+                    chunks: Some(chunks),
+                })
+            }
+            "symlink" => {
+                rd.tag("target")?;
+                let at = rd.pos;
+                rd.string(super::listing::MAX_TARGET_LEN, "symlink target")?;
+                if let Some(what) = invalid_target(&rd.buf) {
+                    return Err(NarError::Invalid {
+                        offset: at,
+                        what: what.into(),
+                    });
+                }
+                let target: Box<[u8]> = rd.buf.as_slice().into();
+                self.sink
+                    .symlink(&self.path, &target)
+                    .map_err(write_error)?;
+                rd.tag(")")?;
+                Ok(Entry::Symlink { target })
+            }
+            _ => {
+                self.sink.dir(&self.path).map_err(write_error)?;
+                let mut entries: Vec<(Box<[u8]>, Entry)> = Vec::new();
+                loop {
+                    if rd.choice(&["entry", ")"], "'entry' or ')'")? == ")" {
+                        break;
+                    }
+                    rd.tag("(")?;
+                    rd.tag("name")?;
+                    let at = rd.pos;
+                    rd.string(super::listing::MAX_NAME_LEN, "entry name")?;
+                    if let Some(what) = invalid_name(&rd.buf) {
+                        return Err(NarError::Invalid {
+                            offset: at,
+                            what: format!("{what}: {}", show(&rd.buf)),
+                        });
+                    }
+                    let name: Box<[u8]> = rd.buf.as_slice().into();
+                    if let Some((prev, _)) = entries.last() {
+                        if **prev >= *name {
+                            return Err(NarError::Invalid {
+                                offset: at,
+                                what: format!(
+                                    "entry {} is not after {} (unsorted or duplicate)",
+                                    show(&name),
+                                    show(prev)
+                                ),
+                            });
+                        }
+                    }
+                    rd.tag("node")?;
+                    self.sink.entry(&name).map_err(write_error)?;
+                    use std::os::unix::ffi::OsStrExt;
+                    self.path.push(std::ffi::OsStr::from_bytes(&name));
+                    let e = self.node(rd, depth + 1);
+                    self.path.pop();
+                    let e = e?;
+                    rd.tag(")")?;
+                    entries.push((name, e));
+                }
+                Ok(Entry::Directory { entries })
+            }
+        }
+    }
+
+    /// Passes `size` bytes of contents to the sink, hashing each chunk.
+    fn contents<R: Read>(
+        &mut self,
+        rd: &mut Reader<'_, R>,
+        size: u64,
+    ) -> Result<Box<[Sha256]>, NarError> {
+        use sha2::Digest;
+        // (the size is the archive's word: no allocation is sized by it)
+        let mut chunks = Vec::new();
+        let mut left = size;
+        while left > 0 {
+            let mut hasher = sha2::Sha256::default();
+            let mut in_chunk = left.min(self.chunk);
+            left -= in_chunk;
+            while in_chunk > 0 {
+                let n = in_chunk.min(self.copy_buf.len() as u64) as usize;
+                let buf = &mut self.copy_buf[..n];
+                rd.r.read_exact(buf).map_err(|e| {
                     if e.kind() == io::ErrorKind::UnexpectedEof {
                         NarError::Invalid {
                             offset: rd.pos,
@@ -261,88 +466,64 @@ fn node<R: Read>(
                         NarError::Io(e)
                     }
                 })?;
-                f.write_all(&copy_buf[..n]).map_err(write_error)?;
+                hasher.update(&*buf);
+                self.sink.file_data(buf).map_err(write_error)?;
                 rd.pos += n as u64;
-                left -= n as u64;
+                in_chunk -= n as u64;
             }
-            rd.padding(size)?;
-            rd.tag(")")?;
-            Ok(Entry::Regular {
+            let hash = Sha256(hasher.finalize().into());
+            self.sink.chunk_end(&hash).map_err(write_error)?;
+            chunks.push(hash);
+        }
+        Ok(chunks.into())
+    }
+}
+
+/// Bytes a NAR string of `len` bytes takes: its length, itself, zero padding to 8.
+fn str_len(len: u64) -> u64 {
+    8 + len.div_ceil(8) * 8
+}
+
+/// Lays `e` out as `nix-archive-1` does: sets every regular file's `nar_offset` (where
+/// its contents start) and returns the size of the NAR. The framing of a NAR is a
+/// function of its tree alone, which is why a file index stores no offsets.
+pub fn lay_out(e: &mut Entry) -> u64 {
+    fn node(e: &mut Entry, pos: &mut u64) {
+        *pos += str_len(1) + str_len(4); // "(" "type"
+        match e {
+            Entry::Regular {
                 size,
                 executable,
-                nar_offset: Some(nar_offset),
-            })
-        }
-        "symlink" => {
-            rd.tag("target")?;
-            let at = rd.pos;
-            rd.string(super::listing::MAX_TARGET_LEN, "symlink target")?;
-            if let Some(what) = invalid_target(&rd.buf) {
-                return Err(NarError::Invalid {
-                    offset: at,
-                    what: what.into(),
-                });
+                nar_offset,
+                ..
+            } => {
+                *pos += str_len(7); // "regular"
+                if *executable {
+                    *pos += str_len(10) + str_len(0); // "executable" ""
+                }
+                *pos += str_len(8); // "contents"
+                *nar_offset = Some(*pos + 8);
+                *pos += str_len(*size);
             }
-            let target: Box<[u8]> = rd.buf.as_slice().into();
-            (rd.observe)(Creating::Symlink {
-                target_len: target.len(),
-            })
-            .map_err(NarError::Write)?;
-            use std::os::unix::ffi::OsStrExt;
-            symlink(std::ffi::OsStr::from_bytes(&target), path).map_err(write_error)?;
-            rd.tag(")")?;
-            Ok(Entry::Symlink { target })
-        }
-        _ => {
-            (rd.observe)(Creating::Dir).map_err(NarError::Write)?;
-            fs::DirBuilder::new()
-                .mode(0o755)
-                .create(path)
-                .map_err(write_error)?;
-            let mut entries: Vec<(Box<[u8]>, Entry)> = Vec::new();
-            let mut child = PathBuf::from(path);
-            loop {
-                if rd.choice(&["entry", ")"], "'entry' or ')'")? == ")" {
-                    break;
-                }
-                rd.tag("(")?;
-                rd.tag("name")?;
-                let at = rd.pos;
-                rd.string(super::listing::MAX_NAME_LEN, "entry name")?;
-                if let Some(what) = invalid_name(&rd.buf) {
-                    return Err(NarError::Invalid {
-                        offset: at,
-                        what: format!("{what}: {}", show(&rd.buf)),
-                    });
-                }
-                let name: Box<[u8]> = rd.buf.as_slice().into();
-                if let Some((prev, _)) = entries.last() {
-                    if **prev >= *name {
-                        return Err(NarError::Invalid {
-                            offset: at,
-                            what: format!(
-                                "entry {} is not after {} (unsorted or duplicate)",
-                                show(&name),
-                                show(prev)
-                            ),
-                        });
-                    }
-                }
-                rd.tag("node")?;
-                (rd.observe)(Creating::Entry {
-                    name_len: name.len(),
-                })
-                .map_err(NarError::Write)?;
-                use std::os::unix::ffi::OsStrExt;
-                child.push(std::ffi::OsStr::from_bytes(&name));
-                let e = node(rd, &child, depth + 1, copy_buf)?;
-                child.pop();
-                rd.tag(")")?;
-                entries.push((name, e));
+            Entry::Symlink { target } => {
+                *pos += str_len(7) + str_len(6) + str_len(target.len() as u64);
             }
-            Ok(Entry::Directory { entries })
+            Entry::Directory { entries } => {
+                *pos += str_len(9); // "directory"
+                for (name, child) in entries {
+                    // "entry" "(" "name" <name> "node"
+                    *pos += str_len(5) + str_len(1) + str_len(4);
+                    *pos += str_len(name.len() as u64) + str_len(4);
+                    node(child, pos);
+                    *pos += str_len(1); // ")"
+                }
+            }
         }
+        *pos += str_len(1); // ")"
     }
+    let mut pos = str_len(MAGIC.len() as u64);
+    node(e, &mut pos);
+    pos
 }
 
 /// Writes NARs; used to build test caches and by `narfs push`.
@@ -359,6 +540,68 @@ impl<W: Write> Writer<W> {
         self.w.write_all(&(b.len() as u64).to_le_bytes())?;
         self.w.write_all(b)?;
         self.w.write_all(&[0u8; 8][..(8 - b.len() % 8) % 8])
+    }
+
+    /// Serializes a tree whose file contents come from `contents`, given each file's
+    /// chunk hashes: how a NAR is rebuilt from a file index and its chunks.
+    pub fn dump_entry(
+        mut self,
+        e: &Entry,
+        contents: &mut dyn FnMut(&[Sha256]) -> io::Result<Vec<u8>>,
+    ) -> io::Result<W> {
+        self.bytes(MAGIC)?;
+        self.entry_node(e, contents)?;
+        Ok(self.w)
+    }
+
+    fn entry_node(
+        &mut self,
+        e: &Entry,
+        contents: &mut dyn FnMut(&[Sha256]) -> io::Result<Vec<u8>>,
+    ) -> io::Result<()> {
+        self.bytes(b"(")?;
+        self.bytes(b"type")?;
+        match e {
+            Entry::Regular {
+                size,
+                executable,
+                chunks,
+                ..
+            } => {
+                self.bytes(b"regular")?;
+                if *executable {
+                    self.bytes(b"executable")?;
+                    self.bytes(b"")?;
+                }
+                self.bytes(b"contents")?;
+                let data = contents(chunks.as_deref().unwrap_or_default())?;
+                if data.len() as u64 != *size {
+                    return Err(io::Error::other(format!(
+                        "contents of {} bytes for a file of {size}",
+                        data.len()
+                    )));
+                }
+                self.bytes(&data)?;
+            }
+            Entry::Symlink { target } => {
+                self.bytes(b"symlink")?;
+                self.bytes(b"target")?;
+                self.bytes(target)?;
+            }
+            Entry::Directory { entries } => {
+                self.bytes(b"directory")?;
+                for (name, child) in entries {
+                    self.bytes(b"entry")?;
+                    self.bytes(b"(")?;
+                    self.bytes(b"name")?;
+                    self.bytes(name)?;
+                    self.bytes(b"node")?;
+                    self.entry_node(child, contents)?;
+                    self.bytes(b")")?;
+                }
+            }
+        }
+        self.bytes(b")")
     }
 
     /// Serializes a filesystem tree the way `nix-store --dump` does.
@@ -485,6 +728,27 @@ mod tests {
     }
 
     #[test]
+    fn lay_out_matches_the_archive() {
+        let d = tempfile::tempdir().unwrap();
+        sample_tree(&d.path().join("src"));
+        let bytes = Writer::new(Vec::new())
+            .dump_path(&d.path().join("src"))
+            .unwrap();
+        let tree = unpack(&mut &bytes[..], &d.path().join("dst")).unwrap();
+        let mut laid = tree.clone();
+        fn forget(e: &mut Entry) {
+            match e {
+                Entry::Regular { nar_offset, .. } => *nar_offset = None,
+                Entry::Directory { entries } => entries.iter_mut().for_each(|(_, c)| forget(c)),
+                Entry::Symlink { .. } => {}
+            }
+        }
+        forget(&mut laid);
+        assert_eq!(lay_out(&mut laid), bytes.len() as u64);
+        assert_eq!(laid, tree, "offsets as the reader found them");
+    }
+
+    #[test]
     fn top_level_file_and_symlink() {
         let d = tempfile::tempdir().unwrap();
         fs::write(d.path().join("f"), b"asdf").unwrap();
@@ -497,7 +761,8 @@ mod tests {
             Entry::Regular {
                 size: 4,
                 executable: false,
-                nar_offset: Some(96)
+                nar_offset: Some(96),
+                ..
             }
         ));
         assert_eq!(fs::read(d.path().join("g")).unwrap(), b"asdf");

@@ -19,5 +19,6 @@ pub mod metrics;
 pub mod mount;
 pub mod push;
 pub mod retry;
+pub mod seekable;
 pub mod singleflight;
 pub mod storage;

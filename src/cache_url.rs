@@ -39,23 +39,17 @@ impl fmt::Debug for Credentials {
 /// query parameters whose names say they are secret. For every place a URL the user
 /// gave is shown (logs, errors).
 pub fn redact(s: &str) -> String {
+    // userinfo: everything between `://` and the last `@`, wherever it is (a password
+    // may hold `/` or `?`, however wrongly; an endpoint parameter may hold a URL)
+    let s = match (s.find("://"), s.rfind('@')) {
+        (Some(i), Some(j)) if j > i + 3 => format!("{}***{}", &s[..i + 3], &s[j..]),
+        _ => s.to_owned(),
+    };
     let (head, query) = match s.split_once('?') {
         Some((h, q)) => (h, Some(q)),
-        None => (s, None),
+        None => (s.as_str(), None),
     };
-    let mut out = match head.split_once("://") {
-        Some((scheme, rest)) => {
-            let (authority, path) = match rest.find('/') {
-                Some(i) => rest.split_at(i),
-                None => (rest, ""),
-            };
-            match authority.rsplit_once('@') {
-                Some((_, host)) => format!("{scheme}://***@{host}{path}"),
-                None => head.to_owned(),
-            }
-        }
-        None => head.to_owned(),
-    };
+    let mut out = head.to_owned();
     if let Some(q) = query {
         out.push('?');
         let params: Vec<String> = q
@@ -242,6 +236,11 @@ pub fn parse(input: &str) -> Result<Parsed, UrlError> {
             };
             for (k, v) in params {
                 match k.as_str() {
+                    "endpoint" if v.contains('@') => {
+                        return Err(err(
+                            "the endpoint may not hold credentials: S3 credentials come from the AWS chain (AWS_ACCESS_KEY_ID, profile=, ...)",
+                        ))
+                    }
                     "endpoint" if !v.is_empty() => u.endpoint = Some(v),
                     "scheme" => match v.as_str() {
                         "http" | "https" => u.scheme = v,
@@ -278,6 +277,12 @@ pub fn parse(input: &str) -> Result<Parsed, UrlError> {
         }
         "http" | "https" => {
             let (authority, rest) = path.split_once('/').unwrap_or((path, ""));
+            // an `@` past the authority means credentials with a raw `/`, `?` or `@`
+            if rest.contains('@') || query.is_some_and(|q| q.contains('@')) {
+                return Err(err(
+                    "percent-encode '/', '?' and '@' in a user name or password (or use a netrc file)",
+                ));
+            }
             let (credentials, host) = match authority.rsplit_once('@') {
                 Some((userinfo, host)) => {
                     let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
@@ -448,6 +453,17 @@ mod tests {
             "http://***@h:1/p?compression=xz&token=***&secret-key=***"
         );
         assert_eq!(redact("s3://b/p?endpoint=e"), "s3://b/p?endpoint=e");
+        for leaky in [
+            "http://alice:pa?ss@h/",
+            "http://alice:pa/ss@h/",
+            "s3://b/p?endpoint=http://alice:pw@127.0.0.1:1",
+        ] {
+            let shown = redact(leaky);
+            assert!(!shown.contains("pa") || !shown.contains("alice"), "{shown}");
+            assert!(!shown.contains("alice"), "{shown}");
+            let e = parse(leaky).unwrap_err().to_string();
+            assert!(!e.contains("alice") && !e.contains("ss@"), "{e}");
+        }
         let e = parse("http://u:pw@/x").unwrap_err().to_string();
         assert!(e.contains("missing host") && !e.contains("pw"), "{e}");
         let e = parse("gopher://u:pw@h/").unwrap_err().to_string();

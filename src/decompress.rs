@@ -6,6 +6,12 @@ use std::io::Read;
 #[cfg(test)]
 use std::io::Write;
 
+/// The most memory an xz stream may ask the decoder for: `xz -9` needs 65 MiB; an
+/// unsigned header claiming a gigabyte dictionary is refused, not obeyed.
+const XZ_MEMLIMIT: u64 = 80 << 20;
+/// zstd windows up to 64 MiB (level 19 uses 8 MiB; Nix writes no `--long` frames).
+const ZSTD_WINDOW_LOG_MAX: u32 = 26;
+
 /// A reader of the NAR inside `r`, compressed as its narinfo says. xz's own CRC is
 /// skipped: NarHash is checked over the whole output anyway, and the CRC cost 3% of
 /// the CPU of a cold traversal.
@@ -30,11 +36,15 @@ fn reader<'a, R: Read + Send + 'a>(
             } else {
                 CONCATENATED | IGNORE_CHECK
             };
-            let stream = Stream::new_stream_decoder(u64::MAX, flags).map_err(|e| e.to_string())?;
+            let stream =
+                Stream::new_stream_decoder(XZ_MEMLIMIT, flags).map_err(|e| e.to_string())?;
             Box::new(liblzma::read::XzDecoder::new_stream(r, stream))
         }
         Compression::Zstd => {
-            Box::new(zstd::stream::read::Decoder::new(r).map_err(|e| e.to_string())?)
+            let mut d = zstd::stream::read::Decoder::new(r).map_err(|e| e.to_string())?;
+            d.window_log_max(ZSTD_WINDOW_LOG_MAX)
+                .map_err(|e| e.to_string())?;
+            Box::new(d)
         }
         Compression::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(r)),
         Compression::Br => Box::new(brotli::Decompressor::new(r, 64 * 1024)),
@@ -186,6 +196,34 @@ mod tests {
         }
         let e = nar_reader(&Compression::Unknown("lz4".into()), &b""[..]).err();
         assert_eq!(e.unwrap(), "unsupported compression 'lz4'");
+    }
+
+    #[test]
+    fn a_stream_header_cannot_make_the_decoder_take_gigabytes() {
+        // an xz stream whose (unsigned) block header claims a 4 GiB dictionary
+        let mut xz = compressed(&Compression::Xz, b"hello, world");
+        let at = 12 + xz[12..].windows(2).position(|w| w == [0x21, 0x01]).unwrap();
+        xz[at + 2] = 40;
+        let len = (xz[12] as usize + 1) * 4;
+        let mut crc = flate2::Crc::new();
+        crc.update(&xz[12..12 + len - 4]);
+        xz[12 + len - 4..12 + len].copy_from_slice(&crc.sum().to_le_bytes());
+        let mut out = Vec::new();
+        let e = nar_reader(&Compression::Xz, &xz[..])
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap_err();
+        assert!(e.to_string().to_lowercase().contains("memory"), "{e}");
+        // zstd: a window beyond 64 MiB is refused too
+        let mut big = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+        big.window_log(27).unwrap();
+        big.long_distance_matching(true).unwrap();
+        big.write_all(&vec![1u8; 1 << 20]).unwrap();
+        let big = big.finish().unwrap();
+        assert!(nar_reader(&Compression::Zstd, &big[..])
+            .unwrap()
+            .read_to_end(&mut out)
+            .is_err());
     }
 
     #[test]

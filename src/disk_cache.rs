@@ -26,48 +26,78 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 pub struct DiskCache {
+    /// As the user named it: for messages.
     root: PathBuf,
+    /// How narfs reaches it: through the descriptor it checked at start
+    /// (`/proc/self/fd/N`), so renaming the directory away and putting another in its
+    /// place (by someone who may write its parent) changes nothing narfs reads.
+    dir: PathBuf,
+    _root_fd: std::os::fd::OwnedFd,
     _lock: File,
     counter: AtomicU64,
     usage: Mutex<Usage>,
     hooks: std::sync::OnceLock<std::sync::Weak<dyn EvictionHooks>>,
+    /// Woken when reserved room is returned: a demand waiting for room retries.
+    room: tokio::sync::Notify,
 }
 
 /// Bytes on disk of each unpacked path, least recently used first, and bytes
 /// reserved by unpacks under way: `total + reserved` is what the quota bounds, so
 /// it holds at every moment, not only between unpacks.
 struct Usage {
-    lru: lru::LruCache<String, u64>,
+    lru: lru::LruCache<String, Held>,
     total: u64,
     reserved: u64,
     quota: u64,
+    grace: std::time::Duration,
 }
+
+/// An unpacked path's size, and when it came: a path fetched for a reader is not
+/// evicted before that reader opened it, or had `GRACE` to (else parallel readers
+/// with a small quota would evict each other's paths as soon as they land, and fetch
+/// them again, forever).
+struct Held {
+    size: u64,
+    /// Set when committed; cleared by the first use.
+    unused_since: Option<std::time::Instant>,
+}
+
+const GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Usage {
     /// Takes least recently used paths (not `keep`, not pinned) out of the account
     /// until `need` bytes are freed or none is left; returns them for deletion.
+    /// Also says whether a path was spared only for its grace (room will come).
     fn choose_victims(
         &mut self,
         need: u64,
         keep: &str,
         pinned: impl Fn(&str) -> bool,
-    ) -> Vec<String> {
+    ) -> (Vec<String>, bool) {
         let mut victims = Vec::new();
+        let mut graced = false;
         if need == 0 {
-            return victims;
+            return (victims, graced);
         }
         let mut freed = 0;
-        let candidates: Vec<(String, u64)> = self
+        let candidates: Vec<(String, u64, bool)> = self
             .lru
             .iter()
             .rev()
-            .map(|(k, v)| (k.clone(), *v))
+            .map(|(k, v)| {
+                let young = v.unused_since.is_some_and(|t| t.elapsed() < self.grace);
+                (k.clone(), v.size, young)
+            })
             .collect();
-        for (name, size) in candidates {
+        for (name, size, young) in candidates {
             if freed >= need {
                 break;
             }
             if name == keep || pinned(&name) {
+                continue;
+            }
+            if young {
+                graced = true;
                 continue;
             }
             self.lru.pop(&name);
@@ -75,7 +105,7 @@ impl Usage {
             freed += size;
             victims.push(name);
         }
-        victims
+        (victims, graced)
     }
 }
 
@@ -94,6 +124,12 @@ pub struct Reservation {
     /// Whether growing it may evict other paths (a demand) or must not (a prefetch).
     may_evict: bool,
     keep: String,
+}
+
+/// Why room could not be had: other unpacks hold it, or none could free it.
+enum Busy {
+    Others,
+    Alone,
 }
 
 /// The quota has no room for what a prefetch wants without evicting.
@@ -120,6 +156,8 @@ impl Drop for Reservation {
     fn drop(&mut self) {
         let mut u = self.disk.usage.lock().unwrap();
         u.reserved = u.reserved.saturating_sub(self.bytes);
+        drop(u);
+        self.disk.room.notify_waiters();
     }
 }
 
@@ -326,7 +364,11 @@ impl DiskCache {
             unreachable!("six subdirectories")
         };
         for name in unflushed {
+            // `<store path basename>.<n>`; anything else is not ours and names nothing
             let basename = name.rsplit_once('.').map_or(name.as_str(), |(b, _)| b);
+            if crate::formats::store_path::StorePath::from_basename(basename).is_err() {
+                continue;
+            }
             let Ok(c) = std::ffi::CString::new(basename) else {
                 continue;
             };
@@ -337,9 +379,17 @@ impl DiskCache {
         // What earlier mounts unpacked, oldest first by modification time (set when
         // the path was unpacked or last used).
         let mut known = Vec::new();
-        let store = root.join("store");
-        for e in fs::read_dir(&store).map_err(io_err(&store))? {
-            let e = e.map_err(io_err(&store))?;
+        let store = PathBuf::from(format!("/proc/self/fd/{}", {
+            use std::os::fd::AsRawFd;
+            dirs[0].as_raw_fd()
+        }));
+        let store = if store.is_dir() {
+            store
+        } else {
+            root.join("store")
+        };
+        for e in fs::read_dir(&store).map_err(io_err(&root.join("store")))? {
+            let e = e.map_err(io_err(&root.join("store")))?;
             let Ok(name) = e.file_name().into_string() else {
                 continue;
             };
@@ -352,17 +402,34 @@ impl DiskCache {
             total: 0,
             reserved: 0,
             quota: u64::MAX,
+            grace: GRACE,
         };
         for (_, name, size) in known {
             usage.total += size;
-            usage.lru.put(name, size);
+            usage.lru.put(
+                name,
+                Held {
+                    size,
+                    unused_since: None,
+                },
+            );
         }
+        let anchored = PathBuf::from(format!("/proc/self/fd/{}", root_fd.as_raw_fd()));
+        let dir = if anchored.is_dir() {
+            anchored
+        } else {
+            tracing::warn!("no /proc: the cache directory is used by its path");
+            root.to_owned()
+        };
         Ok(DiskCache {
             root: root.to_owned(),
+            dir,
+            _root_fd: root_fd,
             _lock: lock,
             counter: AtomicU64::new(0),
             usage: Mutex::new(usage),
             hooks: std::sync::OnceLock::new(),
+            room: tokio::sync::Notify::new(),
         })
     }
 
@@ -393,30 +460,93 @@ impl DiskCache {
         Ok(r)
     }
 
-    /// Counts `bytes` as reserved, first evicting (if allowed) until they fit.
+    /// Holds `bytes` of the quota for a demand unpack of `keep`. While evicting
+    /// cannot make room because other unpacks hold it, waits for them to end (their
+    /// paths then become evictable): parallel downloads never take the cache past the
+    /// quota together. Only a demand with nothing else under way may go over it.
+    pub async fn reserve_demand(
+        self: &std::sync::Arc<Self>,
+        bytes: u64,
+        keep: &str,
+    ) -> Reservation {
+        loop {
+            let notified = self.room.notified();
+            match self.try_room(bytes, keep, true) {
+                Ok(()) | Err(Busy::Alone) => {
+                    return Reservation {
+                        disk: self.clone(),
+                        bytes,
+                        may_evict: true,
+                        keep: keep.to_owned(),
+                    }
+                }
+                Err(Busy::Others) => {
+                    // woken when room is returned; the timeout re-checks pins let go
+                    let _ =
+                        tokio::time::timeout(std::time::Duration::from_millis(200), notified).await;
+                }
+            }
+        }
+    }
+
+    /// Counts `bytes` as reserved, first evicting (if allowed) until they fit. A
+    /// demand that still does not fit goes over the quota (its reservation grows as
+    /// it unpacks: it cannot wait for others that may be growing too).
     fn make_room(&self, bytes: u64, keep: &str, may_evict: bool) -> Result<(), NoRoom> {
+        match self.try_room(bytes, keep, may_evict) {
+            Ok(()) => Ok(()),
+            Err(_) if !may_evict => Err(NoRoom),
+            Err(_) => {
+                self.usage.lock().unwrap().reserved += bytes;
+                Ok(())
+            }
+        }
+    }
+
+    /// Reserves `bytes` if they fit, after evicting least recently used paths for
+    /// them if `may_evict`; else says whether other reservations hold the room.
+    fn try_room(&self, bytes: u64, keep: &str, may_evict: bool) -> Result<(), Busy> {
         let hooks = self.hooks();
-        let victims = {
+        let (victims, fits) = {
             let mut u = self.usage.lock().unwrap();
             let need = (u.total + u.reserved + bytes).saturating_sub(u.quota);
-            if need > 0 && !may_evict {
-                return Err(NoRoom);
+            let (victims, graced) = if need > 0 && may_evict {
+                u.choose_victims(need, keep, |n| hooks.as_ref().is_some_and(|h| h.pinned(n)))
+            } else {
+                (Vec::new(), false)
+            };
+            let fits = u.total + u.reserved + bytes <= u.quota;
+            if fits {
+                u.reserved += bytes;
             }
-            let victims =
-                u.choose_victims(need, keep, |n| hooks.as_ref().is_some_and(|h| h.pinned(n)));
-            u.reserved += bytes;
-            victims
+            (
+                victims,
+                if fits {
+                    None
+                } else {
+                    Some(u.reserved > 0 || graced)
+                },
+            )
         };
         self.remove_evicted(victims, hooks.as_deref());
-        Ok(())
+        match fits {
+            None => Ok(()),
+            Some(true) => Err(Busy::Others),
+            Some(false) => Err(Busy::Alone),
+        }
     }
 
     /// Caps the bytes unpacked paths may take; `None` picks 10% of the file system
     /// holding the cache directory, at most 10 GiB.
     pub fn set_quota(&self, quota: Option<u64>) -> u64 {
-        let q = quota.unwrap_or_else(|| default_quota(&self.root));
+        let q = quota.unwrap_or_else(|| default_quota(&self.dir));
         self.usage.lock().unwrap().quota = q;
         q
+    }
+
+    #[cfg(test)]
+    fn set_grace(&self, grace: std::time::Duration) {
+        self.usage.lock().unwrap().grace = grace;
     }
 
     pub fn quota(&self) -> u64 {
@@ -430,18 +560,25 @@ impl DiskCache {
 
     /// Marks a path as just used (it becomes the last to be evicted).
     pub fn touch(&self, basename: &str) {
-        self.usage.lock().unwrap().lru.promote(basename);
+        if let Some(held) = self.usage.lock().unwrap().lru.get_mut(basename) {
+            held.unused_since = None;
+        }
     }
 
     /// Evicts least recently used paths (never a pinned one) until what is unpacked
     /// and reserved fits the quota, as after the quota was lowered. Returns what was
     /// evicted.
     pub fn evict_to_quota(&self) -> Vec<String> {
+        self.evict_to_quota_keeping("")
+    }
+
+    fn evict_to_quota_keeping(&self, keep: &str) -> Vec<String> {
         let hooks = self.hooks();
         let victims = {
             let mut u = self.usage.lock().unwrap();
             let need = (u.total + u.reserved).saturating_sub(u.quota);
-            u.choose_victims(need, "", |n| hooks.as_ref().is_some_and(|h| h.pinned(n)))
+            u.choose_victims(need, keep, |n| hooks.as_ref().is_some_and(|h| h.pinned(n)))
+                .0
         };
         self.remove_evicted(victims.clone(), hooks.as_deref());
         victims
@@ -451,9 +588,9 @@ impl DiskCache {
     /// sees half of one; it is gone from the disk before this returns.
     fn remove_evicted(&self, victims: Vec<String>, hooks: Option<&dyn EvictionHooks>) {
         for name in victims {
-            let _ = fs::remove_file(self.root.join("verified").join(&name));
+            let _ = fs::remove_file(self.dir.join("verified").join(&name));
             let n = self.counter.fetch_add(1, Ordering::Relaxed);
-            let doomed = self.root.join("trash").join(format!("{name}.{n}"));
+            let doomed = self.dir.join("trash").join(format!("{name}.{n}"));
             match fs::rename(self.path_dir(&name), &doomed) {
                 Ok(()) => {
                     if let Err(e) = remove_any(&doomed) {
@@ -474,14 +611,14 @@ impl DiskCache {
     }
 
     pub fn path_dir(&self, basename: &str) -> PathBuf {
-        self.root.join("store").join(basename)
+        self.dir.join("store").join(basename)
     }
 
     /// Is `basename` unpacked here from a NAR with exactly this NarHash? A copy from
     /// another NarHash (the path was pushed again, or verified under keys no longer
     /// trusted) is removed rather than served under the new narinfo.
     pub fn has_verified(&self, basename: &str, nar_hash: &str) -> bool {
-        let record = read_nofollow(&self.root.join("verified").join(basename)).ok();
+        let record = read_nofollow(&self.dir.join("verified").join(basename)).ok();
         if record.as_deref() == Some(nar_hash) && self.has_path(basename) {
             return true;
         }
@@ -491,12 +628,12 @@ impl DiskCache {
                 "dropping an unpacked copy that is not of the NarHash now signed"
             );
             let n = self.counter.fetch_add(1, Ordering::Relaxed);
-            let doomed = self.root.join("trash").join(format!("{basename}.{n}"));
+            let doomed = self.dir.join("trash").join(format!("{basename}.{n}"));
             if fs::rename(self.path_dir(basename), &doomed).is_ok() {
                 let _ = remove_any(&doomed);
                 let mut u = self.usage.lock().unwrap();
-                if let Some(size) = u.lru.pop(basename) {
-                    u.total -= size;
+                if let Some(held) = u.lru.pop(basename) {
+                    u.total -= held.size;
                 }
             }
         }
@@ -510,7 +647,7 @@ impl DiskCache {
     /// A fresh name under `tmp/` (not created).
     pub fn temp_path(&self, basename: &str) -> PathBuf {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        self.root.join("tmp").join(format!("{basename}.{n}"))
+        self.dir.join("tmp").join(format!("{basename}.{n}"))
     }
 
     /// Moves a verified unpack into place; its reservation becomes its size on disk.
@@ -529,10 +666,21 @@ impl DiskCache {
         // on disk yet; it goes only after the flush. A power cut therefore never
         // leaves a trusted path in store/ whose files are empty (see `open`).
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let marker = self.root.join("pending").join(format!("{basename}.{n}"));
-        File::create(&marker)?.sync_all()?;
-        File::open(self.root.join("pending"))?.sync_all()?;
-        fs::write(self.root.join("verified").join(basename), nar_hash)?;
+        let marker = self.dir.join("pending").join(format!("{basename}.{n}"));
+        File::options()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&marker)?
+            .sync_all()?;
+        File::open(self.dir.join("pending"))?.sync_all()?;
+        let record = self.dir.join("verified").join(basename);
+        write_new(
+            &record.with_file_name(format!(".{basename}.{n}.tmp")),
+            nar_hash,
+            &record,
+        )?;
         let dest = self.path_dir(basename);
         if let Err(e) = fs::rename(tmp, &dest) {
             let _ = fs::remove_file(&marker);
@@ -542,19 +690,25 @@ impl DiskCache {
             }
             return Err(e);
         }
-        let store = self.root.join("store");
+        let store = self.dir.join("store");
         std::thread::spawn(move || {
             if sync_fs(&store).is_ok() && File::open(&store).and_then(|d| d.sync_all()).is_ok() {
                 let _ = fs::remove_file(&marker);
             }
         });
         let mut u = self.usage.lock().unwrap();
-        if let Some(old) = u.lru.put(basename.to_owned(), size) {
-            u.total -= old;
+        let held = Held {
+            size,
+            unused_since: Some(std::time::Instant::now()),
+        };
+        if let Some(old) = u.lru.put(basename.to_owned(), held) {
+            u.total -= old.size;
         }
         u.total += size;
         drop(u);
         drop(reservation);
+        // what the estimate missed (or a demand that had to go over) is evicted now
+        self.evict_to_quota_keeping(basename);
         Ok(())
     }
 
@@ -566,7 +720,7 @@ impl DiskCache {
     /// Verified narinfos are filed under the id of the key that verified them, so a
     /// remount trusts exactly what its own keys verified, without checking again.
     fn narinfo_path(&self, key_id: &str, hash_part: &str) -> PathBuf {
-        self.root
+        self.dir
             .join("narinfo")
             .join(key_id)
             .join(format!("{hash_part}.narinfo"))
@@ -577,11 +731,13 @@ impl DiskCache {
     /// power cut lacks its final `Sig:` line and is ignored on load, then fetched again.
     pub fn save_narinfo(&self, key_id: &str, hash_part: &str, text: &str) -> io::Result<()> {
         let dest = self.narinfo_path(key_id, hash_part);
-        fs::create_dir_all(dest.parent().unwrap())?;
+        real_dir(dest.parent().expect("in narinfo/"))?;
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = dest.with_file_name(format!(".{hash_part}.{n}.tmp"));
-        fs::write(&tmp, text)?;
-        fs::rename(&tmp, dest)
+        write_new(
+            &dest.with_file_name(format!(".{hash_part}.{n}.tmp")),
+            text,
+            &dest,
+        )
     }
 
     pub fn load_narinfo(&self, key_id: &str, hash_part: &str) -> Option<String> {
@@ -591,7 +747,7 @@ impl DiskCache {
     /// Calls `f(hash part, text)` for every narinfo verified by key `key_id`, one at a
     /// time (a remount of a huge cache must not hold them all at once).
     pub fn for_each_narinfo(&self, key_id: &str, mut f: impl FnMut(&str, &str)) {
-        let dir = self.root.join("narinfo").join(key_id);
+        let dir = self.dir.join("narinfo").join(key_id);
         let Ok(rd) = fs::read_dir(&dir) else { return };
         for e in rd.flatten() {
             let Ok(name) = e.file_name().into_string() else {
@@ -611,8 +767,8 @@ impl DiskCache {
     /// Waits for every unpacked path to reach the disk, so a clean shutdown leaves
     /// nothing to drop at the next start.
     pub fn flush(&self) {
-        if sync_fs(&self.root).is_ok() {
-            if let Ok(rd) = fs::read_dir(self.root.join("pending")) {
+        if sync_fs(&self.dir).is_ok() {
+            if let Ok(rd) = fs::read_dir(self.dir.join("pending")) {
                 for e in rd.flatten() {
                     let _ = fs::remove_file(e.path());
                 }
@@ -625,6 +781,38 @@ impl Drop for DiskCache {
     fn drop(&mut self) {
         self.flush();
     }
+}
+
+/// Creates directory `p` if missing; refuses anything but a real directory there.
+fn real_dir(p: &Path) -> io::Result<()> {
+    match fs::DirBuilder::new().create(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            if fs::symlink_metadata(p)?.is_dir() {
+                Ok(())
+            } else {
+                Err(io::Error::other(format!(
+                    "{} is not a directory (a symlink is never followed)",
+                    p.display()
+                )))
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes `text` to the fresh file `tmp` (never through a symlink) and renames it to
+/// `dest` (which replaces whatever is there, a symlink included, without following).
+fn write_new(tmp: &Path, text: &str, dest: &Path) -> io::Result<()> {
+    let mut f = File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(tmp)?;
+    io::Write::write_all(&mut f, text.as_bytes())?;
+    drop(f);
+    fs::rename(tmp, dest)
 }
 
 /// Reads a record, refusing a symlink in its place (and anything over 1 MiB).
@@ -791,6 +979,7 @@ mod tests {
     fn reservations_evict_least_recently_used_but_never_pinned_or_kept() {
         let d = tempfile::tempdir().unwrap();
         let c = std::sync::Arc::new(DiskCache::open(d.path()).unwrap());
+        c.set_grace(std::time::Duration::ZERO);
         let hooks = std::sync::Arc::new(Hooks(Default::default()));
         let weak: std::sync::Weak<dyn EvictionHooks> =
             std::sync::Arc::downgrade(&(hooks.clone() as std::sync::Arc<dyn EvictionHooks>));
@@ -828,12 +1017,15 @@ mod tests {
         assert!(c.used() <= each * 2);
     }
 
+    const FLUSHED: &str = "00000000000000000000000000000000-flushed";
+    const UNFLUSHED: &str = "11111111111111111111111111111111-unflushed";
+
     #[test]
     fn a_path_whose_flush_was_interrupted_is_dropped_at_start() {
         let d = tempfile::tempdir().unwrap();
         {
             let c = std::sync::Arc::new(DiskCache::open(d.path()).unwrap());
-            for name in ["flushed", "unflushed"] {
+            for name in [FLUSHED, UNFLUSHED] {
                 put(&c, name, 10);
             }
             // the background flush removes the markers
@@ -844,10 +1036,10 @@ mod tests {
             }
         }
         // as if the machine had died before the flush of one of them
-        File::create(d.path().join("pending/unflushed.7")).unwrap();
+        File::create(d.path().join(format!("pending/{UNFLUSHED}.7"))).unwrap();
         let c = DiskCache::open(d.path()).unwrap();
-        assert!(c.has_path("flushed"));
-        assert!(!c.has_path("unflushed"));
+        assert!(c.has_path(FLUSHED));
+        assert!(!c.has_path(UNFLUSHED));
         assert_eq!(fs::read_dir(d.path().join("pending")).unwrap().count(), 0);
     }
 

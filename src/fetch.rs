@@ -64,6 +64,8 @@ pub enum Lookup {
 
 /// Listings fetched and parsed at once.
 const LISTING_SLOTS: usize = 4;
+/// Narinfos fetched at once (64 MiB of buffers at most).
+const NARINFO_SLOTS: usize = 64;
 /// Missing store paths remembered (about 100 bytes each).
 const NEGATIVE_ENTRIES: usize = 65_536;
 
@@ -85,6 +87,8 @@ pub struct Fetcher {
     /// Bounds listings fetched and parsed at once: each may hold up to
     /// `MAX_LISTING_BYTES` and its tree in memory.
     listing_slots: tokio::sync::Semaphore,
+    /// Bounds narinfos fetched at once: each may buffer up to `MAX_NARINFO_BYTES`.
+    narinfo_slots: tokio::sync::Semaphore,
     metrics: Arc<Metrics>,
 }
 
@@ -110,6 +114,7 @@ impl Fetcher {
             policy: Policy::default(),
             downloads: Arc::new(tokio::sync::Semaphore::new(4)),
             listing_slots: tokio::sync::Semaphore::new(LISTING_SLOTS),
+            narinfo_slots: tokio::sync::Semaphore::new(NARINFO_SLOTS),
             metrics: Arc::default(),
         }
     }
@@ -288,7 +293,10 @@ impl Fetcher {
     async fn fetch_narinfo(&self, hash: &str) -> Result<Lookup, FetchError> {
         let key = format!("{hash}.narinfo");
         let t0 = Instant::now();
-        let Some(bytes) = self.get_small_retrying(&key, MAX_NARINFO_BYTES).await? else {
+        let slot = self.narinfo_slots.acquire().await;
+        let got = self.get_small_retrying(&key, MAX_NARINFO_BYTES).await;
+        drop(slot);
+        let Some(bytes) = got? else {
             tracing::debug!(key, "no such narinfo");
             Metrics::inc(&self.metrics.narinfo_missing);
             return Ok(Lookup::Missing);
@@ -416,13 +424,15 @@ impl Fetcher {
         let _slot = self.downloads.acquire().await;
         // room in the quota for the unpacked tree, held from before the first byte
         // is written; a prefetch that would have to evict for it is skipped
-        let may_evict = priority == Priority::Demand;
-        let reservation = self
-            .disk
-            .reserve(info.nar_size, &basename, may_evict)
-            .inspect_err(|_| {
-                tracing::debug!(path = %info.store_path, "prefetch skipped: the cache quota has no room without evicting");
-            })?;
+        let reservation = match priority {
+            Priority::Demand => self.disk.reserve_demand(info.nar_size, &basename).await,
+            Priority::Prefetch => self
+                .disk
+                .reserve(info.nar_size, &basename, false)
+                .inspect_err(|_| {
+                    tracing::debug!(path = %info.store_path, "prefetch skipped: the cache quota has no room without evicting");
+                })?,
+        };
         let reservation = Arc::new(Mutex::new(Some(reservation)));
         let _in_flight = self.metrics.in_flight();
         let t0 = Instant::now();

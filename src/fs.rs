@@ -110,88 +110,6 @@ pub struct Fs {
     prefetch: Option<Arc<tokio::sync::Semaphore>>,
 }
 
-/// Opens `rel` (empty: `dir` itself) for reading without following any symlink on the
-/// way, so a name can never leave the unpacked path, whatever the index believed about
-/// it. Returns the descriptor, or -1 with errno set (ELOOP for a symlink).
-fn open_beneath(dir: &std::ffi::CStr, rel: &std::ffi::CStr) -> i32 {
-    let flags = libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW;
-    if rel.is_empty() {
-        return unsafe { libc::open(dir.as_ptr(), flags) };
-    }
-    let dfd = unsafe {
-        libc::open(
-            dir.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
-        )
-    };
-    if dfd < 0 {
-        return -1;
-    }
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = flags as u64;
-    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
-    let mut fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            dfd,
-            rel.as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    } as i32;
-    if fd < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
-        // kernels before 5.6: one component at a time, none followed
-        fd = walk_beneath(dfd, rel.to_bytes(), flags);
-    }
-    let e = std::io::Error::last_os_error();
-    unsafe { libc::close(dfd) };
-    if fd < 0 {
-        unsafe { *libc::__errno_location() = e.raw_os_error().unwrap_or(libc::EIO) };
-    }
-    fd
-}
-
-fn walk_beneath(dfd: i32, rel: &[u8], flags: i32) -> i32 {
-    let parts: Vec<&[u8]> = rel.split(|&b| b == b'/').collect();
-    let mut cur = unsafe { libc::dup(dfd) };
-    for (i, part) in parts.iter().enumerate() {
-        if cur < 0 {
-            return -1;
-        }
-        let Ok(name) = CString::new(*part) else {
-            unsafe { libc::close(cur) };
-            unsafe { *libc::__errno_location() = libc::EINVAL };
-            return -1;
-        };
-        if part.is_empty() || *part == b"." || *part == b".." {
-            unsafe { libc::close(cur) };
-            unsafe { *libc::__errno_location() = libc::EINVAL };
-            return -1;
-        }
-        let last = i + 1 == parts.len();
-        let f = if last {
-            flags
-        } else {
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW
-        };
-        let next = unsafe { libc::openat(cur, name.as_ptr(), f) };
-        let e = std::io::Error::last_os_error();
-        unsafe { libc::close(cur) };
-        if next < 0 {
-            // a symlink in the middle reads as "not a directory"
-            let code = match e.raw_os_error() {
-                Some(libc::ENOTDIR) => libc::ELOOP,
-                Some(c) => c,
-                None => libc::EIO,
-            };
-            unsafe { *libc::__errno_location() = code };
-            return -1;
-        }
-        cur = next;
-    }
-    cur
-}
-
 /// A quarter of the open-file limit, at most 1024: the rest is for sockets, unpacking
 /// and passthrough handles.
 fn fd_cache_size() -> std::num::NonZeroUsize {
@@ -561,7 +479,7 @@ impl Fs {
         let (Ok(c), Ok(rel_c)) = (CString::new(dir), CString::new(rel)) else {
             return Ready(Err(Errno::EIO));
         };
-        let fd = open_beneath(&c, &rel_c);
+        let fd = crate::beneath::open_beneath(&c, &rel_c, false);
         if fd >= 0 {
             self.pins.lock().unwrap().insert(fd, path);
             self.fetcher.disk().touch(sp.basename());
@@ -767,6 +685,13 @@ impl Fs {
                 let info = self.info(id).await?;
                 if self.use_listings && !self.fetcher.disk().has_path(info.store_path.basename()) {
                     match self.fetcher.listing(info.clone()).await {
+                        Ok(Some(tree)) if !self.index.listing_fits(tree.count()) => {
+                            tracing::warn!(
+                                "{}: listings already hold {} nodes; its NAR will be used instead",
+                                info.store_path,
+                                crate::index::MAX_LISTING_NODES
+                            );
+                        }
                         Ok(Some(tree)) => {
                             let stale = self.index.attach_tree(
                                 id,

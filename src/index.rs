@@ -102,10 +102,17 @@ struct StorePathEntry {
 /// Kernel caches to drop after a tree was replaced: `(directory inode, entry name)`.
 pub type Stale = Vec<(u64, Box<[u8]>)>;
 
+/// The most nodes all trees built from listings may hold together (about 80 MB): a
+/// hostile cache could offer many large listings, each within its own bounds; beyond
+/// this, paths are read from their NARs.
+pub const MAX_LISTING_NODES: usize = 500_000;
+
 #[derive(Default)]
 struct Inner {
     /// `trees[t - 1]` is tree `t`.
     trees: Vec<Tree>,
+    /// Nodes of trees that came from listings and are not verified yet.
+    listing_nodes: usize,
     paths: Vec<StorePathEntry>,
     by_hash: HashMap<[u8; 20], PathId>,
     /// Top inodes in the order paths appeared, so readdir offsets stay valid while
@@ -254,6 +261,7 @@ impl Index {
             (None, _) => !matches!(tree, Entry::Directory { .. }),
             (Some(TreeSource::Listing), TreeSource::Nar) if same_nar && g.matches(old, 0, tree) => {
                 g.paths[id as usize].source = Some(TreeSource::Nar);
+                g.listing_nodes -= g.trees[old as usize - 1].nodes.len();
                 return stale;
             }
             (Some(was), TreeSource::Nar) if was == TreeSource::Listing || !same_nar => {
@@ -271,6 +279,9 @@ impl Index {
             }
             _ => return stale,
         };
+        if replace && g.paths[id as usize].source == Some(TreeSource::Listing) {
+            g.listing_nodes -= g.trees[old as usize - 1].nodes.len();
+        }
         let t = if replace {
             let name = g.top(id).name.clone();
             g.collect_entries(old, 0, &mut stale);
@@ -289,10 +300,18 @@ impl Index {
         let tr = &mut g.trees[t as usize - 1];
         let kind = build(&mut tr.nodes, 0, tree);
         tr.nodes[0].kind = kind;
+        if source == TreeSource::Listing {
+            g.listing_nodes += g.trees[t as usize - 1].nodes.len();
+        }
         let p = &mut g.paths[id as usize];
         p.source = Some(source);
         p.tree_nar = tag;
         stale
+    }
+
+    /// Whether a listing of `nodes` more nodes fits `MAX_LISTING_NODES`.
+    pub fn listing_fits(&self, nodes: usize) -> bool {
+        self.inner.read().unwrap().listing_nodes + nodes <= MAX_LISTING_NODES
     }
 
     pub fn node(&self, ino: u64) -> Option<NodeView> {

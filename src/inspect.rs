@@ -74,7 +74,14 @@ pub fn split_path(arg: &str) -> Result<(StorePath, Vec<String>), String> {
         .next()
         .ok_or_else(|| format!("'{arg}' names no store path"))?;
     let sp = StorePath::from_basename(base).map_err(|e| e.to_string())?;
-    Ok((sp, parts.map(str::to_owned).collect()))
+    let sub: Vec<String> = parts.map(str::to_owned).collect();
+    // names inside the path only: `..` would lead out of it (to the host's files)
+    if sub.iter().any(|p| p == "." || p == "..") {
+        return Err(format!(
+            "'{arg}': '.' and '..' are not names inside a store path"
+        ));
+    }
+    Ok((sp, sub))
 }
 
 impl Session {

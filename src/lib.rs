@@ -4,6 +4,7 @@
 //! → [`disk_cache`] → [`index`] → [`fs`] → [`fuse`]. Only `storage` knows S3 and files,
 //! only `fuse` knows fuser.
 
+pub mod beneath;
 pub mod cache_url;
 pub mod control;
 pub mod decompress;

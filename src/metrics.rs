@@ -178,15 +178,16 @@ impl Metrics {
 /// Serves `render()` at `/metrics` to Prometheus scrapers. Every connection is
 /// answered or dropped within `CONN_DEADLINE`, request and response alike, and the
 /// accept loop never waits for one: beyond `MAX_CONNS` open connections a new one
-/// gets 503 at once, so slow or idle clients cannot keep a scraper out for longer
-/// than the deadline, nor take narfs's descriptors.
+/// gets 503 at once, so idle clients cost a task and a descriptor for two seconds at
+/// most, and it takes a thousand of them, renewed every two seconds, to turn a
+/// scraper away.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     render: std::sync::Arc<dyn Fn() -> String + Send + Sync>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    const MAX_CONNS: usize = 32;
-    const CONN_DEADLINE: Duration = Duration::from_secs(5);
+    const MAX_CONNS: usize = 1024;
+    const CONN_DEADLINE: Duration = Duration::from_secs(2);
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNS));
     loop {
         let Ok((mut sock, _)) = listener.accept().await else {

@@ -151,23 +151,13 @@ fn kill_9_mid_download_then_remount_serves_identical_content() {
         .arg(f.real("narfs-test-big")));
 }
 
-struct Tmpfs(std::path::PathBuf);
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn a_full_disk_fails_that_path_only() {
     let f = fixture();
     let e = env();
-    let dir = tempfile::tempdir().unwrap();
-    run(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs"])
-        .arg(dir.path()));
-    let _guard = Tmpfs(dir.path().to_owned());
-    let m = Mounted::start(&e.url, &[&f.public_key], Some(dir.path()), &[]);
+    let tmpfs = Tmpfs::new("4m");
+    let dir = tmpfs.0.as_path();
+    let m = Mounted::start(&e.url, &[&f.public_key], Some(dir), &[]);
     let (rel, _) = big_file();
     assert_eq!(read_err(&m.p(&rel)), Some(libc::EIO));
     assert!(
@@ -179,15 +169,8 @@ fn a_full_disk_fails_that_path_only() {
     // a local fault, not a verdict on the NAR
     assert_eq!(m.stat("verification_failures_total{kind=\"nar\"}"), 0);
     assert!(m.stat("nar_requests_total{result=\"failed\"}") >= 1);
-    assert_eq!(
-        std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
-        0
-    );
-    assert!(!dir
-        .path()
-        .join("store")
-        .join(f.path("narfs-test-big"))
-        .exists());
+    assert_eq!(std::fs::read_dir(dir.join("tmp")).unwrap().count(), 0);
+    assert!(!dir.join("store").join(f.path("narfs-test-big")).exists());
     // the mount keeps serving what fits
     assert_eq!(
         std::fs::read(m.p(f.path("narfs-test-single.txt"))).unwrap(),

@@ -322,6 +322,18 @@ fn secrets_in_urls_never_reach_logs_and_netrc_keeps_them_out_of_urls() {
         .arg(format!("/nix/store/{}/bin/app", f.path("narfs-test-app"))));
     assert_eq!(code, 1);
     assert!(err.contains(&nar) && !err.contains(SECRET), "{err}");
+    // nor an S3 endpoint's
+    let (code, _, err) = out(narfs()
+        .args(["ls", "--trusted-public-key", &f.public_key])
+        .arg(format!(
+            "s3://b/p?endpoint=http://alice:{SECRET}@127.0.0.1:1"
+        ))
+        .arg("/nix/store/00000000000000000000000000000000-x"));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("may not hold credentials") && !err.contains(SECRET),
+        "{err}"
+    );
     let bad = with_secret.replace("http://", "htp://");
     let tmp = tempfile::tempdir().unwrap();
     let (code, _, err) = out(narfs()
@@ -742,29 +754,14 @@ fn the_quota_holds_at_every_moment_and_prefetch_never_evicts() {
     let (key, names) = generate_nar_cache_refs(&dir, 12, 2 << 20, 3);
     let proxy = common::proxy::Proxy::start(s3.port);
     let quota: u64 = 10 << 20;
+    let tmpfs = Tmpfs::new("64m");
     let m = Mounted::start(
         &s3.url(proxy.port, "q"),
         &[&key],
-        None,
+        Some(&tmpfs.0),
         &["--cache-size", "10M", "--jobs", "4"],
     );
-    let cache_dir = m.cache_dir.clone();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut peak = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let used: u64 = ["store", "tmp", "trash"]
-                    .iter()
-                    .map(|d| narfs::disk_cache::disk_usage(&cache_dir.join(d)))
-                    .sum();
-                peak = peak.max(used);
-                std::thread::sleep(std::time::Duration::from_millis(2));
-            }
-            peak
-        })
-    };
+    let mut sampler = Sampler::start(&tmpfs.0);
     for pass in 0..2 {
         if pass == 1 {
             assert!(std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok());
@@ -776,8 +773,7 @@ fn the_quota_holds_at_every_moment_and_prefetch_never_evicts() {
             }
         }
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let peak = sampler.join().unwrap();
+    let peak = sampler.stop();
     let gets = proxy.gets(".nar?");
     eprintln!(
         "quota {} MiB: peak {:.2} MiB in the cache directory; {gets} NAR GETs for 2 passes of 12 paths",
@@ -796,4 +792,271 @@ fn the_quota_holds_at_every_moment_and_prefetch_never_evicts() {
         "{gets} NAR GETs\n{:?}",
         proxy.requests()
     );
+}
+
+#[test]
+fn a_cache_directory_swapped_under_a_running_mount_is_never_read() {
+    // the cache directory in a parent others may write: whoever may, renames it away
+    // and puts one of theirs in its place, with planted trees and "verified" markers
+    let f = fixture();
+    let e = env();
+    let base = tempfile::tempdir().unwrap();
+    let parent = base.path().join("shared");
+    std::fs::create_dir(&parent).unwrap();
+    std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let dir = parent.join("cache");
+    let m = Mounted::start(
+        &e.url,
+        &[&f.public_key],
+        Some(&dir),
+        &["--prefetch-references", "false"],
+    );
+    let greet = m.p(f.path("narfs-test-lib")).join("lib/greet.sh");
+    assert_eq!(
+        std::fs::read_to_string(&greet).unwrap(),
+        "greet() { echo \"hello from lib\"; }\n"
+    );
+    std::fs::rename(&dir, parent.join("cache.old")).unwrap();
+    for (name, file, text) in [
+        (
+            "narfs-test-lib",
+            "lib/greet.sh",
+            "greet() { echo PWNED; }\n",
+        ),
+        ("narfs-test-app", "bin/app", "#!/bin/sh\necho PWNED\n"),
+    ] {
+        let tree = dir.join("store").join(f.path(name));
+        std::fs::create_dir_all(tree.join(file).parent().unwrap()).unwrap();
+        std::fs::write(tree.join(file), text).unwrap();
+        std::fs::set_permissions(tree.join(file), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::create_dir_all(dir.join("verified")).unwrap();
+        std::fs::write(
+            dir.join("verified").join(f.path(name)),
+            f.narinfo_field(name, "NarHash"),
+        )
+        .unwrap();
+    }
+    assert!(std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok());
+    assert_eq!(
+        std::fs::read_to_string(&greet).unwrap(),
+        "greet() { echo \"hello from lib\"; }\n"
+    );
+    assert_eq!(
+        run(&mut std::process::Command::new(
+            m.p(f.path("narfs-test-app")).join("bin/app")
+        )),
+        "hello from lib\n"
+    );
+}
+
+#[test]
+fn listings_together_cost_bounded_memory() {
+    // six signed paths, each with a listing just within every per-listing bound
+    let s3 = S3Server::start();
+    let cache = SignedCache::new(&s3);
+    let nar = file_nar(b"x");
+    let listing = huge_listing(249_000, 1).into_bytes();
+    let names: Vec<String> = (0..6)
+        .map(|i| {
+            let base = cache.put(
+                &format!("many-{i}"),
+                &nar,
+                narfs::formats::narinfo::Compression::None,
+                &nar,
+                |info| info.nar_size = 1 << 36,
+            );
+            std::fs::write(cache.dir.join(format!("{}.ls", &base[..32])), &listing).unwrap();
+            base
+        })
+        .collect();
+    let good = cache.put_good("neighbour");
+    let m = Mounted::start(&s3.url(s3.port, "h"), &[&cache.public_key()], None, &[]);
+    let mut listed = 0;
+    for n in &names {
+        // a directory listed from its listing, or an error once listings are full
+        // (its NAR, which does not exist, was tried instead)
+        if let Ok(d) = std::fs::read_dir(m.p(n)) {
+            listed += usize::from(d.count() == 249_000);
+        }
+    }
+    let (_, peak_kib) = rss_kib(m.pid());
+    let log = m.log_text();
+    assert_eq!(listed, 2, "{log}");
+    assert!(log.contains("listings already hold 500000 nodes"), "{log}");
+    assert!(peak_kib < 256 * 1024, "peak RSS {} MiB", peak_kib / 1024);
+    assert_eq!(std::fs::read(m.p(&good)).unwrap(), b"good content\n");
+}
+
+/// An HTTP cache that answers every narinfo with 1 MiB of junk.
+fn junk_narinfo_server() -> (std::process::Child, u16) {
+    let port = free_port();
+    let script = r#"
+import http.server, socketserver, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"StoreDir: /nix/store\n" if self.path.endswith("nix-cache-info") else b"A" * (1 << 20)
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        try: self.wfile.write(body)
+        except Exception: pass
+    def log_message(self, *a): pass
+class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True; request_queue_size = 4096
+S(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+    let child = std::process::Command::new("python3")
+        .args(["-c", script, &port.to_string()])
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t.elapsed() < std::time::Duration::from_secs(10));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    (child, port)
+}
+
+#[test]
+fn a_flood_of_lookups_of_huge_narinfos_costs_bounded_memory() {
+    let (mut server, port) = junk_narinfo_server();
+    let key = narfs::formats::keys::SecretKey::from_seed("any", [1; 32])
+        .public()
+        .to_nix_string();
+    let m = Mounted::start(&format!("http://127.0.0.1:{port}"), &[&key], None, &[]);
+    let names: String = (0..1500u32)
+        .map(|i| {
+            let h = narfs::formats::hash::Sha256::digest(&i.to_le_bytes());
+            format!("{}-x\n", narfs::formats::nixbase32::encode(&h.0[..20]))
+        })
+        .collect();
+    let list = m.cache_dir.parent().unwrap().join("names");
+    std::fs::write(&list, names).unwrap();
+    let _ = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("xargs -P 600 -a \"$1\" -I{} stat \"$2/{}\" >/dev/null 2>&1")
+        .args(["sh", list.to_str().unwrap(), m.mnt.to_str().unwrap()])
+        .status();
+    let (_, peak_kib) = rss_kib(m.pid());
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(peak_kib < 256 * 1024, "peak RSS {} MiB", peak_kib / 1024);
+}
+
+#[test]
+fn parallel_downloads_keep_the_quota_and_it_is_restored_after() {
+    let s3 = S3Server::start();
+    let dir = s3.root.join(BUCKET).join("q");
+    let (key, names) = generate_nar_cache(&dir, 6, 3 << 20);
+    let quota: u64 = 5 << 20;
+    for mode in [&[][..], &["--no-open"][..]] {
+        let mut args = vec!["--cache-size", "5M", "--jobs", "4"];
+        args.extend_from_slice(mode);
+        let tmpfs = Tmpfs::new("64m");
+        let m = Mounted::start(&s3.url(s3.port, "q"), &[&key], Some(&tmpfs.0), &args);
+        let mut sampler = Sampler::start(&tmpfs.0);
+        let readers: Vec<_> = names
+            .iter()
+            .map(|n| {
+                let p = m.p(n).join("f0");
+                std::thread::spawn(move || std::fs::read(p).map(|d| d.len()))
+            })
+            .collect();
+        for r in readers {
+            assert_eq!(r.join().unwrap().unwrap(), (3 << 20) / 4, "{mode:?}");
+        }
+        let peak = sampler.stop();
+        assert!(
+            peak as f64 <= quota as f64 * 1.05,
+            "{mode:?}: peak {peak} bytes, quota {quota}\n{}",
+            m.log_text()
+        );
+        let left = fs_used(&tmpfs.0) - sampler.base;
+        assert!(left <= quota, "{mode:?}: {left} bytes left");
+    }
+}
+
+#[test]
+fn odd_crash_markers_and_file_cache_symlinks_are_never_followed() {
+    let f = fixture();
+    let e = env();
+    let base = tempfile::tempdir().unwrap();
+    let dir = base.path().join("cache");
+    let keys = [f.public_key.as_str()];
+    let m = Mounted::start(&e.url, &keys, Some(&dir), &[]);
+    std::fs::read(lib_path(&m, f)).unwrap();
+    drop(m);
+    for marker in ["..x", "...", ".", "x/..", "0.1"] {
+        let _ = std::fs::write(dir.join("pending").join(marker), "");
+    }
+    let m = Mounted::start(&e.url, &keys, Some(&dir), &[]);
+    assert!(dir.join("lock").exists() && dir.join("narinfo").exists());
+    assert!(dir.join("store").join(f.path("narfs-test-lib")).exists());
+    assert_eq!(std::fs::read_dir(dir.join("pending")).unwrap().count(), 0);
+    drop(m);
+
+    // a file:// cache whose NAR is a symlink to a host file
+    let cache = base.path().join("filecache");
+    run(std::process::Command::new("cp")
+        .arg("-r")
+        .arg(&f.cache)
+        .arg(&cache));
+    let nar = f.narinfo_field("narfs-test-single.txt", "URL");
+    let secret = base.path().join("host-secret");
+    std::fs::write(&secret, "host secret").unwrap();
+    std::fs::remove_file(cache.join(&nar)).unwrap();
+    std::os::unix::fs::symlink(&secret, cache.join(&nar)).unwrap();
+    let m = Mounted::start(&format!("file://{}", cache.display()), &keys, None, &[]);
+    assert_eq!(
+        read_err(&m.p(f.path("narfs-test-single.txt"))),
+        Some(libc::EIO)
+    );
+    let log = m.log_text();
+    assert!(log.contains("symlink, which narfs never follows"), "{log}");
+    // and narfs cat names only files inside the path
+    let (code, text, err) = out(narfs()
+        .args(["cat", "--trusted-public-key", &f.public_key])
+        .arg(format!("file://{}", f.cache.display()))
+        .arg(format!(
+            "/nix/store/{}/../../../..{}",
+            f.path("narfs-test-lib"),
+            secret.display()
+        )));
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        !text.contains("host secret") && err.contains("'..'"),
+        "{err}"
+    );
+}
+
+/// Samples the use of a file system every 2 ms, above what it held at the start (the
+/// cache directory's skeleton, its records): the peak of what was unpacked.
+struct Sampler {
+    base: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl Sampler {
+    fn start(dir: &Path) -> Self {
+        let base = fs_used(dir);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, d) = (stop.clone(), dir.to_owned());
+        let thread = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(fs_used(&d).saturating_sub(base));
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            peak
+        });
+        Sampler {
+            base,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(&mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
 }

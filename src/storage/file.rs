@@ -19,14 +19,37 @@ impl FileStorage {
 impl Storage for FileStorage {
     async fn get(&self, key: &str) -> Result<Option<Body>, StorageError> {
         super::check_key(self, "open", key)?;
-        match tokio::fs::File::open(self.root.join(key)).await {
-            Ok(f) => Ok(Some(Box::pin(f))),
+        // no symlink under the cache root is followed (nix never writes one there):
+        // a link to /etc/shadow would be read as a NAR otherwise
+        use std::os::unix::ffi::OsStrExt;
+        let err = |detail: String| StorageError {
+            op: "open",
+            location: self.location(key),
+            detail,
+        };
+        let (Ok(root), Ok(rel)) = (
+            std::ffi::CString::new(self.root.as_os_str().as_bytes()),
+            std::ffi::CString::new(key),
+        ) else {
+            return Err(err("a name with a NUL byte".into()));
+        };
+        let opened = tokio::task::spawn_blocking(move || {
+            let fd = crate::beneath::open_beneath(&root, &rel, true);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            use std::os::fd::FromRawFd;
+            Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+        })
+        .await
+        .map_err(|e| err(e.to_string()))?;
+        match opened {
+            Ok(f) => Ok(Some(Box::pin(tokio::fs::File::from_std(f)))),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(StorageError {
-                op: "open",
-                location: self.location(key),
-                detail: e.to_string(),
-            }),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => Err(err(
+                "it is (or passes through) a symlink, which narfs never follows in a cache".into(),
+            )),
+            Err(e) => Err(err(e.to_string())),
         }
     }
 

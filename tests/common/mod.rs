@@ -895,3 +895,38 @@ impl Drop for HttpServer {
         let _ = self.child.wait();
     }
 }
+
+/// A tmpfs of its own (0700), unmounted when dropped: a cache directory whose use
+/// `fs_used` reads exactly and at once (a walk races with renames).
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    pub fn new(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap().keep();
+        run(Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(&dir));
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Bytes in use on the file system holding `p`.
+pub fn fs_used(p: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    (st.f_blocks - st.f_bfree) as u64 * st.f_frsize as u64
+}

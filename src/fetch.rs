@@ -816,6 +816,7 @@ mod tests {
             deriver: None,
             sigs: vec![],
             ca: None,
+            index: None,
         }
     }
 

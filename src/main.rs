@@ -49,6 +49,11 @@ enum Cmd {
         /// Paths packed and uploaded in parallel [default: the number of CPUs].
         #[arg(long, value_name = "N")]
         jobs: Option<usize>,
+        /// Do not write signed file indexes (by default each path gets one, with
+        /// --key-file, so a narfs mount can read single files without the whole NAR;
+        /// nix ignores them).
+        #[arg(long)]
+        no_index: bool,
         /// s3://BUCKET[/PREFIX]?endpoint=...&region=... or file:///DIR
         cache_url: String,
         /// Store paths (or symlinks to them, such as ./result)
@@ -315,6 +320,7 @@ fn push(
     compression: Option<String>,
     store: Option<String>,
     jobs: Option<usize>,
+    no_index: bool,
     cache_url: &str,
     paths: &[String],
 ) -> Result<narfs::push::Summary, String> {
@@ -357,6 +363,7 @@ fn push(
         jobs: jobs.unwrap_or_else(|| {
             std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
         }),
+        index: !no_index,
     };
     let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
         let b = indicatif::ProgressBar::new(0);
@@ -647,11 +654,20 @@ fn main() -> ExitCode {
             compression,
             store,
             jobs,
+            no_index,
             cache_url,
             paths,
         } => {
             init_logging(0, None);
-            match push(key_file, compression, store, jobs, &cache_url, &paths) {
+            match push(
+                key_file,
+                compression,
+                store,
+                jobs,
+                no_index,
+                &cache_url,
+                &paths,
+            ) {
                 Ok(s) => {
                     eprintln!(
                         "{} paths pushed ({} MiB of NAR, {} MiB uploaded), {} already in the cache",

@@ -6,17 +6,17 @@
 //! store's own database through `nix path-info --json`; its NAR is written from the
 //! files and must hash to the registered NarHash before anything is uploaded.
 
-use crate::formats::hash::{Hasher, Sha256};
+use crate::formats::file_index::{BlockCompression, FileIndex};
+use crate::formats::hash::Sha256;
 use crate::formats::keys::SecretKey;
-use crate::formats::listing::{self, Entry};
-use crate::formats::nar::Writer;
+use crate::formats::listing;
 use crate::formats::narinfo::{Compression, NarInfo};
 use crate::formats::nixbase32;
 use crate::formats::store_path::StorePath;
 use crate::storage::{Storage, Upload};
 use futures::{StreamExt, TryStreamExt};
 use std::collections::{HashMap, HashSet};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -187,69 +187,6 @@ pub fn levels(infos: &[PathInfo]) -> Vec<Vec<usize>> {
     out
 }
 
-/// Passes every byte to `inner` and hashes it.
-struct Hashing<W> {
-    inner: W,
-    hasher: Hasher,
-}
-
-impl<W: Write> Write for Hashing<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-enum Encoder<W: Write> {
-    None(W),
-    Xz(liblzma::write::XzEncoder<W>),
-    Zstd(zstd::stream::write::Encoder<'static, W>),
-}
-
-impl<W: Write> Encoder<W> {
-    fn new(c: &Compression, w: W) -> io::Result<Self> {
-        Ok(match c {
-            Compression::None => Encoder::None(w),
-            Compression::Xz => Encoder::Xz(liblzma::write::XzEncoder::new(w, 6)),
-            Compression::Zstd => Encoder::Zstd(zstd::stream::write::Encoder::new(w, 3)?),
-            other => {
-                return Err(io::Error::other(format!(
-                    "cannot compress with {}",
-                    other.as_str()
-                )))
-            }
-        })
-    }
-    fn finish(self) -> io::Result<W> {
-        match self {
-            Encoder::None(w) => Ok(w),
-            Encoder::Xz(e) => e.finish(),
-            Encoder::Zstd(e) => e.finish(),
-        }
-    }
-}
-
-impl<W: Write> Write for Encoder<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Encoder::None(w) => w.write(buf),
-            Encoder::Xz(e) => e.write(buf),
-            Encoder::Zstd(e) => e.write(buf),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Encoder::None(w) => w.flush(),
-            Encoder::Xz(e) => e.flush(),
-            Encoder::Zstd(e) => e.flush(),
-        }
-    }
-}
-
 fn extension(c: &Compression) -> &'static str {
     match c {
         Compression::Xz => ".xz",
@@ -261,104 +198,95 @@ fn extension(c: &Compression) -> &'static str {
     }
 }
 
-/// A path made ready to upload: its compressed NAR in a temp file, its listing and
-/// its narinfo (not yet signed).
+/// A path made ready to upload: its compressed NAR in a temp file, its listing, its
+/// file index and its narinfo (index and narinfo not yet signed).
 pub struct Packed {
     pub file: tempfile::TempPath,
     pub listing: Option<String>,
+    pub index: Option<FileIndex>,
     pub info: NarInfo,
 }
 
-/// Writes the NAR of `info.path` (found under `root`) compressed into a temp file in
-/// `tmp`, checking it against the registered NarHash and NarSize in the same pass.
-pub fn pack(root: &Path, info: &PathInfo, c: &Compression, tmp: &Path) -> Result<Packed, String> {
+/// The key of a path's file index in a cache.
+pub fn index_key(sp: &StorePath) -> String {
+    format!("{}.narfs-index", sp.hash_part())
+}
+
+/// Writes the NAR of `info.path` (found under `root`) into a temp file in `tmp` as a
+/// seekable NAR (independently decodable blocks, one ordinary compressed file), and
+/// builds its file index, checking the NAR against the registered NarHash and NarSize
+/// in the same pass.
+pub fn pack(
+    root: &Path,
+    info: &PathInfo,
+    c: &Compression,
+    tmp: &Path,
+    with_index: bool,
+) -> Result<Packed, String> {
     let real = root.join(info.path.absolute().trim_start_matches('/'));
     let err = |e: io::Error| format!("{}: {e}", real.display());
-    let tree = walk(&real).map_err(err)?;
+    let blocks = match c {
+        Compression::Xz => BlockCompression::Xz,
+        Compression::Zstd => BlockCompression::Zstd,
+        Compression::None => BlockCompression::None,
+        other => return Err(format!("cannot compress with {}", other.as_str())),
+    };
     let file =
         tempfile::NamedTempFile::new_in(tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let (file, path) = file.into_parts();
-    let compressed = Hashing {
-        inner: io::BufWriter::with_capacity(1 << 20, file),
-        hasher: Hasher::default(),
-    };
-    let nar = Hashing {
-        inner: Encoder::new(c, compressed).map_err(err)?,
-        hasher: Hasher::default(),
-    };
-    let nar = Writer::new(nar).dump_path(&real).map_err(err)?;
-    let (nar_hash, nar_size) = (nar.hasher.clone().finish(), nar.hasher.len());
-    let mut compressed = nar.inner.finish().map_err(err)?;
-    compressed.flush().map_err(err)?;
-    if nar_hash != info.nar_hash || nar_size != info.nar_size {
-        return Err(format!(
-            "{}: the files do not match what the store registered (NarHash {} size {}, \
-             registered {} size {}); run `nix store verify` on it",
-            info.path, nar_hash, nar_size, info.nar_hash, info.nar_size
-        ));
-    }
-    let file_hash = compressed.hasher.clone().finish();
-    let file_size = compressed.hasher.len();
-    compressed
-        .inner
-        .into_inner()
+    let (packed, out) = crate::seekable::pack_path(
+        &real,
+        io::BufWriter::with_capacity(1 << 20, file),
+        blocks,
+        crate::seekable::DEFAULT_BLOCK_TARGET,
+        None,
+    )?;
+    out.into_inner()
         .map_err(|e| err(e.into_error()))?
         .sync_all()
         .map_err(err)?;
+    if packed.nar_hash != info.nar_hash || packed.nar_size != info.nar_size {
+        return Err(format!(
+            "{}: the files do not match what the store registered (NarHash {} size {}, \
+             registered {} size {}); run `nix store verify` on it",
+            info.path, packed.nar_hash, packed.nar_size, info.nar_hash, info.nar_size
+        ));
+    }
+    let url = format!(
+        "nar/{}.nar{}",
+        nixbase32::encode(&packed.file_hash.0),
+        extension(c)
+    );
+    let index = with_index.then(|| FileIndex {
+        store_path: info.path.clone(),
+        nar_hash: packed.nar_hash,
+        nar_size: packed.nar_size,
+        url: url.clone(),
+        compression: blocks,
+        file_size: packed.file_size,
+        file_hash: packed.file_hash,
+        chunk_shift: crate::formats::file_index::DEFAULT_CHUNK_SHIFT,
+        blocks: packed.blocks,
+        root: packed.tree.clone(),
+    });
     Ok(Packed {
         file: path,
-        listing: listing::to_ls_json(&tree),
+        listing: listing::to_ls_json(&packed.tree),
         info: NarInfo {
             store_path: info.path.clone(),
-            url: format!(
-                "nar/{}.nar{}",
-                nixbase32::encode(&file_hash.0),
-                extension(c)
-            ),
+            url,
             compression: c.clone(),
-            file_hash: Some(file_hash),
-            file_size: Some(file_size),
-            nar_hash,
-            nar_size,
+            file_hash: Some(packed.file_hash),
+            file_size: Some(packed.file_size),
+            nar_hash: packed.nar_hash,
+            nar_size: packed.nar_size,
             references: info.references.clone(),
             deriver: info.deriver.clone(),
             sigs: info.sigs.clone(),
             ca: info.ca.clone(),
+            index: with_index.then(|| index_key(&info.path)),
         },
-    })
-}
-
-/// The tree of a path on disk, in NAR order, as a listing holds it.
-fn walk(p: &Path) -> io::Result<Entry> {
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::PermissionsExt;
-    let m = std::fs::symlink_metadata(p)?;
-    Ok(if m.file_type().is_symlink() {
-        Entry::Symlink {
-            target: std::fs::read_link(p)?.as_os_str().as_bytes().into(),
-        }
-    } else if m.is_dir() {
-        let mut names: Vec<_> = std::fs::read_dir(p)?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<Result<_, _>>()?;
-        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-        let mut entries = Vec::with_capacity(names.len());
-        for n in names {
-            let child = walk(&p.join(&n))?;
-            entries.push((n.as_bytes().into(), child));
-        }
-        Entry::Directory { entries }
-    } else if m.is_file() {
-        Entry::Regular {
-            size: m.len(),
-            executable: m.permissions().mode() & 0o100 != 0,
-            nar_offset: None,
-            chunks: None,
-        }
-    } else {
-        return Err(io::Error::other(
-            "neither a file, a directory nor a symlink",
-        ));
+        index,
     })
 }
 
@@ -374,6 +302,8 @@ pub struct PushOptions {
     pub key: Option<SecretKey>,
     pub compression: Compression,
     pub jobs: usize,
+    /// Write a signed file index per path (needs `key`).
+    pub index: bool,
 }
 
 /// What a push did.
@@ -402,10 +332,12 @@ async fn upload_nar(
     tmp: &Path,
     info: PathInfo,
     c: Compression,
+    key: Option<&SecretKey>,
 ) -> Result<NarInfo, String> {
     let e = |e: crate::storage::StorageError| e.to_string();
     let (root, tmp_dir) = (root.clone(), tmp.to_owned());
-    let p = tokio::task::spawn_blocking(move || pack(&root, &info, &c, &tmp_dir))
+    let with_index = key.is_some();
+    let p = tokio::task::spawn_blocking(move || pack(&root, &info, &c, &tmp_dir, with_index))
         .await
         .map_err(|e| format!("packing: {e}"))??;
     if !storage.exists(&p.info.url).await.map_err(e)? {
@@ -425,6 +357,17 @@ async fn upload_nar(
                 &key,
                 Upload::Bytes(ls.clone().into_bytes()),
                 "application/json",
+            )
+            .await
+            .map_err(e)?;
+    }
+    // the index before the narinfo that points at it
+    if let (Some(index), Some(key)) = (&p.index, key) {
+        storage
+            .put(
+                &index_key(&p.info.store_path),
+                Upload::Bytes(index.to_bytes(&[key])),
+                "application/octet-stream",
             )
             .await
             .map_err(e)?;
@@ -492,7 +435,8 @@ pub async fn push(
                 if failed.load(std::sync::atomic::Ordering::SeqCst) {
                     return Err(String::new());
                 }
-                let r = upload_nar(&*storage, &root, tmp.path(), info, c).await;
+                let key = opts.key.as_ref().filter(|_| opts.index);
+                let r = upload_nar(&*storage, &root, tmp.path(), info, c, key).await;
                 match &r {
                     Ok(info) => {
                         progress.done(&info.store_path, info.nar_size, info.file_size.unwrap_or(0))

@@ -104,6 +104,7 @@ fn info_for(nar: &[u8]) -> NarInfo {
         deriver: None,
         sigs: vec![],
         ca: None,
+        index: None,
     }
 }
 

@@ -68,6 +68,45 @@ fn pushed_closures_are_accepted_by_nix_and_narfs() {
         "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n"
     );
 
+    // every path has a file index, signed by our key, describing its seekable NAR:
+    // each block decodes alone to its part of the NAR
+    let mut keys = narfs::formats::keys::TrustedKeys::default();
+    keys.add(narfs::formats::keys::PublicKey::parse(&pk).unwrap());
+    for name in f.paths.keys() {
+        let info = narfs::formats::narinfo::NarInfo::parse(
+            &std::fs::read_to_string(cache.join(format!("{}.narinfo", f.hash(name)))).unwrap(),
+        )
+        .unwrap();
+        let key = info.index.clone().expect("a NarfsIndex line");
+        assert_eq!(key, format!("{}.narfs-index", f.hash(name)));
+        let (index, signer) = narfs::formats::file_index::FileIndex::parse_verified(
+            &std::fs::read(cache.join(&key)).unwrap(),
+            &info.store_path,
+            &info.nar_hash,
+            info.nar_size,
+            &keys,
+        )
+        .unwrap();
+        assert_eq!(signer.name, "push-test-1");
+        assert_eq!(index.url, info.url);
+        let object = std::fs::read(cache.join(&index.url)).unwrap();
+        assert_eq!(object.len() as u64, index.file_size);
+        let nar = narfs::formats::nar::Writer::new(Vec::new())
+            .dump_path(&f.real(name))
+            .unwrap();
+        for b in &index.blocks {
+            let comp = &object[b.comp_offset as usize..][..b.comp_len as usize];
+            let plain = narfs::seekable::decode_block(index.compression, comp, b.nar_len).unwrap();
+            assert!(
+                plain == nar[b.nar_offset as usize..][..b.nar_len as usize],
+                "{name}"
+            );
+        }
+        if name == "narfs-test-big" {
+            assert!(index.blocks.len() >= 3, "{} blocks", index.blocks.len());
+        }
+    }
+
     // the real nix copies the closure back, trusting only our key
     let back = tmp.path().join("back");
     let back_store = format!("local?root={}", back.display());
@@ -115,13 +154,14 @@ fn zstd_and_uncompressed_pushes_to_file_caches() {
     for c in ["zstd", "none"] {
         let cache = tmp.path().join(c);
         let url = format!("file://{}", cache.display());
-        // as nix copy takes them: in the URL (zstd), or as flags (none)
+        // as nix copy takes them: in the URL (zstd), or as flags (none, and no index)
         let mut cmd = narfs();
         cmd.args(["push", "--store", &f.store]);
         if c == "zstd" {
             cmd.arg(format!("{url}?compression=zstd&secret-key={sk}"));
         } else {
-            cmd.args(["--compression", c, "--key-file", &sk]).arg(&url);
+            cmd.args(["--compression", c, "--key-file", &sk, "--no-index"])
+                .arg(&url);
         }
         let (code, _, err) = out(cmd.arg(&lib));
         assert_eq!(code, 0, "{err}");
@@ -129,6 +169,9 @@ fn zstd_and_uncompressed_pushes_to_file_caches() {
         let text = std::fs::read_to_string(&narinfo).unwrap();
         assert!(text.contains(&format!("Compression: {c}\n")), "{text}");
         assert!(text.contains("Sig: push-test-2:"), "{text}");
+        let index = cache.join(format!("{}.narfs-index", f.hash("narfs-test-lib")));
+        assert_eq!(index.exists(), c == "zstd", "{c}");
+        assert_eq!(text.contains("NarfsIndex: "), c == "zstd", "{text}");
         // readable by a web server, as nix writes them
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&narinfo).unwrap().permissions().mode();

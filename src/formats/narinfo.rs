@@ -67,6 +67,10 @@ pub struct NarInfo {
     pub deriver: Option<String>,
     pub sigs: Vec<String>,
     pub ca: Option<String>,
+    /// `NarfsIndex:`, a narfs extension (Nix ignores unknown keys): the key of the
+    /// path's signed file index. Unsigned, a hint of where to look: the index itself
+    /// must verify.
+    pub index: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -150,6 +154,7 @@ impl NarInfo {
         let mut references: Option<Vec<StorePath>> = None;
         let mut deriver = None;
         let mut ca = None;
+        let mut index = None;
         let mut sigs = Vec::new();
         for (i, line) in text.lines().enumerate() {
             if line.is_empty() {
@@ -201,6 +206,10 @@ impl NarInfo {
                 }
                 "Sig" => sigs.push(value.to_owned()),
                 "CA" => set(&mut ca, "CA", value.to_owned())?,
+                // an unusable hint is no reason to refuse the narinfo: it is ignored
+                "NarfsIndex" if crate::cache_url::unsafe_key(value).is_none() => {
+                    set(&mut index, "NarfsIndex", value.to_owned())?
+                }
                 _ => {}
             }
         }
@@ -216,6 +225,7 @@ impl NarInfo {
             deriver,
             sigs,
             ca,
+            index,
         })
     }
 
@@ -300,6 +310,9 @@ impl NarInfo {
         }
         if let Some(ca) = &self.ca {
             s += &format!("CA: {ca}\n");
+        }
+        if let Some(index) = &self.index {
+            s += &format!("NarfsIndex: {index}\n");
         }
         s
     }

@@ -606,6 +606,7 @@ pub fn generate_cache(dir: &Path, n: usize, ls_every: usize) -> String {
             deriver: Some(format!("{}.drv", p.basename())),
             sigs: vec![],
             ca: None,
+            index: None,
         };
         info.references.sort();
         info.references.dedup();
@@ -708,6 +709,7 @@ pub fn generate_nar_cache_refs(
             deriver: None,
             sigs: vec![],
             ca: None,
+            index: None,
         };
         info.sigs.push(sk.sign(info.fingerprint().as_bytes()));
         std::fs::write(
@@ -794,6 +796,7 @@ impl SignedCache {
             deriver: None,
             sigs: vec![],
             ca: None,
+            index: None,
         };
         edit(&mut info);
         info.sigs.push(self.sk.sign(info.fingerprint().as_bytes()));

@@ -3,7 +3,7 @@
 //! cache's `store/` unless every check passed; each object is fetched once however many
 //! callers wait for it.
 
-use crate::disk_cache::{remove_any, DiskCache};
+use crate::disk_cache::DiskCache;
 use crate::formats::hash::{Hasher, Sha256};
 use crate::formats::keys::TrustedKeys;
 use crate::formats::listing::{parse_ls_reader, Entry, MAX_LISTING_BYTES};
@@ -403,37 +403,30 @@ impl Fetcher {
         info: Arc<NarInfo>,
         priority: Priority,
     ) -> Result<Entry, FetchError> {
-        let basename = info.store_path.basename().to_owned();
-        if self
-            .disk
-            .has_verified(&basename, &info.nar_hash.to_nix_string())
-        {
+        // a tree kept for this NarHash, all of whose blobs are here: nothing to fetch
+        let disk = self.disk.clone();
+        let (hash, size) = (info.nar_hash, info.nar_size);
+        let kept = tokio::task::spawn_blocking(move || {
+            disk.load_tree(&hash, size)
+                .filter(|t| disk.has_all_blobs(t))
+        })
+        .await
+        .map_err(|e| FetchError::Other(e.to_string()))?;
+        if let Some(tree) = kept {
             Metrics::inc(&self.metrics.nar_disk_hits);
-            let disk = self.disk.clone();
-            let b = basename.clone();
-            return tokio::task::spawn_blocking(move || disk.load_tree(&b))
-                .await
-                .map_err(|e| FetchError::Other(e.to_string()))?
-                .map_err(|e| {
-                    FetchError::Other(format!(
-                        "cannot read {} from the cache directory: {e}",
-                        info.store_path
-                    ))
-                });
+            return Ok(tree);
         }
         let _slot = self.downloads.acquire().await;
-        // room in the quota for the unpacked tree, held from before the first byte
-        // is written; a prefetch that would have to evict for it is skipped
+        // room in the quota for the files, held from before the first byte is
+        // written; a prefetch that would have to evict for it is skipped
         let reservation = match priority {
-            Priority::Demand => self.disk.reserve_demand(info.nar_size, &basename).await,
-            Priority::Prefetch => self
-                .disk
-                .reserve(info.nar_size, &basename, false)
-                .inspect_err(|_| {
-                    tracing::debug!(path = %info.store_path, "prefetch skipped: the cache quota has no room without evicting");
-                })?,
+            Priority::Demand => self.disk.reserve_demand(info.nar_size).await,
+            Priority::Prefetch => self.disk.reserve(info.nar_size, false).inspect_err(|_| {
+                tracing::debug!(path = %info.store_path, "prefetch skipped: the cache quota has no room without evicting");
+            })?,
         };
-        let reservation = Arc::new(Mutex::new(Some(reservation)));
+        let writer = Arc::new(Mutex::new(self.disk.writer(reservation)));
+        let no_room = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let _in_flight = self.metrics.in_flight();
         let t0 = Instant::now();
         let location = self.storage.location(&info.url);
@@ -444,12 +437,8 @@ impl Fetcher {
             false,
             |deadline| {
                 let info = info.clone();
-                let basename = basename.clone();
-                let reservation = reservation.clone();
-                async move {
-                    self.attempt_content(info, &basename, deadline, reservation)
-                        .await
-                }
+                let (writer, no_room) = (writer.clone(), no_room.clone());
+                async move { self.attempt_content(info, deadline, writer, no_room).await }
             },
         )
         .await;
@@ -469,8 +458,8 @@ impl Fetcher {
                 );
                 Ok(tree)
             }
-            Err(_) if reservation.lock().unwrap().is_none() => {
-                // the reservation was spent on growing past the quota: a prefetch
+            Err(_) if no_room.load(std::sync::atomic::Ordering::SeqCst) => {
+                // a prefetch whose files did not fit without evicting
                 Err(FetchError::NoRoom(crate::disk_cache::NoRoom))
             }
             Err(e) => {
@@ -482,13 +471,15 @@ impl Fetcher {
         }
     }
 
-    /// One download + verify + unpack. Whatever fails, nothing stays in `tmp/`.
+    /// One download + verify + store. The files go into blobs as they come (a blob is
+    /// its hash, whatever NAR it came from); the tree is kept only once every check
+    /// of the NAR passed.
     async fn attempt_content(
         &self,
         info: Arc<NarInfo>,
-        basename: &str,
         deadline: Instant,
-        reservation: Arc<Mutex<Option<crate::disk_cache::Reservation>>>,
+        writer: Arc<Mutex<crate::disk_cache::BlobWriter>>,
+        no_room: Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<Entry, Attempt> {
         let left = deadline.saturating_duration_since(Instant::now());
         let body = match tokio::time::timeout(left, self.storage.get(&info.url)).await {
@@ -505,49 +496,32 @@ impl Fetcher {
         let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
         let guarded = Guarded::new(body, self.policy.stall, far);
         let stream_failed = guarded.failed.clone();
-        let tmp = self.disk.temp_path(basename);
         let reader = read_ahead(guarded);
         let disk = self.disk.clone();
-        let base = basename.to_owned();
-        // Unpack, verify and commit off the runtime: big trees must not stall lookups.
+        // Parse, verify and store off the runtime: big trees must not stall lookups.
         let res = tokio::task::spawn_blocking(move || {
-            // what is written is charged to the reservation first, which grows as
-            // needed (a prefetch's cannot grow past the quota: it is dropped)
-            let mut charged = 0u64;
-            let mut observe = |c: nar::Creating| -> io::Result<()> {
-                charged += crate::disk_cache::footprint(c);
-                let mut held = reservation.lock().unwrap();
-                let Some(r) = held.as_mut() else {
-                    return Err(io::Error::other(crate::disk_cache::NoRoom));
-                };
-                if charged > r.bytes() {
-                    if let Err(e) = r.grow(charged - r.bytes()) {
-                        *held = None;
-                        return Err(io::Error::other(e));
-                    }
-                }
-                Ok(())
+            let mut writer = writer.lock().unwrap();
+            let mut sink = BlobSink {
+                writer: &mut writer,
+                buf: Vec::new(),
+                no_room: &no_room,
             };
             // (whether the NAR itself was refused, why)
-            let r = unpack_verified_observed(reader, &info, &tmp, &mut observe)
+            let r = unpack_verified_into(reader, &info, &mut sink)
                 .map_err(|e| (matches!(e, UnpackError::Refused(_)), e.to_string()))
                 .and_then(|tree| {
-                    let held = reservation.lock().unwrap().take();
-                    let held =
-                        held.ok_or_else(|| (false, "no room in the cache quota".to_owned()))?;
-                    disk.commit(&tmp, &base, &info.nar_hash.to_nix_string(), held)
+                    disk.save_tree(&info.nar_hash, &tree, info.nar_size)
                         .map(|()| tree)
                         .map_err(|e| {
                             (
                                 false,
-                                format!(
-                                    "cannot move the unpacked path into the cache directory: {e}"
-                                ),
+                                format!("cannot keep the tree in the cache directory: {e}"),
                             )
                         })
                 });
-            if r.is_err() {
-                let _ = remove_any(&tmp);
+            match &r {
+                Ok(_) => writer.keep(),
+                Err(_) => writer.discard(),
             }
             r
         })
@@ -564,6 +538,46 @@ impl Fetcher {
                 Attempt::Permanent(e)
             }
         })
+    }
+}
+
+/// Stores each chunk of each file as a blob as soon as the parser hashed it.
+struct BlobSink<'a> {
+    writer: &'a mut crate::disk_cache::BlobWriter,
+    buf: Vec<u8>,
+    no_room: &'a std::sync::atomic::AtomicBool,
+}
+
+impl nar::Sink for BlobSink<'_> {
+    fn dir(&mut self, _: &std::path::Path) -> io::Result<()> {
+        Ok(())
+    }
+    fn symlink(&mut self, _: &std::path::Path, _: &[u8]) -> io::Result<()> {
+        Ok(())
+    }
+    fn file_start(&mut self, _: &std::path::Path, _: u64, _: bool) -> io::Result<()> {
+        self.buf.clear();
+        Ok(())
+    }
+    fn file_data(&mut self, data: &[u8]) -> io::Result<()> {
+        self.buf.extend_from_slice(data);
+        Ok(())
+    }
+    fn chunk_end(&mut self, hash: &Sha256) -> io::Result<()> {
+        let r = self.writer.put(hash, &self.buf);
+        self.buf.clear();
+        if let Err(e) = &r {
+            if e.get_ref()
+                .is_some_and(|e| e.is::<crate::disk_cache::NoRoom>())
+            {
+                self.no_room
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        r.map(|_| ())
+    }
+    fn file_end(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -683,16 +697,15 @@ pub fn unpack_verified<R: Read + Send>(
     info: &NarInfo,
     dest: &std::path::Path,
 ) -> Result<Entry, UnpackError> {
-    unpack_verified_observed(reader, info, dest, &mut |_| Ok(()))
+    unpack_verified_into(reader, info, &mut nar::DiskSink::new(dest))
 }
 
-/// `unpack_verified`, telling `observe` of each thing before it is written (an error
-/// from it is a local fault that stops the unpack).
-pub fn unpack_verified_observed<R: Read + Send>(
+/// The same pipeline, with the NAR's nodes going to `sink` (an error from it is a
+/// local fault that stops the parse).
+pub fn unpack_verified_into<R: Read + Send>(
     reader: R,
     info: &NarInfo,
-    dest: &std::path::Path,
-    observe: &mut dyn FnMut(nar::Creating) -> io::Result<()>,
+    sink: &mut dyn nar::Sink,
 ) -> Result<Entry, UnpackError> {
     let mut file = Checked {
         inner: reader,
@@ -740,7 +753,12 @@ pub fn unpack_verified_observed<R: Read + Send>(
             limit: info.nar_size,
             what: "NAR",
         };
-        let unpacked = nar::unpack_observed(&mut nar_stream, dest, observe).map_err(|e| match e {
+        let unpacked = nar::parse(
+            &mut nar_stream,
+            sink,
+            crate::formats::file_index::DEFAULT_CHUNK_SHIFT,
+        )
+        .map_err(|e| match e {
             nar::NarError::Write(_) => UnpackError::Local(e.to_string()),
             e => UnpackError::Refused(format!("bad NAR: {e}")),
         });

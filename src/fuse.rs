@@ -41,13 +41,14 @@ pub enum OpenMode {
     /// The kernel is told opens need no answer: no round trip per file, for mounts
     /// that do not use listings (`--no-open`).
     NoOpen,
-    /// At open narfs hands the kernel the unpacked file; reads bypass narfs.
+    /// At open narfs hands the kernel the file's blob; reads bypass narfs (files of
+    /// one chunk; larger ones are read as in `PageCache`).
     Passthrough,
 }
 
-/// FUSE passthrough: reads of unpacked files go from the kernel straight to the file in
-/// the disk cache, never through narfs. One backing id per inode while any handle of it
-/// is open, as the kernel requires.
+/// FUSE passthrough: reads of a file of one chunk go from the kernel straight to its
+/// blob in the disk cache, never through narfs. One backing id per inode while any
+/// handle of it is open, as the kernel requires.
 #[derive(Default)]
 struct Passthrough {
     enabled: std::sync::atomic::AtomicBool,
@@ -61,24 +62,23 @@ struct BackingState {
 }
 
 impl Passthrough {
-    fn reply(&self, reply: ReplyOpen, ino: u64, fd: i32) {
+    fn reply(&self, reply: ReplyOpen, ino: u64, opened: crate::fs::Opened) {
         use std::sync::atomic::Ordering;
-        let flags = FopenFlags::FOPEN_KEEP_CACHE;
-        if self.enabled.load(Ordering::Relaxed) {
+        if let (true, Some(file)) = (self.enabled.load(Ordering::Relaxed), &opened.backing) {
             let mut st = self.state.lock().unwrap();
             let existing = st.by_inode.get(&ino).and_then(std::sync::Weak::upgrade);
             let id = match existing {
                 Some(id) => Ok(id),
                 None => {
-                    let fd_ref = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-                    reply.open_backing(fd_ref).map(Arc::new)
+                    use std::os::fd::AsFd;
+                    reply.open_backing(file.as_fd()).map(Arc::new)
                 }
             };
             match id {
                 Ok(id) => {
                     st.by_inode.insert(ino, Arc::downgrade(&id));
-                    st.by_handle.insert(fd as u64, id.clone());
-                    reply.opened_passthrough(FileHandle(fd as u64), FopenFlags::empty(), &id);
+                    st.by_handle.insert(opened.fh, id.clone());
+                    reply.opened_passthrough(FileHandle(opened.fh), FopenFlags::empty(), &id);
                     return;
                 }
                 Err(e) => {
@@ -87,7 +87,7 @@ impl Passthrough {
                 }
             }
         }
-        reply.opened(FileHandle(fd as u64), flags);
+        reply.opened(FileHandle(opened.fh), FopenFlags::FOPEN_KEEP_CACHE);
     }
 
     fn release(&self, fh: u64) {
@@ -279,9 +279,9 @@ impl fuser::Filesystem for NarFuse {
             }
             OpenMode::PageCache => {
                 return self.run(
-                    move |fs| fs.open_handle(ino.0),
+                    move |fs| fs.open_handle(ino.0, false),
                     move |r| match r {
-                        Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                        Ok(o) => reply.opened(FileHandle(o.fh), FopenFlags::FOPEN_KEEP_CACHE),
                         Err(e) => reply.error(errno(e)),
                     },
                 );
@@ -290,9 +290,9 @@ impl fuser::Filesystem for NarFuse {
         }
         let pt = self.passthrough.clone();
         self.run(
-            move |fs| fs.open(ino.0),
+            move |fs| fs.open_handle(ino.0, true),
             move |r| match r {
-                Ok(fd) => pt.reply(reply, ino.0, fd),
+                Ok(o) => pt.reply(reply, ino.0, o),
                 Err(e) => reply.error(errno(e)),
             },
         );
@@ -310,19 +310,14 @@ impl fuser::Filesystem for NarFuse {
         reply: ReplyData,
     ) {
         tracing::trace!(ino = ino.0, offset, size, "read");
-        if self.mode != OpenMode::Passthrough {
-            return self.run(
-                move |fs| fs.read_ino(ino.0, offset, size),
-                move |r| match r {
-                    Ok(d) => reply.data(&d),
-                    Err(e) => reply.error(errno(e)),
-                },
-            );
-        }
-        match self.fs.read(fh.0 as i32, offset, size) {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(errno(e)),
-        }
+        let _ = fh;
+        self.run(
+            move |fs| fs.read_ino(ino.0, offset, size),
+            move |r| match r {
+                Ok(d) => reply.data(&d),
+                Err(e) => reply.error(errno(e)),
+            },
+        );
     }
 
     fn release(
@@ -338,7 +333,7 @@ impl fuser::Filesystem for NarFuse {
         match self.mode {
             OpenMode::Passthrough => {
                 self.passthrough.release(fh.0);
-                self.fs.release(fh.0 as i32);
+                self.fs.release_handle(fh.0);
             }
             OpenMode::PageCache => self.fs.release_handle(fh.0),
             OpenMode::NoOpen => {}

@@ -68,6 +68,8 @@ enum NodeKind {
     File {
         size: u64,
         executable: bool,
+        /// The SHA-256 of each chunk, from a verified NAR or index (not a listing).
+        chunks: Option<Box<[Sha256]>>,
     },
     Symlink {
         target: Box<[u8]>,
@@ -123,6 +125,14 @@ struct Inner {
 #[derive(Default)]
 pub struct Index {
     inner: RwLock<Inner>,
+}
+
+/// See `Index::read_plan`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ReadPlan {
+    pub path: PathId,
+    pub size: u64,
+    pub chunks: Option<Vec<(u64, u64, Sha256)>>,
 }
 
 /// A copy of what a FUSE reply needs about one inode.
@@ -262,6 +272,7 @@ impl Index {
             (Some(TreeSource::Listing), TreeSource::Nar) if same_nar && g.matches(old, 0, tree) => {
                 g.paths[id as usize].source = Some(TreeSource::Nar);
                 g.listing_nodes -= g.trees[old as usize - 1].nodes.len();
+                g.adopt_chunks(old, 0, tree);
                 return stale;
             }
             (Some(was), TreeSource::Nar) if was == TreeSource::Listing || !same_nar => {
@@ -439,6 +450,47 @@ impl Index {
         }
     }
 
+    /// What reading bytes `[offset, offset + len)` of file `ino` takes: its path, size
+    /// and the chunks covering the range (file offset, length, hash). `None` for what
+    /// is not a regular file of a live tree; `chunks` is `None` while its tree came
+    /// from a listing (contents unknown until the NAR is verified).
+    pub fn read_plan(&self, ino: u64, offset: u64, len: u64) -> Option<ReadPlan> {
+        let g = self.inner.read().unwrap();
+        let (tree, n) = g.find(ino)?;
+        let NodeKind::File { size, chunks, .. } = &n.kind else {
+            return None;
+        };
+        let chunks = chunks.as_ref().map(|c| {
+            let shift = crate::formats::file_index::DEFAULT_CHUNK_SHIFT;
+            let end = offset.saturating_add(len).min(*size);
+            if offset >= end {
+                return Vec::new();
+            }
+            let (first, last) = (offset >> shift, (end - 1) >> shift);
+            (first..=last)
+                .filter_map(|i| {
+                    let at = i << shift;
+                    let len = (*size - at).min(1 << shift);
+                    Some((at, len, *c.get(i as usize)?))
+                })
+                .collect()
+        });
+        Some(ReadPlan {
+            path: tree.path,
+            size: *size,
+            chunks,
+        })
+    }
+
+    /// Every chunk hash of file `ino` (what an open handle pins).
+    pub fn file_chunks(&self, ino: u64) -> Option<Box<[Sha256]>> {
+        let g = self.inner.read().unwrap();
+        match &g.find(ino)?.1.kind {
+            NodeKind::File { chunks, .. } => chunks.clone(),
+            _ => None,
+        }
+    }
+
     /// Nodes held in live trees (for memory checks).
     pub fn node_count(&self) -> usize {
         let g = self.inner.read().unwrap();
@@ -455,7 +507,9 @@ impl NodeKind {
         match self {
             NodeKind::Unloaded => Kind::Unloaded,
             NodeKind::Dir { .. } => Kind::Dir,
-            NodeKind::File { size, executable } => Kind::File {
+            NodeKind::File {
+                size, executable, ..
+            } => Kind::File {
                 size: *size,
                 executable: *executable,
             },
@@ -498,7 +552,9 @@ impl Inner {
         let tree = &self.trees[t as usize - 1];
         match (&tree.nodes[pos as usize].kind, e) {
             (
-                NodeKind::File { size, executable },
+                NodeKind::File {
+                    size, executable, ..
+                },
                 Entry::Regular {
                     size: s,
                     executable: x,
@@ -513,6 +569,31 @@ impl Inner {
                     })
             }
             _ => false,
+        }
+    }
+
+    /// Gives the files of a listing's tree (which the NAR confirmed) their chunks.
+    fn adopt_chunks(&mut self, t: u32, pos: u32, e: &Entry) {
+        match e {
+            Entry::Regular { chunks, .. } => {
+                if let NodeKind::File { chunks: c, .. } =
+                    &mut self.trees[t as usize - 1].nodes[pos as usize].kind
+                {
+                    *c = chunks.clone();
+                }
+            }
+            Entry::Directory { entries } => {
+                let NodeKind::Dir { children, .. } =
+                    &self.trees[t as usize - 1].nodes[pos as usize].kind
+                else {
+                    return;
+                };
+                let children = children.clone();
+                for (&c, (_, child)) in children.iter().zip(entries) {
+                    self.adopt_chunks(t, c, child);
+                }
+            }
+            Entry::Symlink { .. } => {}
         }
     }
 
@@ -532,10 +613,14 @@ impl Inner {
 fn build(nodes: &mut Vec<Node>, pos: u32, e: &Entry) -> NodeKind {
     match e {
         Entry::Regular {
-            size, executable, ..
+            size,
+            executable,
+            chunks,
+            ..
         } => NodeKind::File {
             size: *size,
             executable: *executable,
+            chunks: chunks.clone(),
         },
         Entry::Symlink { target } => NodeKind::Symlink {
             target: target.clone(),

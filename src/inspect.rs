@@ -117,12 +117,33 @@ impl Session {
             .map_err(|e| e.to_string())
     }
 
-    pub async fn content(&self, info: &Arc<NarInfo>) -> Result<std::path::PathBuf, String> {
+    /// The path's verified tree, its contents in the disk cache.
+    pub async fn content(&self, info: &Arc<NarInfo>) -> Result<Arc<Entry>, String> {
         self.fetcher
             .content(info.clone(), crate::fetch::Priority::Demand)
             .await
-            .map_err(|e| e.to_string())?;
-        Ok(self.fetcher.disk().path_dir(info.store_path.basename()))
+            .map(|c| c.tree.clone())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Writes the contents of regular file `e` (of a verified tree) to `out`.
+    pub fn write_file(&self, e: &Entry, out: &mut impl Write) -> Result<(), String> {
+        let Entry::Regular {
+            chunks: Some(chunks),
+            ..
+        } = e
+        else {
+            return Err("not a regular file".into());
+        };
+        for h in chunks.iter() {
+            let mut f = self
+                .fetcher
+                .disk()
+                .open_blob(h)
+                .map_err(|e| format!("blob {}: {e}", h.to_nix_string()))?;
+            std::io::copy(&mut f, out).map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     pub fn fetcher(&self) -> &Arc<Fetcher> {

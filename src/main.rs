@@ -524,32 +524,32 @@ fn inspect(cmd: Cmd) -> ExitCode {
                     Ok(v) => v,
                     Err(e) => return fail(e),
                 };
-                let dir = match s.content(&info).await {
-                    Ok(d) => d,
+                let tree = match s.content(&info).await {
+                    Ok(t) => t,
                     Err(e) => return fail(e),
                 };
-                // Walk without following links: a symlink in the store path points at
-                // the host's /nix/store, not at the cache.
-                let mut file = dir;
-                for (i, part) in sub.iter().enumerate() {
-                    file.push(part);
-                    match std::fs::symlink_metadata(&file) {
-                        Ok(m) if m.is_file() && i + 1 == sub.len() => {}
-                        Ok(m) if m.is_dir() && i + 1 < sub.len() => {}
-                        Ok(m) if m.file_type().is_symlink() => {
-                            return fail(format!("{path}: {part} is a symbolic link"))
-                        }
-                        Ok(_) => return fail(format!("{path}: not a regular file")),
-                        Err(_) => return fail(format!("{path}: no such file")),
+                // names inside the path only; a symlink in it points at the host's
+                // /nix/store, not at the cache, and is not followed
+                for i in 0..sub.len() {
+                    if let Some(narfs::formats::listing::Entry::Symlink { .. }) =
+                        narfs::inspect::find(&tree, &sub[..i])
+                    {
+                        return fail(format!("{path}: {} is a symbolic link", sub[i - 1]));
                     }
                 }
-                if sub.is_empty() && !file.is_file() {
-                    return fail(format!("{path}: not a regular file"));
-                }
-                let mut out = std::io::stdout().lock();
-                match std::fs::File::open(&file).and_then(|mut f| std::io::copy(&mut f, &mut out)) {
-                    Ok(_) => ExitCode::SUCCESS,
-                    Err(e) => fail(e),
+                match narfs::inspect::find(&tree, &sub) {
+                    Some(e @ narfs::formats::listing::Entry::Regular { .. }) => {
+                        let mut out = std::io::stdout().lock();
+                        match s.write_file(e, &mut out) {
+                            Ok(()) => ExitCode::SUCCESS,
+                            Err(e) => fail(format!("{path}: {e}")),
+                        }
+                    }
+                    Some(narfs::formats::listing::Entry::Symlink { .. }) => {
+                        fail(format!("{path}: a symbolic link"))
+                    }
+                    Some(_) => fail(format!("{path}: not a regular file")),
+                    None => fail(format!("{path}: no such file")),
                 }
             }
             Cmd::Verify {

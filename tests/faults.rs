@@ -110,9 +110,9 @@ fn kill_9_mid_download_then_remount_serves_identical_content() {
     let (rel, want) = big_file();
     let p = m.p(&rel);
     let reader = std::thread::spawn(move || read_err(&p));
-    // wait until the unpack is under way, then crash
+    // wait until blobs are being written (a marker of unflushed writes), then crash
     let t = Instant::now();
-    while std::fs::read_dir(cache_dir.path().join("tmp"))
+    while std::fs::read_dir(cache_dir.path().join("pending"))
         .unwrap()
         .count()
         == 0
@@ -126,23 +126,25 @@ fn kill_9_mid_download_then_remount_serves_identical_content() {
         reader.join().unwrap().is_some(),
         "the read of a crashed mount cannot succeed"
     );
-    assert!(!cache_dir
-        .path()
-        .join("store")
-        .join(f.path("narfs-test-big"))
-        .exists());
+    assert!(!cache_holds(
+        cache_dir.path(),
+        &f.narinfo_field("narfs-test-big", "NarHash"),
+        &[]
+    ));
     let m = Mounted::start(&e.url, &[&f.public_key], Some(cache_dir.path()), &[]);
+    // the blobs written since the unfinished flush were hashed again
     assert!(
-        m.log_text().contains("removed leftover"),
+        m.log_text().contains("written since an unfinished flush"),
         "{}",
         m.log_text()
     );
-    assert_eq!(
-        std::fs::read_dir(cache_dir.path().join("tmp"))
-            .unwrap()
-            .count(),
-        0
-    );
+    for d in ["tmp", "pending"] {
+        assert_eq!(
+            std::fs::read_dir(cache_dir.path().join(d)).unwrap().count(),
+            0,
+            "{d}"
+        );
+    }
     assert!(std::fs::read(m.p(&rel)).unwrap() == want);
     run(Command::new("diff")
         .arg("-r")
@@ -170,7 +172,11 @@ fn a_full_disk_fails_that_path_only() {
     assert_eq!(m.stat("verification_failures_total{kind=\"nar\"}"), 0);
     assert!(m.stat("nar_requests_total{result=\"failed\"}") >= 1);
     assert_eq!(std::fs::read_dir(dir.join("tmp")).unwrap().count(), 0);
-    assert!(!dir.join("store").join(f.path("narfs-test-big")).exists());
+    assert!(!cache_holds(
+        dir,
+        &f.narinfo_field("narfs-test-big", "NarHash"),
+        &[]
+    ));
     // the mount keeps serving what fits
     assert_eq!(
         std::fs::read(m.p(f.path("narfs-test-single.txt"))).unwrap(),
@@ -258,7 +264,7 @@ fn the_disk_quota_holds_while_reading_three_times_its_size_twice() {
         None,
         &["--cache-size", "6M"],
     );
-    let store = m.cache_dir.join("store");
+    let store = m.cache_dir.join("blobs");
     let mut peak = 0;
     let mut dropped = true;
     for pass in 0..2 {
@@ -290,7 +296,7 @@ fn the_disk_quota_holds_while_reading_three_times_its_size_twice() {
 }
 
 #[test]
-fn an_open_path_is_never_evicted_and_a_path_over_the_quota_is_still_served() {
+fn an_open_file_is_never_evicted_and_a_path_over_the_quota_is_still_served() {
     let s3 = S3Server::start();
     let dir = s3.root.join(BUCKET).join("q");
     let (key, names) = generate_nar_cache(&dir, 3, 4 << 20);
@@ -309,9 +315,11 @@ fn an_open_path_is_never_evicted_and_a_path_over_the_quota_is_still_served() {
         for name in &names[1..] {
             std::fs::read(m.p(name).join("f1")).unwrap();
         }
+        let held_file =
+            |name: &str| cache_holds(&m.cache_dir, &narinfo_nar_hash(&dir, name), &["f0"]);
         assert!(
-            m.cache_dir.join("store").join(&names[0]).exists(),
-            "an open path was evicted (passthrough: {passthrough})"
+            held_file(&names[0]),
+            "an open file was evicted (passthrough: {passthrough})"
         );
         drop_page_cache();
         // the reader goes on reading the same verified bytes either way
@@ -325,6 +333,6 @@ fn an_open_path_is_never_evicted_and_a_path_over_the_quota_is_still_served() {
         // once closed it is the least recently used and goes first
         std::fs::read(m.p(&names[1]).join("f2")).unwrap();
         std::fs::read(m.p(&names[2]).join("f2")).unwrap();
-        assert!(!m.cache_dir.join("store").join(&names[0]).exists());
+        assert!(!held_file(&names[0]));
     }
 }

@@ -395,7 +395,7 @@ fn opening_a_path_prefetches_its_references() {
     std::fs::read(m.p(app).join("bin/app")).unwrap();
     let t = Instant::now();
     for name in ["narfs-test-lib", "narfs-test-big", "narfs-test-single.txt"] {
-        while !m.cache_dir.join("store").join(f.path(name)).exists() {
+        while !cache_holds(&m.cache_dir, &f.narinfo_field(name, "NarHash"), &[]) {
             assert!(
                 t.elapsed() < Duration::from_secs(20),
                 "{name} was not prefetched:\n{}",

@@ -337,11 +337,10 @@ fn nar_with_one_byte_flipped_is_never_served() {
     );
     assert!(m.stat("verification_failures_total{kind=\"nar\"}") >= 1);
     // nothing of it is on disk
-    assert!(!m
-        .cache_dir
-        .join("store")
-        .join(f.path("narfs-test-lib"))
-        .exists());
+    assert!(!tree_kept(
+        &m.cache_dir,
+        &f.narinfo_field("narfs-test-lib", "NarHash")
+    ));
     assert_eq!(
         std::fs::read_dir(m.cache_dir.join("tmp")).unwrap().count(),
         0

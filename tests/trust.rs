@@ -470,7 +470,11 @@ fn the_cache_directory_is_the_users_alone() {
     drop(m);
     assert_eq!(mode(&dir), 0o700);
     assert_eq!(mode(dir.parent().unwrap()), 0o700);
-    assert!(dir.join("store").join(f.path("narfs-test-lib")).exists());
+    assert!(cache_holds(
+        &dir,
+        &f.narinfo_field("narfs-test-lib", "NarHash"),
+        &[]
+    ));
     assert_eq!(writable_by_others(&dir), Vec::<String>::new());
 
     // a directory others may write to, or that another user owns, is refused
@@ -501,21 +505,24 @@ fn the_cache_directory_is_the_users_alone() {
     assert_eq!(st.code(), Some(2), "{log}");
     assert!(log.contains("trash") && log.contains("symlink"), "{log}");
     std::fs::remove_file(dir.join("trash")).unwrap();
-    let fake = "00000000000000000000000000000000-planted";
+    // links in tmp/ and in an older narfs's store/ (removed at start), and a link
+    // where a blob shard would be
     std::os::unix::fs::symlink(&victim, dir.join("tmp/leftover")).unwrap();
-    std::os::unix::fs::symlink(&victim, dir.join("store").join(fake)).unwrap();
-    std::fs::write(dir.join("pending").join(format!("{fake}.3")), "").unwrap();
+    std::fs::create_dir_all(dir.join("store")).unwrap();
+    std::os::unix::fs::symlink(&victim, dir.join("store/linked")).unwrap();
+    std::os::unix::fs::symlink(&victim, dir.join("blobs/zz")).unwrap();
     let m = Mounted::start(&e.url, &keys, Some(&dir), &[]);
     assert_eq!(
         std::fs::read_to_string(lib_path(&m, f)).unwrap(),
         "greet() { echo \"hello from lib\"; }\n"
     );
     drop(m);
+    std::thread::sleep(std::time::Duration::from_millis(200));
     assert_eq!(
         std::fs::read_to_string(victim.join("precious")).unwrap(),
         "keep me"
     );
-    assert!(!dir.join("tmp/leftover").exists() && !dir.join("store").join(fake).exists());
+    assert!(!dir.join("tmp/leftover").exists() && !dir.join("store").exists());
     std::fs::remove_file(dir.join("lock")).unwrap();
     let target = base.path().join("lock-target");
     std::os::unix::fs::symlink(&target, dir.join("lock")).unwrap();
@@ -559,18 +566,31 @@ fn narinfo_records_on_disk_are_verified_again() {
     let mut planted = info.clone();
     planted.store_path = sp.clone();
     planted.nar_hash = narfs::formats::hash::Sha256::digest(&planted_nar);
+    planted.nar_size = planted_nar.len() as u64;
     planted.sigs = vec![intruder.sign(planted.fingerprint().as_bytes())];
     std::fs::write(
         records.join(format!("{}.narinfo", sp.hash_part())),
         planted.to_text(),
     )
     .unwrap();
-    std::fs::write(dir.join("store").join(sp.basename()), "planted\n").unwrap();
-    std::fs::write(
-        dir.join("verified").join(sp.basename()),
-        planted.nar_hash.to_nix_string(),
+    // its tree and contents, as narfs keeps them
+    let tree = narfs::formats::nar::parse(
+        &mut &planted_nar[..],
+        &mut narfs::formats::nar::TreeOnly,
+        20,
     )
     .unwrap();
+    let h = planted.nar_hash.to_nix_string();
+    std::fs::write(
+        dir.join("trees").join(&h[7..]),
+        narfs::formats::file_index::encode_tree(&tree, planted.nar_size, 20),
+    )
+    .unwrap();
+    let blob = dir.join(narfs::disk_cache::blob_rel_path(
+        &narfs::formats::hash::Sha256::digest(b"planted\n"),
+    ));
+    std::fs::create_dir_all(blob.parent().unwrap()).unwrap();
+    std::fs::write(blob, "planted\n").unwrap();
     info.nar_size += 1;
     std::fs::write(
         records.join(format!("{}.narinfo", &kept[..32])),
@@ -817,25 +837,46 @@ fn a_cache_directory_swapped_under_a_running_mount_is_never_read() {
         "greet() { echo \"hello from lib\"; }\n"
     );
     std::fs::rename(&dir, parent.join("cache.old")).unwrap();
-    for (name, file, text) in [
-        (
-            "narfs-test-lib",
-            "lib/greet.sh",
-            "greet() { echo PWNED; }\n",
-        ),
-        ("narfs-test-app", "bin/app", "#!/bin/sh\necho PWNED\n"),
-    ] {
-        let tree = dir.join("store").join(f.path(name));
-        std::fs::create_dir_all(tree.join(file).parent().unwrap()).unwrap();
-        std::fs::write(tree.join(file), text).unwrap();
-        std::fs::set_permissions(tree.join(file), std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::fs::create_dir_all(dir.join("verified")).unwrap();
-        std::fs::write(
-            dir.join("verified").join(f.path(name)),
-            f.narinfo_field(name, "NarHash"),
-        )
+    // the new one says, as narfs would, that lib's greet.sh is a blob of theirs (of the
+    // same size, so that the tree is sound)
+    let pwned = b"greet() { echo \"PWNED from lib\"; }\n";
+    let nar = narfs::formats::nar::Writer::new(Vec::new())
+        .dump_path(&f.real("narfs-test-lib"))
         .unwrap();
+    let mut tree =
+        narfs::formats::nar::parse(&mut &nar[..], &mut narfs::formats::nar::TreeOnly, 20).unwrap();
+    let h = narfs::formats::hash::Sha256::digest(pwned);
+    {
+        use narfs::formats::listing::Entry;
+        let Entry::Directory { entries } = &mut tree else {
+            panic!()
+        };
+        let lib = &mut entries.iter_mut().find(|(n, _)| &**n == b"lib").unwrap().1;
+        let Entry::Directory { entries } = lib else {
+            panic!()
+        };
+        let greet = &mut entries
+            .iter_mut()
+            .find(|(n, _)| &**n == b"greet.sh")
+            .unwrap()
+            .1;
+        let Entry::Regular { chunks, .. } = greet else {
+            panic!()
+        };
+        *chunks = Some(vec![h].into());
     }
+    for d in ["trees", "blobs"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    let nar_hash = f.narinfo_field("narfs-test-lib", "NarHash");
+    std::fs::write(
+        dir.join("trees").join(&nar_hash[7..]),
+        narfs::formats::file_index::encode_tree(&tree, nar.len() as u64, 20),
+    )
+    .unwrap();
+    let blob = dir.join(narfs::disk_cache::blob_rel_path(&h));
+    std::fs::create_dir_all(blob.parent().unwrap()).unwrap();
+    std::fs::write(blob, pwned).unwrap();
     assert!(std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok());
     assert_eq!(
         std::fs::read_to_string(&greet).unwrap(),
@@ -989,7 +1030,11 @@ fn odd_crash_markers_and_file_cache_symlinks_are_never_followed() {
     }
     let m = Mounted::start(&e.url, &keys, Some(&dir), &[]);
     assert!(dir.join("lock").exists() && dir.join("narinfo").exists());
-    assert!(dir.join("store").join(f.path("narfs-test-lib")).exists());
+    assert!(cache_holds(
+        &dir,
+        &f.narinfo_field("narfs-test-lib", "NarHash"),
+        &[]
+    ));
     assert_eq!(std::fs::read_dir(dir.join("pending")).unwrap().count(), 0);
     drop(m);
 

@@ -267,37 +267,7 @@ impl FileIndex {
             b.extend_from_slice(&bl.comp_len.to_le_bytes());
             b.extend_from_slice(&bl.nar_len.to_le_bytes());
         }
-        fn node(b: &mut Vec<u8>, e: &Entry) {
-            match e {
-                Entry::Regular {
-                    size,
-                    executable,
-                    chunks,
-                    ..
-                } => {
-                    b.push(*executable as u8);
-                    b.extend_from_slice(&size.to_le_bytes());
-                    for c in chunks.as_deref().unwrap_or_default() {
-                        b.extend_from_slice(&c.0);
-                    }
-                }
-                Entry::Symlink { target } => {
-                    b.push(2);
-                    b.extend_from_slice(&(target.len() as u16).to_le_bytes());
-                    b.extend_from_slice(target);
-                }
-                Entry::Directory { entries } => {
-                    b.push(3);
-                    b.extend_from_slice(&(entries.len() as u32).to_le_bytes());
-                    for (name, child) in entries {
-                        b.push(name.len() as u8);
-                        b.extend_from_slice(name);
-                        node(b, child);
-                    }
-                }
-            }
-        }
-        node(&mut b, &self.root);
+        encode_node(&mut b, &self.root);
         b
     }
 
@@ -480,6 +450,38 @@ impl FileIndex {
     }
 }
 
+/// Appends the encoding of `e` (see docs/file-index.md: `node`).
+fn encode_node(b: &mut Vec<u8>, e: &Entry) {
+    match e {
+        Entry::Regular {
+            size,
+            executable,
+            chunks,
+            ..
+        } => {
+            b.push(*executable as u8);
+            b.extend_from_slice(&size.to_le_bytes());
+            for c in chunks.as_deref().unwrap_or_default() {
+                b.extend_from_slice(&c.0);
+            }
+        }
+        Entry::Symlink { target } => {
+            b.push(2);
+            b.extend_from_slice(&(target.len() as u16).to_le_bytes());
+            b.extend_from_slice(target);
+        }
+        Entry::Directory { entries } => {
+            b.push(3);
+            b.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+            for (name, child) in entries {
+                b.push(name.len() as u8);
+                b.extend_from_slice(name);
+                encode_node(b, child);
+            }
+        }
+    }
+}
+
 fn node(
     r: &mut Cursor,
     depth: usize,
@@ -553,6 +555,37 @@ fn node(
         }
         t => Err(body_err(format!("unknown node type {t}"))),
     }
+}
+
+/// A verified tree kept by the disk cache (`trees/<NarHash>`): the same node encoding
+/// as an index body, after a magic, the NAR's size and the chunk size. Unsigned: it
+/// is the disk cache's own record of a tree it verified (from a NAR or an index).
+pub fn encode_tree(root: &Entry, nar_size: u64, chunk_shift: u8) -> Vec<u8> {
+    let mut b = b"NTR1".to_vec();
+    b.extend_from_slice(&nar_size.to_le_bytes());
+    b.push(chunk_shift);
+    encode_node(&mut b, root);
+    b
+}
+
+/// Reads a tree record back, strictly: the tree must lay out to its NAR size and
+/// every regular file carry its chunk hashes.
+pub fn decode_tree(b: &[u8]) -> Result<(Entry, u64, u8), IndexError> {
+    let mut r = Cursor { b, pos: 0 };
+    if r.take(4)? != b"NTR1" {
+        return Err(body_err("not a tree record"));
+    }
+    let nar_size = r.u64()?;
+    let shift = r.u8()?;
+    if !(12..=26).contains(&shift) {
+        return Err(body_err(format!("chunk_shift {shift} is not in 12..=26")));
+    }
+    let mut nodes = 0;
+    let mut root = node(&mut r, 0, shift, nar_size, &mut nodes)?;
+    if r.left() != 0 || super::nar::lay_out(&mut root) != nar_size {
+        return Err(body_err("the tree does not lay out to its NAR size"));
+    }
+    Ok((root, nar_size, shift))
 }
 
 struct Cursor<'a> {

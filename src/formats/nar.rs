@@ -163,16 +163,6 @@ fn write_error(e: io::Error) -> NarError {
     }
 }
 
-/// What the unpacker is about to create, told to an observer first (the disk cache
-/// holds room in its quota for it; an error from the observer stops the unpack).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Creating {
-    File { size: u64 },
-    Symlink { target_len: usize },
-    Dir,
-    Entry { name_len: usize },
-}
-
 /// Where the nodes of a NAR go as the parser meets them, in NAR order. `path` is
 /// relative to the archive's root (empty for the root itself). A file's contents come
 /// in pieces that never straddle a chunk boundary; each chunk ends with its hash.
@@ -234,32 +224,25 @@ pub fn parse<R: Read>(r: &mut R, sink: &mut dyn Sink, chunk_shift: u8) -> Result
 /// can remove them. On error, `dest` may hold a partial tree: the caller owns cleanup
 /// (it unpacks into a temporary directory).
 pub fn unpack<R: Read>(r: &mut R, dest: &Path) -> Result<Entry, NarError> {
-    unpack_observed(r, dest, &mut |_| Ok(()))
-}
-
-/// `unpack`, telling `observe` of each thing before it is created.
-pub fn unpack_observed<R: Read>(
-    r: &mut R,
-    dest: &Path,
-    observe: &mut dyn FnMut(Creating) -> io::Result<()>,
-) -> Result<Entry, NarError> {
-    let mut sink = DiskSink {
-        dest,
-        observe,
-        file: None,
-    };
-    parse(r, &mut sink, super::file_index::DEFAULT_CHUNK_SHIFT)
+    parse(
+        r,
+        &mut DiskSink::new(dest),
+        super::file_index::DEFAULT_CHUNK_SHIFT,
+    )
 }
 
 /// Writes the tree under `dest`, never outside it: names cannot contain `/` or be
 /// `..`, and every directory is freshly created here.
-struct DiskSink<'a> {
+pub struct DiskSink<'a> {
     dest: &'a Path,
-    observe: &'a mut dyn FnMut(Creating) -> io::Result<()>,
     file: Option<fs::File>,
 }
 
-impl DiskSink<'_> {
+impl<'a> DiskSink<'a> {
+    pub fn new(dest: &'a Path) -> Self {
+        DiskSink { dest, file: None }
+    }
+
     /// The root itself when `path` is empty (`Path::join("")` would add a slash).
     fn at(&self, path: &Path) -> PathBuf {
         if path.as_os_str().is_empty() {
@@ -272,26 +255,15 @@ impl DiskSink<'_> {
 
 impl Sink for DiskSink<'_> {
     fn dir(&mut self, path: &Path) -> io::Result<()> {
-        (self.observe)(Creating::Dir)?;
         fs::DirBuilder::new().mode(0o755).create(self.at(path))
     }
 
-    fn entry(&mut self, name: &[u8]) -> io::Result<()> {
-        (self.observe)(Creating::Entry {
-            name_len: name.len(),
-        })
-    }
-
     fn symlink(&mut self, path: &Path, target: &[u8]) -> io::Result<()> {
-        (self.observe)(Creating::Symlink {
-            target_len: target.len(),
-        })?;
         use std::os::unix::ffi::OsStrExt;
         symlink(std::ffi::OsStr::from_bytes(target), self.at(path))
     }
 
-    fn file_start(&mut self, path: &Path, size: u64, executable: bool) -> io::Result<()> {
-        (self.observe)(Creating::File { size })?;
+    fn file_start(&mut self, path: &Path, _size: u64, executable: bool) -> io::Result<()> {
         self.file = Some(
             OpenOptions::new()
                 .write(true)

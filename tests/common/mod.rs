@@ -933,3 +933,77 @@ pub fn fs_used(p: &Path) -> u64 {
     assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
     (st.f_blocks - st.f_bfree) as u64 * st.f_frsize as u64
 }
+
+/// The NarHash (`sha256:...`) of `basename` in the cache directory `cache` (its
+/// narinfo file).
+pub fn narinfo_nar_hash(cache: &Path, basename: &str) -> String {
+    std::fs::read_to_string(cache.join(format!("{}.narinfo", &basename[..32])))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("NarHash: "))
+        .unwrap()
+        .to_owned()
+}
+
+/// Whether a narfs cache directory holds the tree of the NAR with `nar_hash` and the
+/// contents of `files` in it (paths relative to the store path, "" for a single-file
+/// path; none: of every file).
+pub fn cache_holds(cache_dir: &Path, nar_hash: &str, files: &[&str]) -> bool {
+    use narfs::formats::listing::Entry;
+    let h = narfs::formats::hash::Sha256::parse(nar_hash)
+        .unwrap()
+        .to_nix_string();
+    let Ok(bytes) = std::fs::read(cache_dir.join("trees").join(&h[7..])) else {
+        return false;
+    };
+    let Ok((tree, _, _)) = narfs::formats::file_index::decode_tree(&bytes) else {
+        return false;
+    };
+    fn each<'a>(e: &'a Entry, at: String, out: &mut Vec<(String, &'a Entry)>) {
+        if let Entry::Directory { entries } = e {
+            for (n, c) in entries {
+                let name = String::from_utf8_lossy(n);
+                let p = if at.is_empty() {
+                    name.into_owned()
+                } else {
+                    format!("{at}/{name}")
+                };
+                each(c, p, out);
+            }
+        } else {
+            out.push((at, e));
+        }
+    }
+    let mut all = Vec::new();
+    each(&tree, String::new(), &mut all);
+    all.iter()
+        .filter(|(p, _)| files.is_empty() || files.contains(&p.as_str()))
+        .all(|(_, e)| match e {
+            Entry::Regular { chunks, .. } => chunks
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .all(|c| cache_dir.join(narfs::disk_cache::blob_rel_path(c)).exists()),
+            _ => true,
+        })
+}
+
+/// Blob files in a narfs cache directory.
+pub fn blob_files(cache_dir: &Path) -> usize {
+    std::fs::read_dir(cache_dir.join("blobs"))
+        .map(|shards| {
+            shards
+                .flatten()
+                .map(|s| std::fs::read_dir(s.path()).map_or(0, |d| d.count()))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Whether a narfs cache directory keeps a tree for the NAR with `nar_hash`.
+pub fn tree_kept(cache_dir: &Path, nar_hash: &str) -> bool {
+    let h = narfs::formats::hash::Sha256::parse(nar_hash)
+        .unwrap()
+        .to_nix_string();
+    cache_dir.join("trees").join(&h[7..]).exists()
+}

@@ -1,0 +1,351 @@
+//! The file system as plain methods, testable without FUSE.
+//!
+//! Every operation first tries to answer from what is already known. When it needs the
+//! network (a narinfo not yet seen, a store path whose tree is not loaded, a file's
+//! contents not on disk) it returns `Outcome::Need`; the caller satisfies that need off
+//! the request loop and asks again. That is how the FUSE loop never waits on the
+//! network.
+//!
+//! Here: the types and the metadata operations. `handles`: opens, reads and what they
+//! pin. `needs`: satisfying needs (narinfos, trees, contents) and prefetch. `scan`:
+//! listing the cache's root.
+
+mod handles;
+mod needs;
+mod scan;
+
+pub use handles::Opened;
+
+use crate::fetch::Fetcher;
+use crate::formats::hash::Sha256;
+use crate::formats::store_path::StorePath;
+use crate::index::{Index, Kind, NodeView, PathId, TreeSource, ROOT};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// An errno value; the FUSE adapter is the one place that turns it into a reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+impl Errno {
+    pub const ENOENT: Errno = Errno(libc::ENOENT);
+    pub const EIO: Errno = Errno(libc::EIO);
+    pub const ENOTDIR: Errno = Errno(libc::ENOTDIR);
+    pub const EISDIR: Errno = Errno(libc::EISDIR);
+    pub const EINVAL: Errno = Errno(libc::EINVAL);
+    pub const EROFS: Errno = Errno(libc::EROFS);
+    pub const EBADF: Errno = Errno(libc::EBADF);
+    pub const ESTALE: Errno = Errno(libc::ESTALE);
+}
+
+/// What an operation must wait for before it can answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// The narinfo of a root entry name that is not known yet.
+    NarInfo(String),
+    /// The tree of a store path (from its `.ls` listing if it has one, else its NAR).
+    Tree(PathId),
+    /// The verified contents of a store path in the disk cache.
+    Content(PathId),
+}
+
+/// Tells the kernel to forget cached entries; the FUSE adapter provides it.
+pub trait Invalidator: Send + Sync + 'static {
+    fn entry(&self, parent: u64, name: &[u8]);
+}
+
+#[derive(Debug)]
+pub enum Outcome<T> {
+    Ready(Result<T, Errno>),
+    Need(Need),
+}
+
+use Outcome::{Need as Wait, Ready};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileKind {
+    Dir,
+    File,
+    Symlink,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: FileKind,
+    pub size: u64,
+    pub perm: u16,
+    pub nlink: u32,
+    /// Comes from the verified NAR (or is the root's): the kernel may keep it. Anything
+    /// else came from an unsigned listing and must be asked for again at every use, so
+    /// the kernel never acts on a stale copy once the NAR is verified.
+    pub verified: bool,
+}
+
+impl Attr {
+    pub fn blocks(&self) -> u64 {
+        self.size.div_ceil(512)
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    pub ino: u64,
+    /// Offset to resume after this entry.
+    pub next: u64,
+    pub kind: FileKind,
+    pub name: Vec<u8>,
+}
+
+pub struct StatFs {
+    pub blocks: u64,
+    pub files: u64,
+}
+
+pub struct Fs {
+    index: Arc<Index>,
+    fetcher: Arc<Fetcher>,
+    list_jobs: usize,
+    use_listings: bool,
+    invalidator: std::sync::OnceLock<Arc<dyn Invalidator>>,
+    me: std::sync::Weak<Fs>,
+    /// Open handles and the blobs each pins.
+    handles: std::sync::Mutex<HashMap<u64, Box<[Sha256]>>>,
+    /// Blobs of open files, with how many handles pin each: never evicted.
+    pinned: std::sync::Mutex<HashMap<Sha256, u32>>,
+    next_handle: std::sync::atomic::AtomicU64,
+    /// Open descriptors of blobs, by hash.
+    fd_cache: std::sync::Mutex<lru::LruCache<Sha256, Arc<std::fs::File>>>,
+    /// Bounds background prefetches so demand reads keep download slots.
+    prefetch: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+/// How `Fs` fetches beyond what is asked for.
+#[derive(Clone, Copy, Debug)]
+pub struct FsOptions {
+    /// Prefetch the references of a path when it is first opened.
+    pub prefetch_references: bool,
+    /// Parallel NAR downloads.
+    pub jobs: usize,
+    /// Take names, types and sizes from `.ls` listings before the NAR is fetched.
+    /// Off for the no-open mode, where the kernel could use a listing's size to serve
+    /// a file without asking narfs.
+    pub use_listings: bool,
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        FsOptions {
+            prefetch_references: true,
+            jobs: 4,
+            use_listings: true,
+        }
+    }
+}
+
+const DIR_SIZE: u64 = 4096;
+
+impl Fs {
+    pub fn new(index: Arc<Index>, fetcher: Arc<Fetcher>, opts: FsOptions) -> Arc<Self> {
+        let fs = Self::build(index, fetcher, opts);
+        let hooks: std::sync::Weak<dyn crate::disk_cache::EvictionHooks> =
+            Arc::downgrade(&(fs.clone() as Arc<dyn crate::disk_cache::EvictionHooks>));
+        fs.fetcher.disk().set_hooks(hooks);
+        fs
+    }
+
+    fn build(index: Arc<Index>, fetcher: Arc<Fetcher>, opts: FsOptions) -> Arc<Self> {
+        Arc::new_cyclic(|me| Fs {
+            index,
+            fetcher,
+            list_jobs: 64,
+            use_listings: opts.use_listings,
+            invalidator: std::sync::OnceLock::new(),
+            me: me.clone(),
+            handles: Default::default(),
+            pinned: Default::default(),
+            next_handle: std::sync::atomic::AtomicU64::new(1),
+            fd_cache: std::sync::Mutex::new(lru::LruCache::new(handles::fd_cache_size())),
+            prefetch: opts
+                .prefetch_references
+                .then(|| Arc::new(tokio::sync::Semaphore::new((opts.jobs / 2).max(1)))),
+        })
+    }
+
+    pub fn set_invalidator(&self, inv: Arc<dyn Invalidator>) {
+        let _ = self.invalidator.set(inv);
+    }
+
+    pub fn fetcher(&self) -> &Arc<Fetcher> {
+        &self.fetcher
+    }
+
+    pub fn index(&self) -> &Arc<Index> {
+        &self.index
+    }
+
+    fn attr_of(&self, n: &NodeView) -> Outcome<Attr> {
+        let ino = n.ino;
+        let (kind, size, perm, nlink) = match &n.kind {
+            Kind::Root => (FileKind::Dir, DIR_SIZE, 0o555, 2),
+            Kind::Unloaded => return Wait(Need::Tree(n.path)),
+            Kind::Dir => (
+                FileKind::Dir,
+                DIR_SIZE,
+                0o555,
+                2 + self.index.subdir_count(ino),
+            ),
+            Kind::File { size, executable } => (
+                FileKind::File,
+                *size,
+                if *executable { 0o555 } else { 0o444 },
+                1,
+            ),
+            Kind::Symlink { target } => (FileKind::Symlink, target.len() as u64, 0o777, 1),
+            Kind::Stale => return Ready(Err(Errno::ESTALE)),
+        };
+        Ready(Ok(Attr {
+            ino,
+            kind,
+            size,
+            perm,
+            nlink,
+            verified: n.kind == Kind::Root || n.tree == Some(TreeSource::Nar),
+        }))
+    }
+
+    pub fn getattr(&self, ino: u64) -> Outcome<Attr> {
+        match self.index.node(ino) {
+            Some(n) => self.attr_of(&n),
+            None => Ready(Err(Errno::ENOENT)),
+        }
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Outcome<Attr> {
+        if parent == ROOT {
+            let Ok(name) = std::str::from_utf8(name) else {
+                return Ready(Err(Errno::ENOENT));
+            };
+            return match self.index.path_by_basename(name) {
+                Some(id) => self.getattr(self.index.path_ino(id)),
+                None if StorePath::from_basename(name).is_ok() => {
+                    Wait(Need::NarInfo(name.to_owned()))
+                }
+                None => Ready(Err(Errno::ENOENT)),
+            };
+        }
+        let Some(n) = self.index.node(parent) else {
+            return Ready(Err(Errno::ENOENT));
+        };
+        match n.kind {
+            Kind::Unloaded => Wait(Need::Tree(n.path)),
+            Kind::Dir => match self.index.child(parent, name) {
+                Some(c) => self.getattr(c),
+                None => Ready(Err(Errno::ENOENT)),
+            },
+            Kind::Stale => Ready(Err(Errno::ESTALE)),
+            _ => Ready(Err(Errno::ENOTDIR)),
+        }
+    }
+
+    /// A link target is content: it comes from the verified NAR, never from the
+    /// unsigned listing (a forged target would redirect what a path runs).
+    pub fn readlink(&self, ino: u64) -> Outcome<Vec<u8>> {
+        let Some(n) = self.index.node(ino) else {
+            return Ready(Err(Errno::ENOENT));
+        };
+        match n.kind {
+            Kind::Symlink { target } => {
+                if n.tree != Some(TreeSource::Nar) {
+                    return Wait(Need::Content(n.path));
+                }
+                Ready(Ok(target.into_vec()))
+            }
+            Kind::Unloaded => Wait(Need::Tree(n.path)),
+            Kind::Stale => Ready(Err(Errno::ESTALE)),
+            _ => Ready(Err(Errno::EINVAL)),
+        }
+    }
+
+    /// Whether directory `ino` can never change again: it lies in a path whose tree
+    /// came from the verified NAR. Such a directory's entries may stay in the kernel's
+    /// cache; the root (refreshed) and listing-built directories (the NAR may yet
+    /// replace them) may not.
+    pub fn dir_is_final(&self, ino: u64) -> bool {
+        self.index.is_verified_dir(ino)
+    }
+
+    /// Entries from `offset` on (0 = start; "." and ".." first), at most `max`.
+    pub fn readdir(&self, ino: u64, offset: u64, max: usize) -> Outcome<Vec<DirEntry>> {
+        let Some(n) = self.index.node(ino) else {
+            return Ready(Err(Errno::ENOENT));
+        };
+        match n.kind {
+            Kind::Unloaded => return Wait(Need::Tree(n.path)),
+            Kind::Root | Kind::Dir => {}
+            Kind::Stale => return Ready(Err(Errno::ESTALE)),
+            _ => return Ready(Err(Errno::ENOTDIR)),
+        }
+        let mut out = Vec::new();
+        for (i, name) in [&b"."[..], b".."].iter().enumerate() {
+            if offset <= i as u64 {
+                out.push(DirEntry {
+                    ino: if i == 0 { ino } else { n.parent },
+                    next: i as u64 + 1,
+                    kind: FileKind::Dir,
+                    name: name.to_vec(),
+                });
+            }
+        }
+        let from = offset.saturating_sub(2) as usize;
+        for (i, (cino, name, kind)) in self.index.entries(ino, from, max).into_iter().enumerate() {
+            out.push(DirEntry {
+                ino: cino,
+                next: (from + i) as u64 + 3,
+                kind: match kind {
+                    Kind::File { .. } => FileKind::File,
+                    Kind::Symlink { .. } => FileKind::Symlink,
+                    // not loaded yet: almost every store path is a directory
+                    _ => FileKind::Dir,
+                },
+                name: name.into_vec(),
+            });
+        }
+        Ready(Ok(out))
+    }
+
+    /// The mount's metrics in the Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        let disk = self.fetcher.disk();
+        self.fetcher.metrics().render(&crate::metrics::Gauges {
+            cache_bytes_used: disk.used(),
+            cache_bytes_quota: disk.quota(),
+            paths_known: self.index.path_count() as u64,
+        })
+    }
+
+    pub fn statfs(&self) -> StatFs {
+        StatFs {
+            blocks: 0,
+            files: self.index.path_count() as u64,
+        }
+    }
+
+    /// Drops a replaced tree from the kernel's caches: its entries, so names resolve
+    /// to the new inodes. Not needed for correctness (the old inodes answer ESTALE and
+    /// nothing of a listing is ever cached), but it spares the kernel a round trip.
+    /// Off the request path: the kernel may hold a directory lock while it waits for
+    /// one of our replies.
+    fn invalidate(&self, stale: crate::index::Stale) {
+        if stale.is_empty() {
+            return;
+        }
+        if let Some(inv) = self.invalidator.get().cloned() {
+            std::thread::spawn(move || {
+                for (parent, name) in stale.iter().rev() {
+                    inv.entry(*parent, name);
+                }
+            });
+        }
+    }
+}

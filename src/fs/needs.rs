@@ -1,0 +1,254 @@
+//! Satisfying what operations wait for: narinfos, trees (from the disk cache, a
+//! listing or the NAR) and contents, and the prefetch that guesses what is next.
+
+use super::{Errno, Fs, Need};
+use crate::fetch::{Lookup, Priority};
+use crate::formats::store_path::StorePath;
+use crate::index::{PathId, TreeSource};
+use futures::StreamExt;
+use std::sync::Arc;
+
+impl Fs {
+    /// Fetches the closure of `id` in the background: a closure is almost always read
+    /// together. Each prefetched path prefetches its own references in turn.
+    fn prefetch_references(&self, info: &crate::formats::narinfo::NarInfo) {
+        let (Some(sem), Some(me)) = (self.prefetch.clone(), self.me.upgrade()) else {
+            return;
+        };
+        for r in info.references.iter().filter(|r| **r != info.store_path) {
+            let id = match self.index.path_by_basename(r.basename()) {
+                Some(id) if self.index.is_unpacked(id) => continue,
+                Some(id) => Some(id),
+                None => None,
+            };
+            let (me, sem, r) = (me.clone(), sem.clone(), r.clone());
+            tokio::spawn(async move {
+                let Ok(_permit) = sem.acquire().await else {
+                    return;
+                };
+                let id = match id {
+                    Some(id) => id,
+                    None => {
+                        if me
+                            .satisfy(Need::NarInfo(r.basename().to_owned()))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        match me.index.path_by_basename(r.basename()) {
+                            Some(id) => id,
+                            None => return,
+                        }
+                    }
+                };
+                if !me.index.is_unpacked(id) {
+                    tracing::debug!(path = %r, "prefetching a reference");
+                    let _ = me.fetch_content(id, Priority::Prefetch).await;
+                }
+            });
+        }
+    }
+
+    /// A closure member's verified narinfo, or the path and why it cannot be had.
+    async fn closure_member(
+        &self,
+        name: String,
+    ) -> Result<Option<(PathId, Arc<crate::formats::narinfo::NarInfo>)>, (StorePath, String)> {
+        let Ok(sp) = StorePath::from_basename(&name) else {
+            return Err((
+                StorePath::from_basename("00000000000000000000000000000000-invalid")
+                    .expect("valid placeholder"),
+                format!("'{name}' is not a store path"),
+            ));
+        };
+        if self.satisfy(Need::NarInfo(name.clone())).await.is_err() {
+            return Err((sp, "the cache has no valid, trusted narinfo for it".into()));
+        }
+        let Some(id) = self.index.path_by_basename(&name) else {
+            return Ok(None);
+        };
+        match self.info(id).await {
+            Ok(info) => Ok(Some((id, info))),
+            Err(_) => Err((sp, "its narinfo went away".into())),
+        }
+    }
+
+    /// Fetches the closures of `roots` (store path basenames) into the disk cache, for
+    /// `narfs prefetch`: first every narinfo of the closure (`on_closure` gets the
+    /// path count and NAR bytes), then the NARs, `jobs` at a time, each reported to
+    /// `on_path` with its outcome. Returns how many failed.
+    pub async fn prefetch_closure(
+        &self,
+        roots: Vec<String>,
+        jobs: usize,
+        on_closure: impl FnOnce(usize, u64),
+        on_path: impl Fn(&StorePath, Result<(), String>),
+    ) -> usize {
+        // The closure is walked one level at a time, each level's narinfos fetched
+        // concurrently.
+        let mut seen = std::collections::HashSet::new();
+        let mut level: Vec<String> = roots;
+        let mut closure = Vec::new();
+        let mut failed = 0;
+        while !level.is_empty() {
+            let names: Vec<String> = level.drain(..).filter(|n| seen.insert(n.clone())).collect();
+            let found: Vec<_> = futures::stream::iter(names)
+                .map(|name| self.closure_member(name))
+                .buffer_unordered(16)
+                .collect()
+                .await;
+            for r in found {
+                match r {
+                    Ok(Some((id, info))) => {
+                        level.extend(info.references.iter().map(|r| r.basename().to_owned()));
+                        closure.push((id, info));
+                    }
+                    Ok(None) => {}
+                    Err((sp, why)) => {
+                        failed += 1;
+                        on_path(&sp, Err(why));
+                    }
+                }
+            }
+        }
+        on_closure(closure.len(), closure.iter().map(|(_, i)| i.nar_size).sum());
+        let results: Vec<(StorePath, Result<(), Errno>)> = futures::stream::iter(closure)
+            .map(|(id, info)| async move {
+                let r = self.satisfy(Need::Content(id)).await;
+                (info.store_path.clone(), r)
+            })
+            .buffer_unordered(jobs.max(1))
+            .inspect(|(sp, r)| {
+                on_path(
+                    sp,
+                    r.map_err(|_| {
+                        "fetching or verifying its NAR failed (see the mount's log)".into()
+                    }),
+                )
+            })
+            .collect()
+            .await;
+        failed + results.iter().filter(|(_, r)| r.is_err()).count()
+    }
+
+    /// The verified narinfo of a known path: kept on disk, read back when needed.
+    async fn info(&self, id: PathId) -> Result<Arc<crate::formats::narinfo::NarInfo>, Errno> {
+        let sp = self.index.store_path(id);
+        match self.fetcher.narinfo(sp.hash_part()).await {
+            Ok(Lookup::Found(info)) if info.store_path == sp => Ok(info),
+            Ok(_) => {
+                tracing::error!("{sp}: its narinfo is no longer in the cache");
+                Err(Errno::EIO)
+            }
+            Err(e) => {
+                tracing::error!("{sp}: {e}");
+                Err(Errno::EIO)
+            }
+        }
+    }
+
+    /// Does the network part of an operation; afterwards the operation is asked again.
+    pub async fn satisfy(&self, need: Need) -> Result<(), Errno> {
+        match need {
+            Need::NarInfo(name) => {
+                let sp = StorePath::from_basename(&name).map_err(|_| Errno::ENOENT)?;
+                match self.fetcher.narinfo(sp.hash_part()).await {
+                    Ok(Lookup::Found(info)) => {
+                        if info.store_path != sp {
+                            tracing::warn!(
+                                "{name}: the cache has {} under that hash, not this name",
+                                info.store_path
+                            );
+                            return Err(Errno::ENOENT);
+                        }
+                        self.index.add_path(&info.store_path);
+                        Ok(())
+                    }
+                    Ok(Lookup::Missing | Lookup::Rejected) => Err(Errno::ENOENT),
+                    Err(e) => {
+                        tracing::error!("looking up {name}: {e}");
+                        Err(Errno::EIO)
+                    }
+                }
+            }
+            Need::Tree(id) => {
+                if self.index.tree_source(id).is_some() {
+                    return Ok(());
+                }
+                let info = self.info(id).await?;
+                // a tree verified before (kept by NarHash): no network at all
+                let disk = self.fetcher.disk().clone();
+                let (hash, size) = (info.nar_hash, info.nar_size);
+                let kept = tokio::task::spawn_blocking(move || disk.load_tree(&hash, size))
+                    .await
+                    .map_err(|_| Errno::EIO)?;
+                if let Some(tree) = kept {
+                    let stale = self
+                        .index
+                        .attach_tree(id, &tree, TreeSource::Nar, &info.nar_hash);
+                    self.invalidate(stale);
+                    return Ok(());
+                }
+                if self.use_listings {
+                    match self.fetcher.listing(info.clone()).await {
+                        Ok(Some(tree)) if !self.index.listing_fits(tree.count()) => {
+                            tracing::warn!(
+                                "{}: listings already hold {} nodes; its NAR will be used instead",
+                                info.store_path,
+                                crate::index::MAX_LISTING_NODES
+                            );
+                        }
+                        Ok(Some(tree)) => {
+                            let stale = self.index.attach_tree(
+                                id,
+                                &tree,
+                                TreeSource::Listing,
+                                &info.nar_hash,
+                            );
+                            self.invalidate(stale);
+                            return Ok(());
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            // the cache did not answer: the NAR would not come either
+                            tracing::error!("{e}");
+                            return Err(Errno::EIO);
+                        }
+                    }
+                }
+                Box::pin(self.satisfy(Need::Content(id))).await
+            }
+            Need::Content(id) => self.fetch_content(id, Priority::Demand).await,
+        }
+    }
+
+    /// Makes the contents of `id` available on disk and attaches their tree.
+    async fn fetch_content(&self, id: PathId, priority: Priority) -> Result<(), Errno> {
+        if self.index.has_failed(id) {
+            // The cache may have been repaired since: verify its narinfo afresh (a
+            // good one replaces the copy kept on disk).
+            let sp = self.index.store_path(id);
+            let _ = self.fetcher.narinfo_from_cache(sp.hash_part()).await;
+        }
+        let info = self.info(id).await?;
+        match self.fetcher.content(info.clone(), priority).await {
+            Ok(c) => {
+                self.index.set_failed(id, false);
+                let stale = self
+                    .index
+                    .attach_tree(id, &c.tree, TreeSource::Nar, &c.nar_hash);
+                self.index.set_unpacked(id, true);
+                self.invalidate(stale);
+                self.prefetch_references(&info);
+                Ok(())
+            }
+            // a prefetch skipped for want of room: nothing failed
+            Err(e) if matches!(*e, crate::fetch::FetchError::NoRoom(_)) => Err(Errno(libc::EAGAIN)),
+            Err(_) => {
+                self.index.set_failed(id, true);
+                Err(Errno::EIO)
+            }
+        }
+    }
+}

@@ -4,6 +4,7 @@
 //! callers wait for it.
 
 use crate::disk_cache::DiskCache;
+use crate::formats::file_index::FileIndex;
 use crate::formats::hash::{Hasher, Sha256};
 use crate::formats::keys::TrustedKeys;
 use crate::formats::listing::{parse_ls_reader, Entry, MAX_LISTING_BYTES};
@@ -76,6 +77,8 @@ pub struct Fetcher {
     disk: Arc<DiskCache>,
     narinfos: SingleFlight<String, Lookup, FetchError>,
     listings: SingleFlight<String, Option<Arc<Entry>>, FetchError>,
+    indexes: SingleFlight<String, Option<Arc<FileIndex>>, FetchError>,
+    blocks: std::sync::OnceLock<Arc<crate::blocks::BlockReader>>,
     nars: SingleFlight<String, Arc<Content>, FetchError>,
     /// Missing narinfos by hash, least recently asked first out: bounded however
     /// many names mount users look up.
@@ -106,6 +109,8 @@ impl Fetcher {
             disk,
             narinfos: SingleFlight::default(),
             listings: SingleFlight::default(),
+            indexes: SingleFlight::default(),
+            blocks: std::sync::OnceLock::new(),
             nars: SingleFlight::default(),
             negative: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(NEGATIVE_ENTRIES).expect("non-zero"),
@@ -157,6 +162,116 @@ impl Fetcher {
         })
         .await
         .map_err(FetchError::Other)
+    }
+
+    /// Reads chunks of indexed paths (with this fetcher's storage, disk cache, time
+    /// budget and metrics).
+    pub fn blocks(&self) -> &Arc<crate::blocks::BlockReader> {
+        self.blocks.get_or_init(|| {
+            Arc::new(crate::blocks::BlockReader::new(
+                self.storage.clone(),
+                self.disk.clone(),
+                self.policy,
+                self.metrics.clone(),
+            ))
+        })
+    }
+
+    /// The path's file index, if its narinfo names one and it verifies (trusted key,
+    /// this store path, the narinfo's NarHash and NarSize, a sound body); anything
+    /// else is ignored with a warning naming the path and the fault, and the path is
+    /// read as it would be without. A verified index is kept in the disk cache and
+    /// verified again when read back.
+    pub async fn file_index(
+        self: &Arc<Self>,
+        info: Arc<NarInfo>,
+    ) -> Result<Option<Arc<FileIndex>>, Arc<FetchError>> {
+        let Some(key) = info.index.clone() else {
+            return Ok(None);
+        };
+        let me = self.clone();
+        self.indexes
+            .run(info.store_path.hash_part().to_owned(), move || async move {
+                let hash = info.store_path.hash_part().to_owned();
+                // one kept by an earlier mount, verified again with the keys trusted now
+                let disk = me.disk.clone();
+                let h = hash.clone();
+                let kept = tokio::task::spawn_blocking(move || disk.load_index(&h))
+                    .await
+                    .map_err(|e| FetchError::Other(e.to_string()))?;
+                if let Some(bytes) = kept {
+                    match me.verify_index(&info, bytes).await? {
+                        Ok((index, _)) => return Ok(Some(Arc::new(index))),
+                        Err(e) => {
+                            tracing::warn!("dropping the kept file index of {}: {e}", info.store_path);
+                            me.disk.drop_index(&hash);
+                        }
+                    }
+                }
+                let bytes = match me
+                    .get_small_retrying(
+                        &key,
+                        crate::formats::file_index::MAX_BODY as usize + (16 << 10),
+                    )
+                    .await
+                {
+                    Ok(Some(b)) => b,
+                    Ok(None) => {
+                        tracing::warn!(
+                            "{}: its narinfo names file index {}, which the cache does not have; reading its NAR instead",
+                            info.store_path,
+                            me.storage.location(&key)
+                        );
+                        return Ok(None);
+                    }
+                    Err(e) => {
+                        tracing::warn!("{}: file index: {e}; reading its NAR instead", info.store_path);
+                        return Ok(None);
+                    }
+                };
+                match me.verify_index(&info, bytes).await? {
+                    Ok((index, bytes)) => {
+                        Metrics::inc(&me.metrics.index_fetched);
+                        if let Err(e) = me.disk.save_index(&hash, &bytes) {
+                            tracing::warn!("cannot keep the file index of {}: {e}", info.store_path);
+                        }
+                        Ok(Some(Arc::new(index)))
+                    }
+                    Err(e) => {
+                        Metrics::inc(&me.metrics.index_refused);
+                        tracing::warn!(
+                            "ignoring the file index {} of {}: {e}; reading its NAR instead",
+                            me.storage.location(&key),
+                            info.store_path
+                        );
+                        Ok(None)
+                    }
+                }
+            })
+            .await
+    }
+
+    /// Parses and verifies an index (off the runtime: a big one takes a while).
+    async fn verify_index(
+        &self,
+        info: &Arc<NarInfo>,
+        bytes: Vec<u8>,
+    ) -> Result<Result<(FileIndex, Vec<u8>), crate::formats::file_index::IndexError>, FetchError>
+    {
+        let keys = self.keys.clone();
+        let info = info.clone();
+        tokio::task::spawn_blocking(move || {
+            FileIndex::parse_verified(
+                &bytes,
+                &info.store_path,
+                &info.nar_hash,
+                info.nar_size,
+                &keys,
+            )
+            .map(|(index, _)| (index, bytes))
+        })
+        .await
+        .map_err(|e| FetchError::Other(e.to_string()))
     }
 
     pub fn storage(&self) -> &Arc<dyn Storage> {

@@ -44,8 +44,17 @@ pub enum Kind {
 pub enum TreeSource {
     /// The unsigned `.ls` listing: names, types and sizes only, until the NAR is here.
     Listing,
-    /// The verified NAR (or its unpacked copy in the disk cache).
+    /// The verified NAR (or its tree kept in the disk cache): contents come whole.
     Nar,
+    /// The verified file index: contents come chunk by chunk.
+    Index,
+}
+
+impl TreeSource {
+    /// Whether what it says may be cached by the kernel and acted on.
+    pub fn verified(self) -> bool {
+        matches!(self, TreeSource::Nar | TreeSource::Index)
+    }
 }
 
 /// Marks the top of a tree: its parent is the root.
@@ -70,6 +79,8 @@ enum NodeKind {
         executable: bool,
         /// The SHA-256 of each chunk, from a verified NAR or index (not a listing).
         chunks: Option<Box<[Sha256]>>,
+        /// Where its contents start in the NAR (0: not known).
+        nar_offset: u64,
     },
     Symlink {
         target: Box<[u8]>,
@@ -132,7 +143,16 @@ pub struct Index {
 pub struct ReadPlan {
     pub path: PathId,
     pub size: u64,
-    pub chunks: Option<Vec<(u64, u64, Sha256)>>,
+    pub chunks: Option<Vec<PlannedChunk>>,
+}
+
+/// A chunk of a file: where it is in the file and in the NAR, and its hash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlannedChunk {
+    pub at: u64,
+    pub len: u64,
+    pub hash: Sha256,
+    pub nar_offset: Option<u64>,
 }
 
 /// A copy of what a FUSE reply needs about one inode.
@@ -228,7 +248,9 @@ impl Index {
             return false;
         };
         matches!(n.kind, NodeKind::Dir { .. })
-            && g.paths[tree.path as usize].source == Some(TreeSource::Nar)
+            && g.paths[tree.path as usize]
+                .source
+                .is_some_and(TreeSource::verified)
     }
 
     pub fn is_unpacked(&self, id: PathId) -> bool {
@@ -269,13 +291,15 @@ impl Index {
             // The top was shown to the kernel (in the root's listing) as a directory
             // before anything was known: a path that is not one gets a new inode.
             (None, _) => !matches!(tree, Entry::Directory { .. }),
-            (Some(TreeSource::Listing), TreeSource::Nar) if same_nar && g.matches(old, 0, tree) => {
-                g.paths[id as usize].source = Some(TreeSource::Nar);
+            (Some(TreeSource::Listing), new)
+                if new.verified() && same_nar && g.matches(old, 0, tree) =>
+            {
+                g.paths[id as usize].source = Some(new);
                 g.listing_nodes -= g.trees[old as usize - 1].nodes.len();
                 g.adopt_chunks(old, 0, tree);
                 return stale;
             }
-            (Some(was), TreeSource::Nar) if was == TreeSource::Listing || !same_nar => {
+            (Some(was), new) if new.verified() && (was == TreeSource::Listing || !same_nar) => {
                 let name = String::from_utf8_lossy(&g.top(id).name).into_owned();
                 if was == TreeSource::Listing {
                     tracing::warn!(
@@ -451,13 +475,19 @@ impl Index {
     }
 
     /// What reading bytes `[offset, offset + len)` of file `ino` takes: its path, size
-    /// and the chunks covering the range (file offset, length, hash). `None` for what
+    /// and the chunks covering the range. `None` for what
     /// is not a regular file of a live tree; `chunks` is `None` while its tree came
     /// from a listing (contents unknown until the NAR is verified).
     pub fn read_plan(&self, ino: u64, offset: u64, len: u64) -> Option<ReadPlan> {
         let g = self.inner.read().unwrap();
         let (tree, n) = g.find(ino)?;
-        let NodeKind::File { size, chunks, .. } = &n.kind else {
+        let NodeKind::File {
+            size,
+            chunks,
+            nar_offset,
+            ..
+        } = &n.kind
+        else {
             return None;
         };
         let chunks = chunks.as_ref().map(|c| {
@@ -471,7 +501,12 @@ impl Index {
                 .filter_map(|i| {
                     let at = i << shift;
                     let len = (*size - at).min(1 << shift);
-                    Some((at, len, *c.get(i as usize)?))
+                    Some(PlannedChunk {
+                        at,
+                        len,
+                        hash: *c.get(i as usize)?,
+                        nar_offset: (*nar_offset > 0).then(|| nar_offset + at),
+                    })
                 })
                 .collect()
         });
@@ -575,11 +610,17 @@ impl Inner {
     /// Gives the files of a listing's tree (which the NAR confirmed) their chunks.
     fn adopt_chunks(&mut self, t: u32, pos: u32, e: &Entry) {
         match e {
-            Entry::Regular { chunks, .. } => {
-                if let NodeKind::File { chunks: c, .. } =
-                    &mut self.trees[t as usize - 1].nodes[pos as usize].kind
+            Entry::Regular {
+                chunks, nar_offset, ..
+            } => {
+                if let NodeKind::File {
+                    chunks: c,
+                    nar_offset: o,
+                    ..
+                } = &mut self.trees[t as usize - 1].nodes[pos as usize].kind
                 {
                     *c = chunks.clone();
+                    *o = nar_offset.unwrap_or(0);
                 }
             }
             Entry::Directory { entries } => {
@@ -616,11 +657,12 @@ fn build(nodes: &mut Vec<Node>, pos: u32, e: &Entry) -> NodeKind {
             size,
             executable,
             chunks,
-            ..
+            nar_offset,
         } => NodeKind::File {
             size: *size,
             executable: *executable,
             chunks: chunks.clone(),
+            nar_offset: nar_offset.unwrap_or(0),
         },
         Entry::Symlink { target } => NodeKind::Symlink {
             target: target.clone(),

@@ -5,6 +5,7 @@
 //! only `fuse` knows fuser.
 
 pub mod beneath;
+pub mod blocks;
 pub mod cache_url;
 pub mod control;
 pub mod decompress;

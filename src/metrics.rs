@@ -23,6 +23,15 @@ pub struct Metrics {
     pub nar_refused: AtomicU64,
     pub bytes_fetched: AtomicU64,
     pub bytes_unpacked: AtomicU64,
+    /// Range GETs of blocks of indexed paths, by result.
+    pub block_requests: AtomicU64,
+    pub block_failed: AtomicU64,
+    /// Blocks that were had but did not decode (or held no chunk the index names).
+    pub block_refused: AtomicU64,
+    pub block_bytes: AtomicU64,
+    /// File indexes fetched and verified, and refused.
+    pub index_fetched: AtomicU64,
+    pub index_refused: AtomicU64,
     pub evictions: AtomicU64,
     pub inflight: AtomicI64,
     fetch_buckets: [AtomicU64; BUCKETS.len()],
@@ -72,6 +81,12 @@ impl Metrics {
             .fetch_add(took.as_micros() as u64, Relaxed);
     }
 
+    /// One Range GET of blocks, of `bytes` compressed bytes.
+    pub fn block_fetched(&self, bytes: u64) {
+        Self::inc(&self.block_requests);
+        self.block_bytes.fetch_add(bytes, Relaxed);
+    }
+
     pub fn render(&self, g: &Gauges) -> String {
         let mut s = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, String)]| {
@@ -109,6 +124,31 @@ impl Metrics {
                 ("{kind=\"narinfo_invalid\"}", get(&self.narinfo_invalid)),
                 ("{kind=\"narinfo_untrusted\"}", get(&self.narinfo_untrusted)),
                 ("{kind=\"nar\"}", get(&self.nar_refused)),
+            ],
+        );
+        metric(
+            "block_requests_total",
+            "counter",
+            "Range GETs of blocks of indexed paths, by result",
+            &[
+                ("{result=\"fetched\"}", get(&self.block_requests)),
+                ("{result=\"failed\"}", get(&self.block_failed)),
+                ("{result=\"refused\"}", get(&self.block_refused)),
+            ],
+        );
+        metric(
+            "block_bytes_total",
+            "counter",
+            "compressed bytes of blocks downloaded",
+            &[("", get(&self.block_bytes))],
+        );
+        metric(
+            "file_indexes_total",
+            "counter",
+            "file indexes fetched, by result",
+            &[
+                ("{result=\"verified\"}", get(&self.index_fetched)),
+                ("{result=\"refused\"}", get(&self.index_refused)),
             ],
         );
         metric(
@@ -150,13 +190,13 @@ impl Metrics {
         metric(
             "evictions_total",
             "counter",
-            "store paths evicted from the cache directory",
+            "file contents (blobs) evicted from the cache directory",
             &[("", get(&self.evictions))],
         );
         metric(
             "cache_bytes",
             "gauge",
-            "bytes of unpacked paths in the cache directory",
+            "bytes of file contents in the cache directory",
             &[("", g.cache_bytes_used.to_string())],
         );
         metric(

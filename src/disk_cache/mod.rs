@@ -245,6 +245,16 @@ impl DiskCache {
         Ok(r)
     }
 
+    /// A reservation of nothing that may not grow past the quota: its writes store
+    /// what fits without evicting, then fail with `NoRoom`.
+    pub fn no_reservation(self: &Arc<Self>) -> Reservation {
+        Reservation {
+            disk: self.clone(),
+            bytes: 0,
+            may_evict: false,
+        }
+    }
+
     /// Holds `bytes` of the quota for a demand. While evicting cannot make room
     /// because other writes hold it (or blobs just written wait for their first use),
     /// waits for them: parallel downloads never take the cache past the quota
@@ -500,6 +510,47 @@ impl DiskCache {
                 None
             }
         }
+    }
+
+    // ---- file indexes
+
+    fn index_path(&self, hash_part: &str) -> PathBuf {
+        self.dir
+            .join("indexes")
+            .join(format!("{hash_part}.narfs-index"))
+    }
+
+    /// Keeps a verified file index (it is verified again whenever read back).
+    pub fn save_index(&self, hash_part: &str, bytes: &[u8]) -> io::Result<()> {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.dir.join("tmp").join(format!("index.{n}"));
+        let mut f = File::options()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)?;
+        io::Write::write_all(&mut f, bytes)?;
+        drop(f);
+        fs::rename(&tmp, self.index_path(hash_part))
+    }
+
+    pub fn load_index(&self, hash_part: &str) -> Option<Vec<u8>> {
+        use std::io::Read;
+        let f = File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(self.index_path(hash_part))
+            .ok()?;
+        let mut bytes = Vec::new();
+        f.take(crate::formats::file_index::MAX_BODY + (16 << 10) + 1)
+            .read_to_end(&mut bytes)
+            .ok()?;
+        Some(bytes)
+    }
+
+    pub fn drop_index(&self, hash_part: &str) {
+        let _ = fs::remove_file(self.index_path(hash_part));
     }
 
     // ---- narinfo records

@@ -5,7 +5,7 @@
 
 use super::{Errno, Fs, Need, Outcome};
 use crate::formats::hash::Sha256;
-use crate::index::Kind;
+use crate::index::{Kind, TreeSource};
 use std::sync::Arc;
 use Outcome::{Need as Wait, Ready};
 
@@ -76,27 +76,29 @@ impl Fs {
         let Some(chunks) = plan.chunks else {
             return Wait(Need::Content(plan.path));
         };
-        // a path read from its NAR is opened with its contents on disk, as before its
+        // A path read from its NAR is opened with its contents on disk, as before its
         // NAR was split into blobs: if some were evicted, the NAR is fetched again
-        // (and its narinfo checked again if that fails: it may have been pushed anew)
+        // (and its narinfo checked again if that fails: it may have been pushed anew).
+        // An indexed path's chunks come when read.
         let disk = self.fetcher.disk();
-        if !chunks.iter().all(|(_, _, h)| disk.has_blob(h)) {
+        let indexed = self.index.tree_source(plan.path) == Some(TreeSource::Index);
+        if !indexed && !chunks.iter().all(|c| disk.has_blob(&c.hash)) {
             return Wait(Need::Content(plan.path));
         }
         let backing = match (backing, &chunks[..]) {
-            (true, [(_, _, hash)]) => match self.blob(hash) {
+            (true, [c]) => match self.blob(&c.hash) {
                 Ok(f) => Some(f),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Wait(Need::Content(plan.path))
+                    return Wait(self.missing(plan.path, c))
                 }
                 Err(e) => {
-                    tracing::error!("cannot open blob {}: {e}", hash.to_nix_string());
+                    tracing::error!("cannot open blob {}: {e}", c.hash.to_nix_string());
                     return Ready(Err(Errno::EIO));
                 }
             },
             _ => None,
         };
-        let hashes: Box<[Sha256]> = chunks.iter().map(|c| c.2).collect();
+        let hashes: Box<[Sha256]> = chunks.iter().map(|c| c.hash).collect();
         {
             let mut pinned = self.pinned.lock().unwrap();
             for h in hashes.iter() {
@@ -125,6 +127,24 @@ impl Fs {
         }
     }
 
+    /// What a chunk not on disk waits for: itself, for an indexed path; else the NAR.
+    fn missing(&self, path: crate::index::PathId, c: &crate::index::PlannedChunk) -> Need {
+        match (
+            c.nar_offset,
+            self.indexed.lock().unwrap().contains_key(&path),
+        ) {
+            (Some(nar_offset), true) => Need::Chunk(
+                path,
+                crate::blocks::ChunkAt {
+                    nar_offset,
+                    len: c.len,
+                    hash: c.hash,
+                },
+            ),
+            _ => Need::Content(path),
+        }
+    }
+
     /// A blob's descriptor, from the cache or opened (and cached).
     fn blob(&self, hash: &Sha256) -> std::io::Result<Arc<std::fs::File>> {
         if let Some(f) = self.fd_cache.lock().unwrap().get(hash).cloned() {
@@ -150,11 +170,12 @@ impl Fs {
         };
         let end = offset.saturating_add(size as u64).min(plan.size);
         let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
-        for (at, len, hash) in chunks {
+        for c in chunks {
+            let crate::index::PlannedChunk { at, len, hash, .. } = c;
             let f = match self.blob(&hash) {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Wait(Need::Content(plan.path))
+                    return Wait(self.missing(plan.path, &c))
                 }
                 Err(e) => {
                     tracing::error!("cannot open blob {}: {e}", hash.to_nix_string());

@@ -43,10 +43,13 @@ impl Errno {
 pub enum Need {
     /// The narinfo of a root entry name that is not known yet.
     NarInfo(String),
-    /// The tree of a store path (from its `.ls` listing if it has one, else its NAR).
+    /// The tree of a store path (from its file index, a tree kept on disk, its `.ls`
+    /// listing, else its NAR).
     Tree(PathId),
     /// The verified contents of a store path in the disk cache.
     Content(PathId),
+    /// One chunk of a file of an indexed path.
+    Chunk(PathId, crate::blocks::ChunkAt),
 }
 
 /// Tells the kernel to forget cached entries; the FUSE adapter provides it.
@@ -118,6 +121,8 @@ pub struct Fs {
     fd_cache: std::sync::Mutex<lru::LruCache<Sha256, Arc<std::fs::File>>>,
     /// Bounds background prefetches so demand reads keep download slots.
     prefetch: Option<Arc<tokio::sync::Semaphore>>,
+    /// The block tables of paths read through their file index.
+    indexed: std::sync::Mutex<HashMap<PathId, Arc<crate::blocks::Blocks>>>,
 }
 
 /// How `Fs` fetches beyond what is asked for.
@@ -169,6 +174,7 @@ impl Fs {
             prefetch: opts
                 .prefetch_references
                 .then(|| Arc::new(tokio::sync::Semaphore::new((opts.jobs / 2).max(1)))),
+            indexed: Default::default(),
         })
     }
 
@@ -210,7 +216,7 @@ impl Fs {
             size,
             perm,
             nlink,
-            verified: n.kind == Kind::Root || n.tree == Some(TreeSource::Nar),
+            verified: n.kind == Kind::Root || n.tree.is_some_and(TreeSource::verified),
         }))
     }
 
@@ -256,7 +262,7 @@ impl Fs {
         };
         match n.kind {
             Kind::Symlink { target } => {
-                if n.tree != Some(TreeSource::Nar) {
+                if !n.tree.is_some_and(TreeSource::verified) {
                     return Wait(Need::Content(n.path));
                 }
                 Ready(Ok(target.into_vec()))

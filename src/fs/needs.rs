@@ -42,10 +42,22 @@ impl Fs {
                         }
                     }
                 };
-                if !me.index.is_unpacked(id) {
-                    tracing::debug!(path = %r, "prefetching a reference");
-                    let _ = me.fetch_content(id, Priority::Prefetch).await;
+                if me.index.is_unpacked(id) || me.index.tree_source(id) == Some(TreeSource::Index) {
+                    return;
                 }
+                // an indexed path: its index (a few KiB), not its NAR
+                let Ok(info) = me.info(id).await else {
+                    return;
+                };
+                if info.index.is_some() {
+                    tracing::debug!(path = %r, "prefetching a reference's file index");
+                    let _ = me.satisfy(Need::Tree(id)).await;
+                    if me.index.tree_source(id) == Some(TreeSource::Index) {
+                        return;
+                    }
+                }
+                tracing::debug!(path = %r, "prefetching a reference");
+                let _ = me.fetch_content(id, Priority::Prefetch).await;
             });
         }
     }
@@ -177,6 +189,17 @@ impl Fs {
                     return Ok(());
                 }
                 let info = self.info(id).await?;
+                // a signed file index: the verified tree, and chunks on demand
+                if let Ok(Some(index)) = self.fetcher.file_index(info.clone()).await {
+                    let blocks = Arc::new(crate::blocks::Blocks::new(&index));
+                    self.indexed.lock().unwrap().insert(id, blocks);
+                    let stale =
+                        self.index
+                            .attach_tree(id, &index.root, TreeSource::Index, &info.nar_hash);
+                    self.invalidate(stale);
+                    self.prefetch_references(&info);
+                    return Ok(());
+                }
                 // a tree verified before (kept by NarHash): no network at all
                 let disk = self.fetcher.disk().clone();
                 let (hash, size) = (info.nar_hash, info.nar_size);
@@ -220,6 +243,20 @@ impl Fs {
                 Box::pin(self.satisfy(Need::Content(id))).await
             }
             Need::Content(id) => self.fetch_content(id, Priority::Demand).await,
+            Need::Chunk(id, chunk) => {
+                let blocks = self.indexed.lock().unwrap().get(&id).cloned();
+                let Some(blocks) = blocks else {
+                    return Box::pin(self.satisfy(Need::Content(id))).await;
+                };
+                self.fetcher
+                    .blocks()
+                    .chunk(&blocks, chunk, Priority::Demand)
+                    .await
+                    .map_err(|e| {
+                        tracing::error!("{e}");
+                        Errno::EIO
+                    })
+            }
         }
     }
 

@@ -18,6 +18,15 @@ impl FileStorage {
 #[async_trait]
 impl Storage for FileStorage {
     async fn get(&self, key: &str) -> Result<Option<Body>, StorageError> {
+        self.get_range(key, 0, u64::MAX).await
+    }
+
+    async fn get_range(
+        &self,
+        key: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Body>, StorageError> {
         super::check_key(self, "open", key)?;
         // no symlink under the cache root is followed (nix never writes one there):
         // a link to /etc/shadow would be read as a NAR otherwise
@@ -38,13 +47,17 @@ impl Storage for FileStorage {
             if fd < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            use std::io::Seek;
             use std::os::fd::FromRawFd;
-            Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+            let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+            f.seek(std::io::SeekFrom::Start(offset))?;
+            Ok(f)
         })
         .await
         .map_err(|e| err(e.to_string()))?;
+        use tokio::io::AsyncReadExt;
         match opened {
-            Ok(f) => Ok(Some(Box::pin(tokio::fs::File::from_std(f)))),
+            Ok(f) => Ok(Some(Box::pin(tokio::fs::File::from_std(f).take(len)))),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
             Err(e) if e.raw_os_error() == Some(libc::ELOOP) => Err(err(
                 "it is (or passes through) a symlink, which narfs never follows in a cache".into(),

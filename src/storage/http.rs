@@ -95,6 +95,37 @@ impl Storage for HttpStorage {
         Ok(Some(Box::pin(tokio_util::io::StreamReader::new(stream))))
     }
 
+    async fn get_range(
+        &self,
+        key: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Body>, StorageError> {
+        super::check_key(self, "GET", key)?;
+        if len == 0 {
+            return Ok(Some(Box::pin(tokio::io::empty())));
+        }
+        let req = self
+            .request(reqwest::Method::GET, key)
+            .header("Range", format!("bytes={offset}-{}", offset + len - 1));
+        let Some(res) = self.send("GET", key, req).await? else {
+            return Ok(None);
+        };
+        let partial = res.status().as_u16() == 206;
+        let stream = res.bytes_stream().map_err(std::io::Error::other);
+        let mut body: Body = Box::pin(tokio_util::io::StreamReader::new(stream));
+        use tokio::io::AsyncReadExt;
+        if !partial {
+            // a server that ignores Range sends the whole object: skip to the range
+            tracing::debug!(key, "the server ignored a Range request");
+            let mut skip = (&mut body).take(offset);
+            tokio::io::copy(&mut skip, &mut tokio::io::sink())
+                .await
+                .map_err(|e| self.error("GET", key, e.to_string()))?;
+        }
+        Ok(Some(Box::pin(body.take(len))))
+    }
+
     async fn list_page(&self, _token: Option<String>) -> Result<ListPage, StorageError> {
         Err(self.error("LIST", "", "an HTTP cache cannot be listed".into()))
     }

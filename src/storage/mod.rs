@@ -46,6 +46,14 @@ pub struct StorageError {
 pub trait Storage: Send + Sync + 'static {
     /// `Ok(None)` when the object does not exist.
     async fn get(&self, key: &str) -> Result<Option<Body>, StorageError>;
+    /// `len` bytes of the object from `offset` on (a Range GET): the stream holds
+    /// exactly those bytes, or fewer if the object is shorter (the caller checks).
+    async fn get_range(
+        &self,
+        key: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Body>, StorageError>;
     /// Whether `list_page` can work at all (HTTP caches cannot be listed).
     fn can_list(&self) -> bool {
         true

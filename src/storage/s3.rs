@@ -257,6 +257,42 @@ impl Storage for S3Storage {
         }
     }
 
+    async fn get_range(
+        &self,
+        key: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Body>, StorageError> {
+        super::check_key(self, "GET", key)?;
+        if len == 0 {
+            return Ok(Some(Box::pin(tokio::io::empty())));
+        }
+        let res = self
+            .client
+            .get_object()
+            .bucket(&self.url.bucket)
+            .key(self.url.key(key))
+            .range(format!("bytes={offset}-{}", offset + len - 1))
+            .send()
+            .await;
+        match res {
+            Ok(out) => {
+                use tokio::io::AsyncReadExt;
+                Ok(Some(Box::pin(out.body.into_async_read().take(len))))
+            }
+            Err(e) => {
+                let missing = e.as_service_error().is_some_and(|s| s.is_no_such_key())
+                    || e.raw_response()
+                        .is_some_and(|r| matches!(r.status().as_u16(), 403 | 404));
+                if missing {
+                    Ok(None)
+                } else {
+                    Err(self.error("GET", key, e))
+                }
+            }
+        }
+    }
+
     async fn list_page(&self, token: Option<String>) -> Result<ListPage, StorageError> {
         let prefix = self.url.key("");
         let out = self

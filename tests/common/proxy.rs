@@ -91,6 +91,16 @@ impl Proxy {
             .count()
     }
 
+    /// Bytes asked for by the Range GETs whose target contains `needle`.
+    pub fn range_bytes(&self, needle: &str) -> u64 {
+        self.requests()
+            .iter()
+            .filter(|r| r.starts_with("GET ") && r.contains(needle))
+            .filter_map(|r| r.split_once("range=bytes=")?.1.split_once('-'))
+            .map(|(a, b)| b.parse::<u64>().unwrap() - a.parse::<u64>().unwrap() + 1)
+            .sum()
+    }
+
     pub fn clear(&self) {
         self.state.requests.lock().unwrap().clear();
     }
@@ -187,7 +197,15 @@ fn pump_requests(
                 .next()
                 .unwrap_or("")
                 .to_owned();
-            let target: String = line.split(' ').take(2).collect::<Vec<_>>().join(" ");
+            let mut target: String = line.split(' ').take(2).collect::<Vec<_>>().join(" ");
+            // a Range GET is recorded with its range: `GET /key range=bytes=a-b`
+            if let Some(range) = String::from_utf8_lossy(&req).lines().find_map(|l| {
+                l.split_once(':')
+                    .filter(|(k, _)| k.eq_ignore_ascii_case("range"))
+                    .map(|(_, v)| v.trim().to_owned())
+            }) {
+                target = format!("{target} range={range}");
+            }
             st.requests.lock().unwrap().push(target.clone());
             if let Some(want) = st.auth.lock().unwrap().clone() {
                 let text = String::from_utf8_lossy(&req);

@@ -1,0 +1,293 @@
+//! Paths with a signed file index (as `narfs push` writes them): metadata without NARs,
+//! single files through Range GETs of their blocks, and every fault of an index or a
+//! block ending in the whole-NAR path or in EIO for the files it touches, never in a
+//! wrong byte.
+
+mod common;
+
+use common::proxy::Proxy;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The fixture's closure pushed by `narfs push` (seekable NARs, file indexes) under
+/// prefix `ix`; returns the public key.
+fn push_closure(s3: &S3Server, dir: &Path) -> String {
+    push_closure_with(s3, dir, "xz")
+}
+
+fn push_closure_with(s3: &S3Server, dir: &Path, compression: &str) -> String {
+    let f = fixture();
+    let (sk, pk) = (dir.join("ix.sec"), dir.join("ix.pub"));
+    run(narfs().args(["keygen", "ix-1"]).arg(&sk).arg(&pk));
+    let (code, _, err) = out(narfs()
+        .args([
+            "push",
+            "--store",
+            &f.store,
+            "--compression",
+            compression,
+            "--key-file",
+        ])
+        .arg(&sk)
+        .arg(s3.url(s3.port, "ix"))
+        .arg(format!("/nix/store/{}", f.path("narfs-test-app"))));
+    assert_eq!(code, 0, "{err}");
+    std::fs::read_to_string(pk).unwrap().trim().to_owned()
+}
+
+fn object(s3: &S3Server, key: &str) -> PathBuf {
+    s3.root.join(BUCKET).join("ix").join(key)
+}
+
+/// NAR requests (whole or ranges), not narinfos.
+fn nar_gets(p: &Proxy) -> Vec<String> {
+    p.requests()
+        .into_iter()
+        .filter(|r| r.starts_with("GET ") && r.contains("/nar/"))
+        .collect()
+}
+
+#[test]
+fn indexed_paths_list_without_nars_and_read_files_by_their_blocks() {
+    let f = fixture();
+    let s3 = S3Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let pk = push_closure(&s3, tmp.path());
+    let proxy = Proxy::start(s3.port);
+    let m = Mounted::start(&s3.url(proxy.port, "ix"), &[&pk], None, &[]);
+    m.wait_root(f.paths.len());
+    // ls -lR with link targets: every name, mode, size and target, no NAR at all
+    let ls = run(Command::new("ls").arg("-lR").arg(&m.mnt));
+    assert!(ls.contains("app-link -> app"), "{ls}");
+    for name in f.paths.keys() {
+        assert_eq!(shape(&m.p(f.path(name))), shape(&f.real(name)), "{name}");
+    }
+    assert_eq!(nar_gets(&proxy), Vec::<String>::new());
+    assert_eq!(proxy.gets(".narfs-index"), f.paths.len());
+    // a small file of the big path: its blocks only, with a Range GET
+    let big_nar = f.narinfo_field("narfs-test-big", "NarSize");
+    let small = m.p(f.path("narfs-test-big")).join("data/small.txt");
+    assert_eq!(std::fs::read_to_string(&small).unwrap(), "small\n");
+    let gets = nar_gets(&proxy);
+    assert!(
+        !gets.is_empty() && gets.iter().all(|g| g.contains(" range=bytes=")),
+        "{gets:?}"
+    );
+    let fetched = proxy.range_bytes("/nar/");
+    assert!(
+        fetched < 2 << 20,
+        "{fetched} bytes fetched for a 6-byte file of a {big_nar}-byte NAR"
+    );
+    // every file, byte for byte, through blocks alone
+    for name in f.paths.keys() {
+        run(Command::new("diff")
+            .arg("-r")
+            .arg("--no-dereference")
+            .arg(m.p(f.path(name)))
+            .arg(f.real(name)));
+    }
+    assert!(nar_gets(&proxy).iter().all(|g| g.contains(" range=")));
+    assert_eq!(
+        run(&mut Command::new(
+            m.p(f.path("narfs-test-app")).join("bin/app")
+        )),
+        "hello from lib\n"
+    );
+    assert!(m.stat("block_requests_total{result=\"fetched\"}") > 0);
+    assert_eq!(m.stat("nar_requests_total{result=\"fetched\"}"), 0);
+}
+
+#[test]
+fn a_block_that_decodes_to_other_bytes_fails_its_files_only_until_repaired() {
+    let f = fixture();
+    let s3 = S3Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let pk = push_closure(&s3, tmp.path());
+    // the big path's NAR object, its first block (numbers.txt) spoiled
+    let url = {
+        let info = std::fs::read_to_string(object(
+            &s3,
+            &format!("{}.narinfo", f.hash("narfs-test-big")),
+        ))
+        .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("URL: "))
+            .unwrap()
+            .to_owned()
+    };
+    let good = std::fs::read(object(&s3, &url)).unwrap();
+    let mut bad = good.clone();
+    for b in &mut bad[100..200] {
+        *b ^= 0x55;
+    }
+    std::fs::write(object(&s3, &url), &bad).unwrap();
+    let m = Mounted::start(&s3.url(s3.port, "ix"), &[&pk], None, &["--timeout", "3"]);
+    let big = m.p(f.path("narfs-test-big"));
+    // the file whose block is bad: EIO; the other file of the path: served
+    assert_eq!(read_err(&big.join("data/numbers.txt")), Some(libc::EIO));
+    assert_eq!(
+        std::fs::read_to_string(big.join("data/small.txt")).unwrap(),
+        "small\n"
+    );
+    let log = m.log_text();
+    assert!(
+        log.contains(&format!("/nix/store/{}", f.path("narfs-test-big"))),
+        "{log}"
+    );
+    assert!(log.contains("the block does not decode"), "{log}");
+    // repaired: read again without a remount
+    std::fs::write(object(&s3, &url), &good).unwrap();
+    assert!(
+        std::fs::read(big.join("data/numbers.txt")).unwrap()
+            == std::fs::read(f.real("narfs-test-big").join("data/numbers.txt")).unwrap()
+    );
+}
+
+#[test]
+fn forged_indexes_are_ignored_and_the_nar_is_read() {
+    let f = fixture();
+    let stranger = narfs::formats::keys::SecretKey::from_seed("ix-1", [9; 32]);
+    type Forge = Box<dyn Fn(&S3Server, &str)>;
+    let index_of = |s3: &S3Server, name: &str| object(s3, &format!("{name}.narfs-index"));
+    let cases: Vec<(&str, Forge, &str)> = vec![
+        (
+            "signed by an untrusted key of the same name",
+            Box::new(move |s3, h| {
+                let path = index_of(s3, h);
+                let bytes = std::fs::read(&path).unwrap();
+                let at = bytes.windows(2).position(|w| w == b"\n\n").unwrap();
+                let body = &bytes[at + 2..];
+                let text = String::from_utf8_lossy(&bytes[..at]).into_owned();
+                let fp = {
+                    let get = |k: &str| {
+                        text.lines()
+                            .find_map(|l| l.strip_prefix(&format!("{k}: ")))
+                            .unwrap()
+                            .to_owned()
+                    };
+                    format!(
+                        "narfs-index-1;{};{};{};{};{}",
+                        get("StorePath"),
+                        get("NarHash"),
+                        get("NarSize"),
+                        get("BodyHash"),
+                        get("BodySize")
+                    )
+                };
+                let head: Vec<&str> = text.lines().filter(|l| !l.starts_with("Sig: ")).collect();
+                let mut out = format!(
+                    "{}\nSig: {}\n\n",
+                    head.join("\n"),
+                    stranger.sign(fp.as_bytes())
+                )
+                .into_bytes();
+                out.extend_from_slice(body);
+                std::fs::write(path, out).unwrap();
+            }),
+            "lacks a signature by a trusted key",
+        ),
+        (
+            "of another store path",
+            Box::new(move |s3, h| {
+                let other = fixture().hash("narfs-test-lib").to_owned();
+                std::fs::copy(index_of(s3, &other), index_of(s3, h)).unwrap();
+            }),
+            "file index is for",
+        ),
+        (
+            "with its body changed",
+            Box::new(move |s3, h| {
+                let path = index_of(s3, h);
+                let mut bytes = std::fs::read(&path).unwrap();
+                let last = bytes.len() - 1;
+                bytes[last] ^= 1;
+                std::fs::write(path, bytes).unwrap();
+            }),
+            "BodyHash",
+        ),
+        (
+            "cut short",
+            Box::new(move |s3, h| {
+                let path = index_of(s3, h);
+                let bytes = std::fs::read(&path).unwrap();
+                std::fs::write(path, &bytes[..bytes.len() / 2]).unwrap();
+            }),
+            "ignoring the file index",
+        ),
+        (
+            "missing",
+            Box::new(move |s3, h| std::fs::remove_file(index_of(s3, h)).unwrap()),
+            "which the cache does not have",
+        ),
+    ];
+    for (what, forge, why) in cases {
+        let s3 = S3Server::start();
+        let keys = tempfile::tempdir().unwrap();
+        let pk = push_closure(&s3, keys.path());
+        let h = f.hash("narfs-test-big");
+        forge(&s3, h);
+        let proxy = Proxy::start(s3.port);
+        let m = Mounted::start(&s3.url(proxy.port, "ix"), &[&pk], None, &[]);
+        let big = m.p(f.path("narfs-test-big"));
+        run(Command::new("diff")
+            .arg("-r")
+            .arg(&big)
+            .arg(f.real("narfs-test-big")));
+        let log = m.log_text();
+        assert!(log.contains(why), "{what}: {log}");
+        assert!(
+            log.contains(&format!("/nix/store/{}", f.path("narfs-test-big"))),
+            "{what}"
+        );
+        // read from its whole NAR
+        assert!(
+            nar_gets(&proxy).iter().any(|g| !g.contains(" range=")),
+            "{what}: {:?}",
+            nar_gets(&proxy)
+        );
+        drop(m);
+    }
+}
+
+#[test]
+fn a_block_that_decodes_to_other_bytes_than_signed_fails_that_file() {
+    // uncompressed blocks: a byte of numbers.txt changed decodes fine, to other bytes
+    let f = fixture();
+    let s3 = S3Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let pk = push_closure_with(&s3, tmp.path(), "none");
+    let info = std::fs::read_to_string(object(
+        &s3,
+        &format!("{}.narinfo", f.hash("narfs-test-big")),
+    ))
+    .unwrap();
+    let url = info
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_owned();
+    let good = std::fs::read(object(&s3, &url)).unwrap();
+    let mut bad = good.clone();
+    let at = bad.windows(8).position(|w| w == b"\n123456\n").unwrap();
+    bad[at + 1] = b'9';
+    std::fs::write(object(&s3, &url), &bad).unwrap();
+    let m = Mounted::start(&s3.url(s3.port, "ix"), &[&pk], None, &["--timeout", "3"]);
+    let big = m.p(f.path("narfs-test-big"));
+    assert_eq!(read_err(&big.join("data/numbers.txt")), Some(libc::EIO));
+    assert_eq!(
+        std::fs::read_to_string(big.join("data/small.txt")).unwrap(),
+        "small\n"
+    );
+    let log = m.log_text();
+    assert!(log.contains("than the signed index says"), "{log}");
+    assert!(
+        log.contains("do not match their hash in the signed index"),
+        "{log}"
+    );
+    std::fs::write(object(&s3, &url), &good).unwrap();
+    assert!(
+        std::fs::read(big.join("data/numbers.txt")).unwrap()
+            == std::fs::read(f.real("narfs-test-big").join("data/numbers.txt")).unwrap()
+    );
+}

@@ -43,6 +43,7 @@ fn main() {
                 deriver: Some(format!("{}.drv", sp.basename())),
                 sigs: vec![],
                 ca: None,
+                index: None,
             };
             info.sigs.push(sk.sign(info.fingerprint().as_bytes()));
             (sp.hash_part().to_owned(), info.to_text())
@@ -90,6 +91,7 @@ fn main() {
         deriver: None,
         sigs: vec![],
         ca: None,
+        index: None,
     };
     let mb = nar.len() as f64 / 1e6;
     let mut ours = Vec::new();

@@ -251,6 +251,30 @@ impl Fetcher {
             .await
     }
 
+    /// The path's file index fetched from the cache (not the disk cache) and verified,
+    /// for `narfs verify`: unlike [`Self::file_index`], a fault is an error.
+    pub async fn check_file_index(&self, info: &Arc<NarInfo>) -> Result<Option<FileIndex>, String> {
+        let Some(key) = &info.index else {
+            return Ok(None);
+        };
+        let where_ = self.storage.location(key);
+        let bytes = self
+            .get_small_retrying(
+                key,
+                crate::formats::file_index::MAX_BODY as usize + (16 << 10),
+            )
+            .await
+            .map_err(|e| format!("file index {where_}: {e}"))?
+            .ok_or_else(|| {
+                format!("file index {where_}: the narinfo names it, the cache does not have it")
+            })?;
+        match self.verify_index(info, bytes).await {
+            Ok(Ok((index, _))) => Ok(Some(index)),
+            Ok(Err(e)) => Err(format!("file index {where_}: {e}")),
+            Err(e) => Err(format!("file index {where_}: {e}")),
+        }
+    }
+
     /// Parses and verifies an index (off the runtime: a big one takes a while).
     async fn verify_index(
         &self,

@@ -100,11 +100,15 @@ impl Session {
         }
     }
 
-    /// The tree of a path: from its `.ls` if it has one, else from its verified NAR.
+    /// The tree of a path: from its signed file index if it has one (targets
+    /// included, no NAR), else from its `.ls`, else from its verified NAR.
     /// With `targets`, link targets are wanted: they are content, so a listing that
     /// holds symlinks is not enough (its targets are unsigned) and the NAR is used,
     /// as the mount does.
     pub async fn tree(&self, info: &Arc<NarInfo>, targets: bool) -> Result<Arc<Entry>, String> {
+        if let Ok(Some(ix)) = self.fetcher.file_index(info.clone()).await {
+            return Ok(Arc::new(ix.root.clone()));
+        }
         if let Ok(Some(t)) = self.fetcher.listing(info.clone()).await {
             if !(targets && has_symlinks(&t)) {
                 return Ok(t);
@@ -115,6 +119,43 @@ impl Session {
             .await
             .map(|c| c.tree.clone())
             .map_err(|e| e.to_string())
+    }
+
+    /// The path's verified tree with the contents of the regular file at `sub` (if
+    /// one is there, reached without following links) in the disk cache: only that
+    /// file's chunks when the path has a file index, else the whole NAR.
+    pub async fn file(&self, info: &Arc<NarInfo>, sub: &[String]) -> Result<Arc<Entry>, String> {
+        let Ok(Some(ix)) = self.fetcher.file_index(info.clone()).await else {
+            return self.content(info).await;
+        };
+        let tree = Arc::new(ix.root.clone());
+        if let Some(Entry::Regular {
+            size,
+            nar_offset: Some(off),
+            chunks: Some(hashes),
+            ..
+        }) = find_no_links(&tree, sub)
+        {
+            let blocks = Arc::new(crate::blocks::Blocks::new(&ix));
+            let chunk = ix.chunk_size();
+            let reader = self.fetcher.blocks();
+            let wanted = hashes.iter().enumerate().map(|(i, h)| {
+                let at = i as u64 * chunk;
+                crate::blocks::ChunkAt {
+                    nar_offset: off + at,
+                    len: (size - at).min(chunk),
+                    hash: *h,
+                }
+            });
+            use futures::StreamExt;
+            let mut runs = futures::stream::iter(wanted)
+                .map(|c| reader.chunk(&blocks, c, crate::fetch::Priority::Demand))
+                .buffered(4);
+            while let Some(r) = runs.next().await {
+                r?;
+            }
+        }
+        Ok(tree)
     }
 
     /// The path's verified tree, its contents in the disk cache.
@@ -149,6 +190,14 @@ impl Session {
     pub fn fetcher(&self) -> &Arc<Fetcher> {
         &self.fetcher
     }
+}
+
+/// The entry at `sub`, if no symlink lies on the way to it.
+fn find_no_links<'a>(tree: &'a Entry, sub: &[String]) -> Option<&'a Entry> {
+    (0..sub.len())
+        .all(|i| !matches!(find(tree, &sub[..i]), Some(Entry::Symlink { .. })))
+        .then(|| find(tree, sub))
+        .flatten()
 }
 
 fn has_symlinks(e: &Entry) -> bool {
@@ -260,36 +309,32 @@ pub enum Target {
 
 /// Every store path hash the cache lists (`<hash>.narinfo` keys at its root).
 pub async fn all_hashes(fetcher: &Fetcher) -> Result<Vec<String>, String> {
-    let mut token = None;
-    let mut out = Vec::new();
-    loop {
-        let page = fetcher
-            .storage()
-            .list_page(token.take())
-            .await
-            .map_err(|e| e.to_string())?;
-        out.extend(
-            page.keys
-                .iter()
-                .filter_map(|k| k.strip_suffix(".narinfo"))
-                .filter(|h| crate::formats::store_path::is_hash_part(h))
-                .map(str::to_owned),
-        );
-        match page.next {
-            Some(t) => token = Some(t),
-            None => return Ok(out),
-        }
-    }
+    crate::storage::narinfo_hashes(&**fetcher.storage()).await
 }
 
-/// Checks a path's narinfo (signature, StorePath) and its NAR (every hash and size,
-/// the archive itself). `Err` names the path and the fault.
+/// Checks a path's narinfo (signature, StorePath), its NAR (every hash and size,
+/// the archive itself) and its file index if it has one (signature, and that it
+/// describes the NAR). `Err` names the path and the fault.
 pub async fn verify_one(s: &Session, sp: &StorePath) -> Result<StorePath, String> {
     let info = s.info(sp).await?;
-    s.fetcher
+    let index = s
+        .fetcher
+        .check_file_index(&info)
+        .await
+        .map_err(|e| format!("{sp}: {e}"))?;
+    let content = s
+        .fetcher
         .content(info, crate::fetch::Priority::Demand)
         .await
         .map_err(|e| e.to_string())?;
+    // what a mount would read through the index must be what the NAR holds
+    if let Some(ix) = index {
+        if ix.root != *content.tree {
+            return Err(format!(
+                "{sp}: its file index does not describe its NAR (names, modes, sizes, targets or chunk hashes differ)"
+            ));
+        }
+    }
     Ok(sp.clone())
 }
 

@@ -24,3 +24,4 @@ pub mod retry;
 pub mod seekable;
 pub mod singleflight;
 pub mod storage;
+pub mod upgrade;

@@ -60,6 +60,32 @@ enum Cmd {
         #[arg(required = true)]
         paths: Vec<String>,
     },
+    /// Give paths already in a cache (pushed by nix copy, say) a seekable NAR and a
+    /// signed file index, so a mount reads their files one at a time. Only unsigned
+    /// narinfo fields change (URL, Compression, FileHash, FileSize, NarfsIndex):
+    /// every signature stays valid and nix still reads the cache. Paths already
+    /// indexed are skipped; old NARs no narinfo names are removed at the end.
+    Index {
+        /// Sign the indexes with this secret key (its public key must be trusted by
+        /// the mounts that are to use them).
+        #[arg(long, value_name = "SECRET_FILE")]
+        key_file: PathBuf,
+        #[command(flatten)]
+        keys: Keys,
+        /// How the blocks are compressed [default: xz; zstd for zstd NARs].
+        #[arg(long, value_name = "xz|zstd|none")]
+        compression: Option<String>,
+        /// Paths indexed in parallel [default: the number of CPUs].
+        #[arg(long, value_name = "N")]
+        jobs: Option<usize>,
+        /// Only say what would be indexed.
+        #[arg(long)]
+        dry_run: bool,
+        /// s3://BUCKET[/PREFIX]?endpoint=...&region=... or file:///DIR
+        cache_url: String,
+        /// Store paths to index [default: every path in the cache]
+        paths: Vec<String>,
+    },
     /// Fetch the closures of store paths into a mount's disk cache ahead of use.
     Prefetch {
         /// Where narfs is mounted
@@ -382,6 +408,89 @@ fn push(
     })
 }
 
+/// `narfs index`; `Ok` has how many paths failed.
+fn index(
+    key_file: &std::path::Path,
+    keys: &Keys,
+    compression: Option<&str>,
+    jobs: Option<usize>,
+    dry_run: bool,
+    cache_url: &str,
+    paths: &[String],
+) -> Result<usize, String> {
+    use narfs::formats::file_index::BlockCompression;
+    use narfs::upgrade::Done;
+    let url = narfs::cache_url::parse(cache_url).map_err(|e| e.to_string())?;
+    for w in &url.warnings {
+        eprintln!("narfs: warning: {w}");
+    }
+    if matches!(url.url, narfs::cache_url::CacheUrl::Http { .. }) {
+        return Err(format!(
+            "{}: narfs does not write to HTTP caches; index the s3:// or file:// cache behind it",
+            narfs::cache_url::redact(cache_url)
+        ));
+    }
+    let text =
+        std::fs::read_to_string(key_file).map_err(|e| format!("{}: {e}", key_file.display()))?;
+    let key = narfs::formats::keys::SecretKey::parse(text.trim())
+        .map_err(|e| format!("{}: {e}", key_file.display()))?;
+    let mut trusted = narfs::formats::keys::TrustedKeys::default();
+    for k in keys.all() {
+        trusted.add(
+            narfs::formats::keys::PublicKey::parse(&k)
+                .map_err(|e| format!("invalid trusted public key: {e}"))?,
+        );
+    }
+    let compression = match compression {
+        None => None,
+        Some("xz") => Some(BlockCompression::Xz),
+        Some("zstd") => Some(BlockCompression::Zstd),
+        Some("none") => Some(BlockCompression::None),
+        Some(other) => return Err(format!("unknown compression '{other}' (xz, zstd or none)")),
+    };
+    let mut hashes = Vec::new();
+    for p in paths {
+        let (sp, sub) = narfs::inspect::split_path(p)?;
+        if !sub.is_empty() {
+            return Err(format!("'{p}': name a store path, not a file inside one"));
+        }
+        hashes.push(sp.hash_part().to_owned());
+    }
+    let opts = narfs::upgrade::IndexOptions {
+        key,
+        trusted,
+        compression,
+        jobs: jobs.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
+        }),
+        dry_run,
+    };
+    let report = |hash: &str, r: &narfs::upgrade::Outcome| match r {
+        Ok((
+            sp,
+            Done::Indexed {
+                old_size,
+                new_size,
+                blocks,
+                ..
+            },
+        )) => eprintln!("indexed {sp}: {blocks} blocks, {old_size} -> {new_size} bytes"),
+        Ok((sp, Done::Already)) => eprintln!("already indexed {sp}"),
+        Ok((sp, Done::WouldIndex { url, size })) => {
+            eprintln!("would index {sp} ({url}, {size} bytes)")
+        }
+        Err(e) if hash.is_empty() => eprintln!("narfs: warning: {e}"),
+        Err(e) => eprintln!("FAILED {e}"),
+    };
+    runtime().block_on(async {
+        let storage = narfs::storage::open(&url.url, None).await;
+        if hashes.is_empty() {
+            hashes = narfs::storage::narinfo_hashes(&*storage).await?;
+        }
+        Ok(narfs::upgrade::index(storage, hashes, &opts, &report).await)
+    })
+}
+
 /// The store path basename in `/nix/store/HASH-NAME[/...]`, `MNT/HASH-NAME` or
 /// `HASH-NAME`.
 fn basename_of(arg: &str) -> Option<String> {
@@ -524,7 +633,7 @@ fn inspect(cmd: Cmd) -> ExitCode {
                     Ok(v) => v,
                     Err(e) => return fail(e),
                 };
-                let tree = match s.content(&info).await {
+                let tree = match s.file(&info, &sub).await {
                     Ok(t) => t,
                     Err(e) => return fail(e),
                 };
@@ -678,6 +787,30 @@ fn main() -> ExitCode {
                     );
                     ExitCode::SUCCESS
                 }
+                Err(e) => fail(e),
+            }
+        }
+        Cmd::Index {
+            key_file,
+            keys,
+            compression,
+            jobs,
+            dry_run,
+            cache_url,
+            paths,
+        } => {
+            init_logging(0, None);
+            match index(
+                &key_file,
+                &keys,
+                compression.as_deref(),
+                jobs,
+                dry_run,
+                &cache_url,
+                &paths,
+            ) {
+                Ok(0) => ExitCode::SUCCESS,
+                Ok(n) => fail(format!("{n} paths could not be indexed")),
                 Err(e) => fail(e),
             }
         }

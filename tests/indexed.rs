@@ -291,3 +291,208 @@ fn a_block_that_decodes_to_other_bytes_than_signed_fails_that_file() {
             == std::fs::read(f.real("narfs-test-big").join("data/numbers.txt")).unwrap()
     );
 }
+
+/// The narinfo objects of a cache under `prefix`, by hash.
+fn narinfos(s3: &S3Server, prefix: &str) -> std::collections::BTreeMap<String, String> {
+    let dir = s3.root.join(BUCKET).join(prefix);
+    std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            let hash = name.strip_suffix(".narinfo")?.to_owned();
+            Some((hash, std::fs::read_to_string(dir.join(&name)).unwrap()))
+        })
+        .collect()
+}
+
+fn field<'a>(narinfo: &'a str, name: &str) -> Vec<&'a str> {
+    narinfo
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("{name}: ")))
+        .collect()
+}
+
+#[test]
+fn a_cache_nix_wrote_is_indexed_in_place_and_nix_still_reads_it() {
+    let f = fixture();
+    let s3 = S3Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = s3.upload_cache(&f.cache, "nix");
+    let url = s3.url(s3.port, "nix");
+    let sk = f.secret_key_file.to_str().unwrap();
+    let index = |extra: &[&str]| {
+        out(narfs()
+            .args(["index", "--key-file", sk])
+            .args(["--trusted-public-key", &f.public_key])
+            .args(extra)
+            .arg(&url))
+    };
+    let before = narinfos(&s3, "nix");
+    assert_eq!(before.len(), f.paths.len());
+
+    // --dry-run says what it would do and changes nothing
+    let (code, _, err) = index(&["--dry-run"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(err.matches("would index ").count(), f.paths.len(), "{err}");
+    assert_eq!(narinfos(&s3, "nix"), before);
+
+    // a key the narinfos are not signed by, and no other: nothing is touched
+    let (code, _, err) = out(narfs()
+        .args(["index", "--key-file"])
+        .arg(tmp.path().join("missing.sec"))
+        .arg(&url));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("missing.sec"), "{err}");
+
+    let (code, _, err) = index(&[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        err.matches("indexed /nix/store/").count(),
+        f.paths.len(),
+        "{err}"
+    );
+    let after = narinfos(&s3, "nix");
+    let mut replaced = 0;
+    for (hash, old) in &before {
+        let new = &after[hash];
+        // what nix signed is as it was, signatures included
+        for name in [
+            "StorePath",
+            "NarHash",
+            "NarSize",
+            "References",
+            "Sig",
+            "Deriver",
+        ] {
+            assert_eq!(field(old, name), field(new, name), "{name} of {hash}");
+        }
+        let index_key = field(new, "NarfsIndex");
+        assert_eq!(index_key, vec![format!("{hash}.narfs-index")], "{new}");
+        assert!(root.join(index_key[0]).exists());
+        // the new NAR is there; the one nix wrote is gone unless it is the same
+        // bytes (a one-block NAR packed as nix packs it)
+        assert!(root.join(field(new, "URL")[0]).exists(), "{new}");
+        if field(old, "URL") != field(new, "URL") {
+            replaced += 1;
+            assert!(!root.join(field(old, "URL")[0]).exists(), "{old}");
+        }
+    }
+    let big_hash = f.hash("narfs-test-big");
+    assert_ne!(
+        field(&before[big_hash], "URL"),
+        field(&after[big_hash], "URL")
+    );
+    assert!(replaced >= 1);
+
+    // again: nothing to do
+    let (code, _, err) = index(&[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        err.matches("already indexed ").count(),
+        f.paths.len(),
+        "{err}"
+    );
+    assert_eq!(narinfos(&s3, "nix"), after);
+
+    // the real nix copies the closure back from it, with the key it trusted before
+    let app = format!("/nix/store/{}", f.path("narfs-test-app"));
+    let back = format!("local?root={}", tmp.path().join("back").display());
+    run(nix(&["copy", "--option", "substituters", ""])
+        .args(["--option", "trusted-public-keys", &f.public_key])
+        .arg("--from")
+        .arg(format!("file://{}", root.display()))
+        .args(["--to", &back])
+        .arg(&app));
+    assert_eq!(nar_hashes(&back, &app), nar_hashes(&f.store, &app));
+
+    // a mount lists it without a NAR and reads a small file by its blocks
+    let proxy = Proxy::start(s3.port);
+    let purl = s3.url(proxy.port, "nix");
+    {
+        let m = Mounted::start(&purl, &[&f.public_key], None, &[]);
+        m.wait_root(f.paths.len());
+        run(Command::new("ls").arg("-lR").arg(&m.mnt));
+        for name in f.paths.keys() {
+            assert_eq!(shape(&m.p(f.path(name))), shape(&f.real(name)), "{name}");
+        }
+        assert_eq!(nar_gets(&proxy), Vec::<String>::new());
+        let small = m.p(f.path("narfs-test-big")).join("data/small.txt");
+        assert_eq!(std::fs::read_to_string(&small).unwrap(), "small\n");
+        let gets = nar_gets(&proxy);
+        assert!(
+            !gets.is_empty() && gets.iter().all(|g| g.contains(" range=bytes=")),
+            "{gets:?}"
+        );
+        assert!(proxy.range_bytes("/nar/") < 2 << 20);
+    }
+
+    // narfs ls and cat: the index, no NAR; a file by its blocks only
+    proxy.clear();
+    let big = format!("/nix/store/{}", f.path("narfs-test-big"));
+    let (code, text, err) = out(narfs()
+        .args(["ls", "-lR", "--trusted-public-key", &f.public_key, &purl])
+        .arg(format!("/nix/store/{}", f.path("narfs-test-app"))));
+    assert_eq!(code, 0, "{err}");
+    assert!(text.contains("app-link -> app"), "{text}");
+    assert_eq!(nar_gets(&proxy), Vec::<String>::new());
+    let (code, text, err) = out(narfs()
+        .args(["cat", "--trusted-public-key", &f.public_key, &purl])
+        .arg(format!("{big}/data/small.txt")));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(text, "small\n");
+    let gets = nar_gets(&proxy);
+    assert!(
+        !gets.is_empty() && gets.iter().all(|g| g.contains(" range=bytes=")),
+        "{gets:?}"
+    );
+
+    // narfs verify checks every index against its NAR
+    let (code, text, err) =
+        out(narfs().args(["verify", "--trusted-public-key", &f.public_key, &url]));
+    assert_eq!(code, 0, "{text}{err}");
+    assert_eq!(text.matches("ok ").count(), f.paths.len(), "{text}");
+    // another path's index, signed by the same trusted key, in the big path's place
+    let lib_index = root.join(format!("{}.narfs-index", f.hash("narfs-test-lib")));
+    std::fs::copy(&lib_index, root.join(format!("{big_hash}.narfs-index"))).unwrap();
+    let (code, text, _) = out(narfs()
+        .args(["verify", "--trusted-public-key", &f.public_key, &url])
+        .arg(&big));
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains(&format!("FAILED {big}: file index")) && text.contains(".narfs-index"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_slice_of_a_big_file_costs_about_its_own_size() {
+    use std::io::{Read, Seek, SeekFrom};
+    let f = fixture();
+    let s3 = S3Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let pk = push_closure_with(&s3, tmp.path(), "none");
+    let proxy = Proxy::start(s3.port);
+    let m = Mounted::start(&s3.url(proxy.port, "ix"), &[&pk], None, &[]);
+    let rel = "data/numbers.txt";
+    let real = std::fs::read(f.real("narfs-test-big").join(rel)).unwrap();
+    assert!(real.len() > 20 << 20);
+    // 1 MiB from the middle of a 20 MiB file
+    let mut file = std::fs::File::open(m.p(f.path("narfs-test-big")).join(rel)).unwrap();
+    file.seek(SeekFrom::Start(10 << 20)).unwrap();
+    let mut got = vec![0; 1 << 20];
+    file.read_exact(&mut got).unwrap();
+    assert!(got == real[10 << 20..11 << 20]);
+    let fetched = proxy.range_bytes("/nar/");
+    assert_eq!(proxy.gets("/nar/"), nar_gets(&proxy).len());
+    assert!(
+        nar_gets(&proxy).iter().all(|g| g.contains(" range=bytes=")),
+        "{:?}",
+        nar_gets(&proxy)
+    );
+    // the chunk(s) it spans and the blocks around them, not the file
+    assert!(
+        (1 << 20..=4 << 20).contains(&fetched),
+        "{fetched} bytes fetched for 1 MiB of a {}-byte file",
+        real.len()
+    );
+}

@@ -7,25 +7,6 @@ use common::*;
 use std::path::Path;
 use std::process::Command;
 
-/// NarHash of every path of a closure, as a store registered it.
-fn nar_hashes(store: &str, top: &str) -> Vec<(String, String)> {
-    let json = run(nix(&["path-info", "--json", "-r", "--store", store]).arg(top));
-    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    let mut out: Vec<(String, String)> = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            (
-                p["path"].as_str().unwrap().to_owned(),
-                p["narHash"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    out.sort();
-    out
-}
-
 fn keygen(dir: &Path, name: &str) -> (String, String) {
     let (sk, pk) = (
         dir.join(format!("{name}.sec")),

@@ -100,6 +100,19 @@ impl Storage for FileStorage {
         }
     }
 
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        super::check_key(self, "remove", key)?;
+        match tokio::fs::remove_file(self.root.join(key)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StorageError {
+                op: "remove",
+                location: self.location(key),
+                detail: e.to_string(),
+            }),
+        }
+    }
+
     async fn put(&self, key: &str, data: Upload, _content_type: &str) -> Result<(), StorageError> {
         super::check_key(self, "write", key)?;
         let dest = self.root.join(key);

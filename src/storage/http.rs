@@ -147,6 +147,15 @@ impl Storage for HttpStorage {
             .is_some())
     }
 
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        Err(self.error(
+            "DELETE",
+            key,
+            "narfs does not write to HTTP caches; index the s3:// or file:// cache behind it"
+                .into(),
+        ))
+    }
+
     async fn put(&self, key: &str, _data: Upload, _ct: &str) -> Result<(), StorageError> {
         Err(self.error(
             "PUT",

@@ -67,6 +67,8 @@ pub trait Storage: Send + Sync + 'static {
     /// Writes an object whole; readers see the old object or the new one, never a
     /// part (S3 PUT semantics; a temp file and a rename for files).
     async fn put(&self, key: &str, data: Upload, content_type: &str) -> Result<(), StorageError>;
+    /// Removes an object (gone already is fine).
+    async fn delete(&self, key: &str) -> Result<(), StorageError>;
 }
 
 /// Reads a small object whole, refusing more than `max` bytes (a hostile cache must
@@ -100,6 +102,29 @@ pub async fn get_small(
 
 /// Opens the cache at `url`. An http(s) cache without credentials in its URL takes
 /// those `netrc` has for its host, as Nix does.
+/// The hash part of every `<hash>.narinfo` at the cache's root: the paths it holds.
+pub async fn narinfo_hashes(storage: &dyn Storage) -> Result<Vec<String>, String> {
+    let mut token = None;
+    let mut out = Vec::new();
+    loop {
+        let page = storage
+            .list_page(token.take())
+            .await
+            .map_err(|e| e.to_string())?;
+        out.extend(
+            page.keys
+                .iter()
+                .filter_map(|k| k.strip_suffix(".narinfo"))
+                .filter(|h| crate::formats::store_path::is_hash_part(h))
+                .map(str::to_owned),
+        );
+        match page.next {
+            Some(t) => token = Some(t),
+            None => return Ok(out),
+        }
+    }
+}
+
 pub async fn open(url: &CacheUrl, netrc: Option<&netrc::Netrc>) -> Arc<dyn Storage> {
     match url {
         CacheUrl::S3(u) => Arc::new(S3Storage::new(u).await),

@@ -342,6 +342,18 @@ impl Storage for S3Storage {
         }
     }
 
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        super::check_key(self, "DELETE", key)?;
+        self.client
+            .delete_object()
+            .bucket(&self.url.bucket)
+            .key(self.url.key(key))
+            .send()
+            .await
+            .map_err(|e| self.error("DELETE", key, e))?;
+        Ok(())
+    }
+
     async fn put(&self, key: &str, data: Upload, content_type: &str) -> Result<(), StorageError> {
         super::check_key(self, "PUT", key)?;
         use aws_sdk_s3::primitives::ByteStream;

@@ -1007,3 +1007,22 @@ pub fn tree_kept(cache_dir: &Path, nar_hash: &str) -> bool {
         .to_nix_string();
     cache_dir.join("trees").join(&h[7..]).exists()
 }
+
+/// NarHash of every path of a closure, as a store registered it.
+pub fn nar_hashes(store: &str, top: &str) -> Vec<(String, String)> {
+    let json = run(nix(&["path-info", "--json", "-r", "--store", store]).arg(top));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let mut out: Vec<(String, String)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["path"].as_str().unwrap().to_owned(),
+                p["narHash"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}

@@ -16,6 +16,7 @@ use crate::retry::{Attempt, Guarded, Policy};
 use crate::storage::Storage;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use std::collections::HashMap;
+use std::io::Read;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::io::AsyncReadExt;
@@ -95,13 +96,21 @@ impl Blocks {
     }
 }
 
-/// Decoded NAR bytes of blocks `first..first + data.len()`.
+/// Decoded NAR bytes `[start, start + nar.len())`: blocks of one run, in order.
 struct Decoded {
-    first: usize,
-    data: Vec<Arc<Vec<u8>>>,
+    start: u64,
+    nar: Vec<u8>,
 }
 
-type Run = Shared<BoxFuture<'static, Result<Arc<Decoded>, Arc<String>>>>;
+/// A run under way: its result once all its blocks are decoded, and before that the
+/// NAR offset up to which every chunk it holds whole has been dealt with (stored once
+/// its hash matched), so a reader whose chunk is early in the run need not wait for
+/// the rest.
+#[derive(Clone)]
+struct Run {
+    done: Shared<BoxFuture<'static, Result<Arc<Decoded>, Arc<String>>>>,
+    progress: tokio::sync::watch::Receiver<u64>,
+}
 
 pub struct BlockReader {
     storage: Arc<dyn Storage>,
@@ -178,31 +187,46 @@ impl BlockReader {
             }
             runs
         };
-        let mut decoded: HashMap<usize, Arc<Vec<u8>>> = HashMap::new();
+        let end = c.nar_offset + c.len;
+        // one run holds the whole chunk: done as soon as the run got past it
+        if let [run] = &runs[..] {
+            let mut progress = run.progress.clone();
+            tokio::select! {
+                biased;
+                _ = run.done.clone() => {}
+                r = progress.wait_for(|&at| at >= end) => {
+                    if r.is_ok() && self.disk.has_blob(&c.hash) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        let mut decoded: Vec<Arc<Decoded>> = Vec::new();
         for r in runs {
-            let d = r.await.map_err(|e| e.to_string())?;
-            for (k, data) in d.data.iter().enumerate() {
-                decoded.insert(d.first + k, data.clone());
+            let d = r.done.await.map_err(|e| e.to_string())?;
+            if !decoded.iter().any(|x| Arc::ptr_eq(x, &d)) {
+                decoded.push(d);
             }
         }
         if self.disk.has_blob(&c.hash) {
             return Ok(()); // stored by the run
         }
         // a chunk across blocks of different runs: put together here
+        decoded.sort_by_key(|d| d.start);
         let mut bytes = Vec::with_capacity(c.len as usize);
-        for k in want.clone() {
-            let (blk, data) = (&b.blocks[k], &decoded[&k]);
-            let from = c.nar_offset.max(blk.nar_offset) - blk.nar_offset;
-            let to =
-                (c.nar_offset + c.len).min(blk.nar_offset + blk.nar_len as u64) - blk.nar_offset;
-            bytes.extend_from_slice(&data[from as usize..to as usize]);
+        for d in &decoded {
+            let from = c.nar_offset.max(d.start);
+            let to = end.min(d.start + d.nar.len() as u64);
+            if from < to {
+                bytes.extend_from_slice(&d.nar[(from - d.start) as usize..(to - d.start) as usize]);
+            }
         }
         if Sha256::digest(&bytes) != c.hash {
             return Err(format!(
                 "{}: NAR bytes {}..{} (blocks {}..{} of {}) do not match their hash in the signed index",
                 b.store_path,
                 c.nar_offset,
-                c.nar_offset + c.len,
+                end,
                 want.start,
                 want.end,
                 b.url
@@ -231,6 +255,7 @@ impl BlockReader {
         priority: Priority,
     ) -> Run {
         let me = self.clone();
+        let (progress_tx, progress) = tokio::sync::watch::channel(0u64);
         let keys: Vec<(String, usize)> = range.clone().map(|k| (b.url.clone(), k)).collect();
         let inflight = self.inflight.clone();
         let work = async move {
@@ -249,19 +274,20 @@ impl BlockReader {
                 }
             }
             let _done = Done(inflight, keys);
-            me.run(&b, range, priority)
+            me.run(&b, range, priority, progress_tx)
                 .await
                 .map(Arc::new)
                 .map_err(Arc::new)
         };
         let handle = tokio::spawn(work);
-        async move {
+        let done = async move {
             handle
                 .await
                 .unwrap_or_else(|e| Err(Arc::new(format!("a block fetch failed: {e}"))))
         }
         .boxed()
-        .shared()
+        .shared();
+        Run { done, progress }
     }
 
     async fn run(
@@ -269,6 +295,7 @@ impl BlockReader {
         b: &Blocks,
         range: std::ops::Range<usize>,
         priority: Priority,
+        progress: tokio::sync::watch::Sender<u64>,
     ) -> Result<Decoded, String> {
         let _slot = self.slots.acquire().await;
         let (first, last) = (&b.blocks[range.start], &b.blocks[range.end - 1]);
@@ -282,40 +309,11 @@ impl BlockReader {
             self.storage.location(&b.url)
         );
         let t0 = Instant::now();
-        let policy = self.policy;
-        let bytes = crate::retry::run(policy, &what, |deadline| async move {
-            let body = match self.storage.get_range(&b.url, comp_start, comp_len).await {
-                Ok(Some(body)) => body,
-                Ok(None) => return Err(Attempt::Permanent("the NAR does not exist".into())),
-                Err(e) => return Err(Attempt::Transient(e.to_string())),
-            };
-            let mut buf = Vec::with_capacity(comp_len as usize);
-            Guarded::new(body, policy.stall, deadline)
-                .take(comp_len)
-                .read_to_end(&mut buf)
-                .await
-                .map_err(|e| Attempt::Transient(e.to_string()))?;
-            if buf.len() as u64 != comp_len {
-                return Err(Attempt::Permanent(format!(
-                    "{} bytes where the index has {comp_len}",
-                    buf.len()
-                )));
-            }
-            Ok(buf)
-        })
-        .await
-        .inspect_err(|e| {
-            Metrics::inc(&self.metrics.block_failed);
-            tracing::error!("{e}");
-        })?;
-        self.metrics.block_fetched(comp_len);
-        // decode each block and store the chunks lying whole in them, off the runtime
-        let blocks: Vec<Block> = b.blocks[range.clone()].to_vec();
-        let chunks: Vec<ChunkAt> = b
+        let blocks: Arc<[Block]> = b.blocks[range.clone()].into();
+        let chunks: Arc<[ChunkAt]> = b
             .chunks_within(first.nar_offset, last.nar_offset + last.nar_len as u64)
-            .to_vec();
-        let (compression, disk, store_path) =
-            (b.compression, self.disk.clone(), b.store_path.clone());
+            .into();
+        let disk = self.disk.clone();
         let missing: u64 = chunks
             .iter()
             .filter(|c| !disk.has_blob(&c.hash))
@@ -328,60 +326,80 @@ impl BlockReader {
                 .reserve(missing, false)
                 .unwrap_or_else(|_| disk.no_reservation()),
         };
+        let writer = Arc::new(Mutex::new(disk.writer(reservation)));
+        let progress = Arc::new(progress);
+        let policy = self.policy;
+        let (compression, store_path) = (b.compression, b.store_path.clone());
         let first_index = range.start;
-        let decoded = tokio::task::spawn_blocking(move || -> Result<Decoded, String> {
-            let mut data = Vec::with_capacity(blocks.len());
-            for (k, blk) in blocks.iter().enumerate() {
-                let at = (blk.comp_offset - comp_start) as usize;
-                let comp = &bytes[at..at + blk.comp_len as usize];
-                let plain = crate::seekable::decode_block(compression, comp, blk.nar_len)
-                    .map_err(|e| format!("{store_path}: block {}: {e}", first_index + k))?;
-                data.push(Arc::new(plain));
+        let decoded = crate::retry::run(policy, &what, |deadline| {
+            let (blocks, chunks, disk, writer, progress, store_path) = (
+                blocks.clone(),
+                chunks.clone(),
+                disk.clone(),
+                writer.clone(),
+                progress.clone(),
+                store_path.clone(),
+            );
+            async move {
+                let body = match self.storage.get_range(&b.url, comp_start, comp_len).await {
+                    Ok(Some(body)) => body,
+                    Ok(None) => return Err(Attempt::Permanent("the NAR does not exist".into())),
+                    Err(e) => return Err(Attempt::Transient(e.to_string())),
+                };
+                let guarded = Guarded::new(body, policy.stall, deadline);
+                let transport = guarded.failed.clone();
+                let reader = crate::fetch::read_ahead(guarded.take(comp_len));
+                // decoded as the bytes come: each chunk is stored (and its readers
+                // let go) as soon as it is whole and its hash matched
+                tokio::task::spawn_blocking(move || {
+                    let mut input = Counting {
+                        inner: reader,
+                        n: 0,
+                    };
+                    let run = Streamed {
+                        compression,
+                        blocks: &blocks,
+                        chunks: &chunks,
+                        first_index,
+                        store_path: &store_path,
+                        disk: &disk,
+                        writer: &writer,
+                        progress: &progress,
+                    };
+                    match run.decode(&mut input) {
+                        Ok(d) => Ok(d),
+                        Err(e) => {
+                            // cut short by the network, or bytes that do not decode?
+                            let _ = std::io::copy(&mut input, &mut std::io::sink());
+                            if transport.load(std::sync::atomic::Ordering::Relaxed)
+                                || input.n < comp_len
+                            {
+                                Err(Attempt::Transient(e))
+                            } else {
+                                Err(Attempt::Permanent(e))
+                            }
+                        }
+                    }
+                })
+                .await
+                .map_err(|e| Attempt::Permanent(e.to_string()))?
             }
-            let mut w = disk.writer(reservation);
-            let base = blocks[0].nar_offset;
-            let whole: Vec<u8>;
-            // one block: no copy; several: the chunks may cross block boundaries
-            let nar: &[u8] = if data.len() == 1 {
-                &data[0]
-            } else {
-                whole = data.iter().flat_map(|d| d.iter().copied()).collect();
-                &whole
-            };
-            for c in &chunks {
-                if disk.has_blob(&c.hash) {
-                    continue;
-                }
-                let from = (c.nar_offset - base) as usize;
-                let bytes = &nar[from..from + c.len as usize];
-                if Sha256::digest(bytes) != c.hash {
-                    // the chunk's reader reports it; the others are still good
-                    tracing::error!(
-                        "{store_path}: NAR bytes {}..{} decode to other bytes than the signed index says",
-                        c.nar_offset,
-                        c.nar_offset + c.len
-                    );
-                    continue;
-                }
-                match w.put(&c.hash, bytes) {
-                    Ok(_) => {}
-                    // a prefetch out of room: what is stored stays
-                    Err(e) if e.get_ref().is_some_and(|e| e.is::<crate::disk_cache::NoRoom>()) => break,
-                    Err(e) => return Err(format!("{store_path}: {e}")),
-                }
-            }
-            w.keep();
-            Ok(Decoded {
-                first: first_index,
-                data,
-            })
         })
-        .await
-        .map_err(|e| e.to_string())?
-        .inspect_err(|e| {
-            Metrics::inc(&self.metrics.block_refused);
-            tracing::error!("{e}");
-        })?;
+        .await;
+        let decoded = match decoded {
+            Ok(d) => d,
+            Err(e) => {
+                if e.contains("the block") {
+                    Metrics::inc(&self.metrics.block_refused);
+                } else {
+                    Metrics::inc(&self.metrics.block_failed);
+                }
+                tracing::error!("{e}");
+                return Err(e);
+            }
+        };
+        writer.lock().unwrap().keep();
+        self.metrics.block_fetched(comp_len);
         tracing::debug!(
             path = %b.store_path,
             blocks = range.len(),
@@ -390,5 +408,120 @@ impl BlockReader {
             "fetched and decoded blocks"
         );
         Ok(decoded)
+    }
+}
+
+/// Counts what was read through it.
+struct Counting<R> {
+    inner: R,
+    n: u64,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.n += n as u64;
+        Ok(n)
+    }
+}
+
+/// One attempt at decoding a run's blocks from its compressed bytes as they arrive.
+struct Streamed<'a> {
+    compression: BlockCompression,
+    blocks: &'a [Block],
+    chunks: &'a [ChunkAt],
+    first_index: usize,
+    store_path: &'a StorePath,
+    disk: &'a DiskCache,
+    writer: &'a Mutex<crate::disk_cache::BlobWriter>,
+    progress: &'a tokio::sync::watch::Sender<u64>,
+}
+
+impl Streamed<'_> {
+    fn decode(&self, input: &mut (impl Read + Send)) -> Result<Decoded, String> {
+        let start = self.blocks[0].nar_offset;
+        let total: u64 = self.blocks.iter().map(|b| b.nar_len as u64).sum();
+        let mut nar = Vec::with_capacity(total as usize);
+        let mut next = 0; // the first chunk not dealt with yet
+        let mut out_of_room = false;
+        for (k, blk) in self.blocks.iter().enumerate() {
+            let fault =
+                |e: String| format!("{}: block {}: {e}", self.store_path, self.first_index + k);
+            let block_start = nar.len();
+            let mut plain = crate::seekable::block_reader(
+                self.compression,
+                (&mut *input).take(blk.comp_len as u64),
+            )
+            .map_err(fault)?
+            .take(blk.nar_len as u64 + 1);
+            loop {
+                let at = nar.len();
+                nar.resize(at + (256 << 10), 0);
+                let n = match plain.read(&mut nar[at..]) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        nar.truncate(at);
+                        return Err(fault(format!("the block does not decode: {e}")));
+                    }
+                };
+                nar.truncate(at + n);
+                if nar.len() - block_start > blk.nar_len as usize {
+                    return Err(fault(format!(
+                        "the block decodes to more than {} bytes",
+                        blk.nar_len
+                    )));
+                }
+                if n == 0 {
+                    break;
+                }
+                // every chunk now whole: stored once its hash matched
+                let decoded_to = start + nar.len() as u64;
+                while let Some(c) = self.chunks.get(next) {
+                    if c.nar_offset + c.len > decoded_to {
+                        break;
+                    }
+                    next += 1;
+                    if out_of_room || self.disk.has_blob(&c.hash) {
+                        continue;
+                    }
+                    let from = (c.nar_offset - start) as usize;
+                    let bytes = &nar[from..from + c.len as usize];
+                    if Sha256::digest(bytes) != c.hash {
+                        // the chunk's reader reports it; the others are still good
+                        tracing::error!(
+                            "{}: NAR bytes {}..{} decode to other bytes than the signed index says",
+                            self.store_path,
+                            c.nar_offset,
+                            c.nar_offset + c.len
+                        );
+                        continue;
+                    }
+                    match self.writer.lock().unwrap().put(&c.hash, bytes) {
+                        Ok(_) => {}
+                        // a prefetch out of room: what is stored stays
+                        Err(e)
+                            if e.get_ref()
+                                .is_some_and(|e| e.is::<crate::disk_cache::NoRoom>()) =>
+                        {
+                            out_of_room = true
+                        }
+                        Err(e) => return Err(format!("{}: {e}", self.store_path)),
+                    }
+                }
+                self.progress.send_if_modified(|p| {
+                    let newer = decoded_to > *p;
+                    *p = (*p).max(decoded_to);
+                    newer
+                });
+            }
+            if nar.len() - block_start != blk.nar_len as usize {
+                return Err(fault(format!(
+                    "the block decodes to {} bytes, not {}",
+                    nar.len() - block_start,
+                    blk.nar_len
+                )));
+            }
+        }
+        Ok(Decoded { start, nar })
     }
 }

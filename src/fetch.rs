@@ -16,6 +16,7 @@ use crate::retry::{Attempt, Guarded, Policy};
 use crate::singleflight::SingleFlight;
 use crate::storage::{Storage, StorageError};
 use std::io::{self, Read};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
@@ -93,7 +94,20 @@ pub struct Fetcher {
     /// Bounds narinfos fetched at once: each may buffer up to `MAX_NARINFO_BYTES`.
     narinfo_slots: tokio::sync::Semaphore,
     metrics: Arc<Metrics>,
+    /// File index bytes asked for together with the narinfo that will name them (a
+    /// store path looked up is about to be looked into), by hash: one round trip
+    /// instead of two. Unverified until that narinfo arrives; bounded.
+    speculated: Mutex<lru::LruCache<String, SpeculatedIndex>>,
+    /// Narinfos seen that did (`.0`) or did not (`.1`) name an index: a cache nix
+    /// wrote is not asked for indexes it does not have.
+    index_seen: (AtomicU64, AtomicU64),
 }
+
+type SpeculatedIndex =
+    futures::future::Shared<futures::future::BoxFuture<'static, Option<Vec<u8>>>>;
+
+/// Indexes fetched ahead of their narinfo, at most.
+const SPECULATED: usize = 64;
 
 impl Fetcher {
     pub fn new(
@@ -121,6 +135,10 @@ impl Fetcher {
             listing_slots: tokio::sync::Semaphore::new(LISTING_SLOTS),
             narinfo_slots: tokio::sync::Semaphore::new(NARINFO_SLOTS),
             metrics: Arc::default(),
+            speculated: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(SPECULATED).expect("non-zero"),
+            )),
+            index_seen: Default::default(),
         }
     }
 
@@ -208,13 +226,23 @@ impl Fetcher {
                         }
                     }
                 }
-                let bytes = match me
-                    .get_small_retrying(
-                        &key,
-                        crate::formats::file_index::MAX_BODY as usize + (16 << 10),
-                    )
-                    .await
-                {
+                // asked for with the narinfo, if it is where that narinfo says
+                let speculated = me.speculated.lock().unwrap().pop(&hash);
+                let early = match speculated {
+                    Some(f) if key == crate::formats::file_index::object_key(&hash) => f.await,
+                    _ => None,
+                };
+                let got = match early {
+                    Some(b) => Ok(Some(b)),
+                    None => {
+                        me.get_small_retrying(
+                            &key,
+                            crate::formats::file_index::MAX_BODY as usize + (16 << 10),
+                        )
+                        .await
+                    }
+                };
+                let bytes = match got {
                     Ok(Some(b)) => b,
                     Ok(None) => {
                         tracing::warn!(
@@ -403,6 +431,44 @@ impl Fetcher {
         self.narinfo_from_cache(hash).await
     }
 
+    /// [`Self::narinfo`] for a path about to be looked into (a lookup by name): its
+    /// file index, if it is where `narfs push` puts it, is asked for at the same time.
+    pub async fn narinfo_and_index(
+        self: &Arc<Self>,
+        hash: &str,
+    ) -> Result<Lookup, Arc<FetchError>> {
+        let (with, without) = (
+            self.index_seen.0.load(Relaxed),
+            self.index_seen.1.load(Relaxed),
+        );
+        // unless the cache has shown it has none
+        if (with > 0 || without < 16) && !self.disk.has_index(hash) {
+            let key = crate::formats::file_index::object_key(hash);
+            let me = self.clone();
+            let fut = async move {
+                me.get_small_retrying(
+                    &key,
+                    crate::formats::file_index::MAX_BODY as usize + (16 << 10),
+                )
+                .await
+                .ok()
+                .flatten()
+            };
+            let handle = tokio::spawn(fut);
+            use futures::FutureExt;
+            let shared = async move { handle.await.ok().flatten() }.boxed().shared();
+            self.speculated
+                .lock()
+                .unwrap()
+                .get_or_insert(hash.to_owned(), || shared);
+        }
+        let r = self.narinfo(hash).await;
+        if !matches!(&r, Ok(Lookup::Found(i)) if i.index.is_some()) {
+            self.speculated.lock().unwrap().pop(hash);
+        }
+        r
+    }
+
     /// Asks the cache itself, ignoring what was verified before: after a NAR failed its
     /// checks, the narinfo may have been repaired (a new URL or FileHash).
     pub async fn narinfo_from_cache(
@@ -452,6 +518,11 @@ impl Fetcher {
         match info.verify(hash, &self.keys) {
             Ok(signer) => {
                 Metrics::inc(&self.metrics.narinfo_fetched);
+                if info.index.is_some() {
+                    self.index_seen.0.fetch_add(1, Relaxed);
+                } else {
+                    self.index_seen.1.fetch_add(1, Relaxed);
+                }
                 tracing::debug!(path = %info.store_path, signer = %signer.name, ms = t0.elapsed().as_millis() as u64, "narinfo verified");
                 if let Err(e) = self.disk.save_narinfo(&signer.id(), hash, &info.to_text()) {
                     tracing::warn!(

@@ -207,11 +207,6 @@ pub struct Packed {
     pub info: NarInfo,
 }
 
-/// The key of a path's file index in a cache.
-pub fn index_key(sp: &StorePath) -> String {
-    format!("{}.narfs-index", sp.hash_part())
-}
-
 /// Writes the NAR of `info.path` (found under `root`) into a temp file in `tmp` as a
 /// seekable NAR (independently decodable blocks, one ordinary compressed file), and
 /// builds its file index, checking the NAR against the registered NarHash and NarSize
@@ -284,7 +279,8 @@ pub fn pack(
             deriver: info.deriver.clone(),
             sigs: info.sigs.clone(),
             ca: info.ca.clone(),
-            index: with_index.then(|| index_key(&info.path)),
+            index: with_index
+                .then(|| crate::formats::file_index::object_key(info.path.hash_part())),
         },
         index,
     })
@@ -365,7 +361,7 @@ async fn upload_nar(
     if let (Some(index), Some(key)) = (&p.index, key) {
         storage
             .put(
-                &index_key(&p.info.store_path),
+                &crate::formats::file_index::object_key(p.info.store_path.hash_part()),
                 Upload::Bytes(index.to_bytes(&[key])),
                 "application/octet-stream",
             )

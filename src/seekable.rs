@@ -351,14 +351,22 @@ fn xz(level: Option<u32>, data: &[u8], x86: bool) -> io::Result<Vec<u8>> {
 
 /// Decodes one block (its compressed bytes) into exactly `nar_len` bytes: more or
 /// fewer is an error, and decoding stops at `nar_len + 1` however well it compresses.
-pub fn decode_block(c: BlockCompression, comp: &[u8], nar_len: u32) -> Result<Vec<u8>, String> {
+/// A decoder of one block read from `comp` (which must end where the block does).
+pub fn block_reader<'a, R: Read + Send + 'a>(
+    c: BlockCompression,
+    comp: R,
+) -> Result<Box<dyn Read + Send + 'a>, String> {
     let compression = match c {
         BlockCompression::None => crate::formats::narinfo::Compression::None,
         BlockCompression::Xz => crate::formats::narinfo::Compression::Xz,
         BlockCompression::Zstd => crate::formats::narinfo::Compression::Zstd,
     };
+    crate::decompress::nar_reader(&compression, comp)
+}
+
+pub fn decode_block(c: BlockCompression, comp: &[u8], nar_len: u32) -> Result<Vec<u8>, String> {
     let mut out = Vec::with_capacity(nar_len as usize);
-    crate::decompress::nar_reader(&compression, comp)?
+    block_reader(c, comp)?
         .take(nar_len as u64 + 1)
         .read_to_end(&mut out)
         .map_err(|e| format!("the block does not decode: {e}"))?;

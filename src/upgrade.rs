@@ -273,7 +273,7 @@ async fn index_one(
         blocks: packed.blocks.clone(),
         root: packed.tree,
     };
-    let index_key = crate::push::index_key(&info.store_path);
+    let index_key = crate::formats::file_index::object_key(info.store_path.hash_part());
     let e = |e: crate::storage::StorageError| e.to_string();
     // new NAR, index, narinfo; the old NAR last (by the caller)
     if !storage.exists(&new_url).await.map_err(e)? {

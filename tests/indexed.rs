@@ -496,3 +496,27 @@ fn a_slice_of_a_big_file_costs_about_its_own_size() {
         real.len()
     );
 }
+
+#[test]
+fn blocks_cut_off_midway_are_fetched_again_and_served_whole() {
+    use common::proxy::Fault;
+    let f = fixture();
+    let s3 = S3Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let pk = push_closure(&s3, tmp.path());
+    let proxy = Proxy::start(s3.port);
+    let m = Mounted::start(&s3.url(proxy.port, "ix"), &[&pk], None, &[]);
+    let big = m.p(f.path("narfs-test-big"));
+    // the first block responses die after a few KiB (while the decoder is streaming
+    // them), one more gets a 500
+    proxy.fault("/nar/", Fault::CutAfter(3000), 2);
+    proxy.fault("/nar/", Fault::Status(500), 1);
+    let got = std::fs::read(big.join("data/numbers.txt")).unwrap();
+    assert!(got == std::fs::read(f.real("narfs-test-big").join("data/numbers.txt")).unwrap());
+    assert!(nar_gets(&proxy).len() >= 4, "{:?}", nar_gets(&proxy));
+    assert!(
+        !m.log_text().contains("decode to other bytes"),
+        "{}",
+        m.log_text()
+    );
+}

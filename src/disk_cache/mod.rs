@@ -549,6 +549,10 @@ impl DiskCache {
         Some(bytes)
     }
 
+    pub fn has_index(&self, hash_part: &str) -> bool {
+        fs::symlink_metadata(self.index_path(hash_part)).is_ok()
+    }
+
     pub fn drop_index(&self, hash_part: &str) {
         let _ = fs::remove_file(self.index_path(hash_part));
     }

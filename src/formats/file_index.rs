@@ -108,6 +108,13 @@ fn body_err(s: impl Into<String>) -> IndexError {
 }
 
 /// Chunks of a file of `size` bytes.
+/// Where `narfs push` and `narfs index` put a path's index: next to its narinfo. A
+/// narinfo's `NarfsIndex:` line names it; this name only lets a reader ask for it
+/// before that narinfo arrived.
+pub fn object_key(hash_part: &str) -> String {
+    format!("{hash_part}.narfs-index")
+}
+
 pub fn chunk_count(size: u64, shift: u8) -> u64 {
     size.div_ceil(1u64 << shift)
 }

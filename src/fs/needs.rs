@@ -165,7 +165,7 @@ impl Fs {
         match need {
             Need::NarInfo(name) => {
                 let sp = StorePath::from_basename(&name).map_err(|_| Errno::ENOENT)?;
-                match self.fetcher.narinfo(sp.hash_part()).await {
+                match self.fetcher.narinfo_and_index(sp.hash_part()).await {
                     Ok(Lookup::Found(info)) => {
                         if info.store_path != sp {
                             tracing::warn!(

@@ -29,6 +29,7 @@ const FLAGS: &[(&str, &str)] = &[
     ("allow-other", "--allow-other"),
     ("passthrough", "--passthrough"),
     ("no-open", "--no-open"),
+    ("page-cache", "--page-cache"),
 ];
 
 /// Generic mount options that mean nothing to narfs (a narfs mount is always

@@ -191,8 +191,13 @@ struct MountArgs {
     /// Tell the kernel opens need no answer: no round trip per opened file (the
     /// fastest warm reads). Listings are then not used, so the first look inside a
     /// path fetches its NAR: only verified attributes ever reach the kernel.
+    /// [default for caches with file indexes, whose nix-cache-info says NarfsIndexes: 1]
     #[arg(long)]
     no_open: bool,
+    /// Each open waits for narfs (reads then stay in the kernel's page cache) and
+    /// `.ls` listings are used [default for caches without file indexes].
+    #[arg(long, conflicts_with_all = ["no_open", "passthrough"])]
+    page_cache: bool,
     /// Mount noexec: programs in the store cannot be run from the mount.
     #[arg(long)]
     noexec: bool,
@@ -869,6 +874,7 @@ fn main() -> ExitCode {
                 prefetch_references: a.prefetch_references,
                 passthrough: a.passthrough,
                 no_open: a.no_open,
+                page_cache: a.page_cache,
                 noexec: a.noexec,
                 metrics_addr: a.metrics_addr,
                 netrc_file: a.netrc_file,

@@ -26,6 +26,8 @@ pub struct MountOptions {
     pub passthrough: bool,
     /// No FUSE opens; metadata only from verified NARs.
     pub no_open: bool,
+    /// Keep the open round trip (and listings) even for a cache with file indexes.
+    pub page_cache: bool,
     pub noexec: bool,
     /// `HOST:PORT` to serve Prometheus metrics on.
     pub metrics_addr: Option<String>,
@@ -69,12 +71,40 @@ fn parse_keys(keys: &[String]) -> Result<TrustedKeys, MountError> {
     Ok(t)
 }
 
+/// What a cache's `nix-cache-info` tells narfs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheInfo {
+    /// `NarfsIndexes: 1`: paths were pushed or indexed with signed file indexes. Unsigned,
+    /// so it only picks between two modes that are both safe (see `OpenMode`).
+    pub indexed: bool,
+}
+
+/// The `nix-cache-info` line `narfs push` and `narfs index` add (nix ignores keys it
+/// does not know).
+pub const INDEXED_KEY: &str = "NarfsIndexes";
+
+/// `text` of a `nix-cache-info` with the `NarfsIndexes: 1` line, or `None` if it has it.
+pub fn with_indexed_line(text: &str) -> Option<String> {
+    if text
+        .lines()
+        .any(|l| l.split_once(':').map(|(k, v)| (k, v.trim())) == Some((INDEXED_KEY, "1")))
+    {
+        return None;
+    }
+    let mut out = text.to_owned();
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    out += &format!("{INDEXED_KEY}: 1\n");
+    Some(out)
+}
+
 /// Fetches `nix-cache-info` and checks the store directory: a wrong URL, bucket or
 /// endpoint fails here, before anything is mounted.
 pub async fn check_cache(
     storage: &dyn Storage,
     url: &cache_url::CacheUrl,
-) -> Result<(), MountError> {
+) -> Result<CacheInfo, MountError> {
     let info = get_small(storage, "nix-cache-info", 64 * 1024)
         .await
         .map_err(|e| MountError::Failed(format!("cannot reach the cache {url}: {e}")))?
@@ -89,8 +119,11 @@ pub async fn check_cache(
         .lines()
         .find_map(|l| l.strip_prefix("StoreDir:"))
         .map(str::trim);
+    let indexed = text
+        .lines()
+        .any(|l| l.split_once(':').map(|(k, v)| (k, v.trim())) == Some((INDEXED_KEY, "1")));
     match store_dir {
-        Some("/nix/store") => Ok(()),
+        Some("/nix/store") => Ok(CacheInfo { indexed }),
         Some(other) => Err(MountError::Failed(format!(
             "{url} is a cache for store directory {other}, not /nix/store"
         ))),
@@ -145,8 +178,17 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
         .map_err(|e| MountError::Failed(format!("cannot start the runtime: {e}")))?;
     let t0 = Instant::now();
     let storage = rt.block_on(storage::open(&parsed.url, netrc.as_ref()));
-    rt.block_on(check_cache(&*storage, &parsed.url))?;
+    let info = rt.block_on(check_cache(&*storage, &parsed.url))?;
     tracing::info!(url = %parsed.url, ms = t0.elapsed().as_millis() as u64, "cache answered");
+    // A cache whose paths have file indexes is read without a round trip per open;
+    // listings are then not used (paths without an index show verified metadata
+    // only, from their NARs).
+    let no_open = opts.no_open || (info.indexed && !opts.page_cache && !opts.passthrough);
+    if no_open && !opts.no_open {
+        tracing::info!(
+            "the cache has file indexes: opens need no round trip (--page-cache to use .ls listings of paths without one)"
+        );
+    }
 
     let policy = crate::retry::Policy {
         budget: opts.timeout,
@@ -164,7 +206,7 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
         crate::fs::FsOptions {
             prefetch_references: opts.prefetch_references,
             jobs: opts.jobs,
-            use_listings: !opts.no_open,
+            use_listings: !no_open,
         },
     );
     rt.spawn(keep_listing(fs.clone(), opts.refresh_interval));
@@ -215,7 +257,7 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
             rt.handle().clone(),
             if opts.passthrough {
                 crate::fuse::OpenMode::Passthrough
-            } else if opts.no_open {
+            } else if no_open {
                 crate::fuse::OpenMode::NoOpen
             } else {
                 crate::fuse::OpenMode::PageCache

@@ -371,6 +371,31 @@ async fn upload_nar(
     Ok(p.info)
 }
 
+/// Writes `nix-cache-info` (if missing) with the line telling mounts the cache has
+/// file indexes, or adds that line to the one there, keeping every other line.
+pub async fn mark_indexed(storage: &dyn Storage) -> Result<(), String> {
+    let e = |e: crate::storage::StorageError| e.to_string();
+    let text = match crate::storage::get_small(storage, "nix-cache-info", 64 * 1024)
+        .await
+        .map_err(e)?
+    {
+        Some(b) => String::from_utf8(b)
+            .map_err(|_| format!("{}: not UTF-8 text", storage.location("nix-cache-info")))?,
+        None => NIX_CACHE_INFO.to_owned(),
+    };
+    if let Some(text) = crate::mount::with_indexed_line(&text) {
+        storage
+            .put(
+                "nix-cache-info",
+                Upload::Bytes(text.into_bytes()),
+                "text/x-nix-cache-info",
+            )
+            .await
+            .map_err(e)?;
+    }
+    Ok(())
+}
+
 /// Pushes the closures `infos` (from `query_closure`) to `storage`.
 pub async fn push(
     storage: Arc<dyn Storage>,
@@ -379,7 +404,9 @@ pub async fn push(
     progress: &dyn Progress,
 ) -> Result<Summary, String> {
     let e = |e: crate::storage::StorageError| e.to_string();
-    if !storage.exists("nix-cache-info").await.map_err(e)? {
+    if opts.index && opts.key.is_some() {
+        mark_indexed(&*storage).await?;
+    } else if !storage.exists("nix-cache-info").await.map_err(e)? {
         storage
             .put(
                 "nix-cache-info",

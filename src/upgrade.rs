@@ -96,6 +96,14 @@ pub async fn index(
             _ => None,
         })
         .collect();
+    let indexed = results
+        .iter()
+        .any(|(_, r)| matches!(r, Ok((_, Done::Indexed { .. } | Done::Already))));
+    if indexed && !opts.dry_run {
+        if let Err(e) = crate::push::mark_indexed(&*storage).await {
+            report("", &Err(format!("nix-cache-info not updated: {e}")));
+        }
+    }
     if !replaced.is_empty() && !opts.dry_run {
         remove_unnamed(&*storage, replaced, report).await;
     }

@@ -520,3 +520,71 @@ fn blocks_cut_off_midway_are_fetched_again_and_served_whole() {
         m.log_text()
     );
 }
+
+#[test]
+fn a_cache_with_indexes_is_read_without_opens_and_never_from_a_listing() {
+    let f = fixture();
+    let s3 = S3Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, pk) = (tmp.path().join("ix.sec"), tmp.path().join("ix.pub"));
+    run(narfs().args(["keygen", "ix-1"]).arg(&sk).arg(&pk));
+    let pk = std::fs::read_to_string(pk).unwrap().trim().to_owned();
+    let push = |extra: &[&str], name: &str| {
+        let (code, _, err) = out(narfs()
+            .args(["push", "--store", &f.store, "--key-file"])
+            .arg(&sk)
+            .args(extra)
+            .arg(s3.url(s3.port, "ix"))
+            .arg(format!("/nix/store/{}", f.path(name))));
+        assert_eq!(code, 0, "{err}");
+    };
+    // the library without an index, then the closure with: the library keeps none
+    push(&["--no-index"], "narfs-test-lib");
+    let info = std::fs::read_to_string(object(&s3, "nix-cache-info")).unwrap();
+    assert!(!info.contains("NarfsIndexes"), "{info}");
+    push(&[], "narfs-test-app");
+    let info = std::fs::read_to_string(object(&s3, "nix-cache-info")).unwrap();
+    assert!(
+        info.contains("StoreDir: /nix/store\n") && info.contains("NarfsIndexes: 1\n"),
+        "{info}"
+    );
+    let lib_hash = f.hash("narfs-test-lib");
+    assert!(!object(&s3, &format!("{lib_hash}.narfs-index")).exists());
+    // the library's unsigned listing lies about a size
+    let ls = object(&s3, &format!("{lib_hash}.ls"));
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&ls).unwrap()).unwrap();
+    let size = &mut v["root"]["entries"]["lib"]["entries"]["greet.sh"]["size"];
+    assert_eq!(*size, 35);
+    *size = 5.into();
+    std::fs::write(&ls, v.to_string()).unwrap();
+
+    let m = Mounted::start(&s3.url(s3.port, "ix"), &[&pk], None, &[]);
+    m.wait_log("opens need no round trip");
+    let real = f.real("narfs-test-lib").join("lib/greet.sh");
+    let greet = m.p(f.path("narfs-test-lib")).join("lib/greet.sh");
+    assert_eq!(
+        std::fs::metadata(&greet).unwrap().len(),
+        std::fs::metadata(&real).unwrap().len()
+    );
+    assert_eq!(
+        std::fs::read(&greet).unwrap(),
+        std::fs::read(&real).unwrap()
+    );
+    assert_eq!(
+        std::fs::read_to_string(m.p(f.path("narfs-test-big")).join("data/small.txt")).unwrap(),
+        "small\n"
+    );
+    let out = run(&mut Command::new(
+        m.p(f.path("narfs-test-app")).join("bin/app"),
+    ));
+    assert_eq!(out, "hello from lib\n");
+    drop(m);
+    // --page-cache keeps the open round trip and uses the listing (its size given
+    // with no cache time, refuted once the NAR is read)
+    let m = Mounted::start(&s3.url(s3.port, "ix"), &[&pk], None, &["--page-cache"]);
+    assert_eq!(
+        std::fs::read(m.p(f.path("narfs-test-lib")).join("lib/greet.sh")).unwrap(),
+        std::fs::read(&real).unwrap()
+    );
+    assert!(!m.log_text().contains("opens need no round trip"));
+}

@@ -46,7 +46,7 @@ fn pushed_closures_are_accepted_by_nix_and_narfs() {
         .is_file());
     assert_eq!(
         std::fs::read_to_string(cache.join("nix-cache-info")).unwrap(),
-        "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n"
+        "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\nNarfsIndexes: 1\n"
     );
 
     // every path has a file index, signed by our key, describing its seekable NAR:

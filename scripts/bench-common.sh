@@ -70,12 +70,16 @@ wait_port() {
 start_servers() {
   s3port=$(port); httpport=$(port)
   mkdir -p "$work/s3/bucket"
+  # both servers with TCP_NODELAY, as production servers run (see scripts/nodelay.c)
+  cc -shared -fPIC -O2 -o "$work/nodelay.so" scripts/nodelay.c -ldl
+  export LD_PRELOAD="$work/nodelay.so"
   s3s-fs --host 127.0.0.1 --port "$s3port" --access-key bench --secret-key bench-secret "$work/s3" >/dev/null 2>&1 &
   pids+=($!)
   # HTTP/1.1: keep-alive, as every real binary cache has (with HTTP/1.0 each of nix's
   # requests would pay a new connection, one more round trip behind the link)
   (cd "$1" && exec python3 -m http.server --protocol HTTP/1.1 --bind 127.0.0.1 "$httpport" >/dev/null 2>&1) &
   pids+=($!)
+  unset LD_PRELOAD
   wait_port "$s3port"; wait_port "$httpport"
   if [ "$LINK" = 1 ]; then
     python3 scripts/linkproxy.py --rtt-ms "$RTT_MS" --mbit "$LINK_MBIT" --ready-file "$work/link.ready" \

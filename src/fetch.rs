@@ -211,6 +211,7 @@ impl Fetcher {
         self.indexes
             .run(info.store_path.hash_part().to_owned(), move || async move {
                 let hash = info.store_path.hash_part().to_owned();
+                let t0 = Instant::now();
                 // one kept by an earlier mount, verified again with the keys trusted now
                 let disk = me.disk.clone();
                 let h = hash.clone();
@@ -257,9 +258,11 @@ impl Fetcher {
                         return Ok(None);
                     }
                 };
+                let size = bytes.len();
                 match me.verify_index(&info, bytes).await? {
                     Ok((index, bytes)) => {
                         Metrics::inc(&me.metrics.index_fetched);
+                        tracing::debug!(path = %info.store_path, bytes = size, ms = t0.elapsed().as_millis() as u64, "file index verified");
                         if let Err(e) = me.disk.save_index(&hash, &bytes) {
                             tracing::warn!("cannot keep the file index of {}: {e}", info.store_path);
                         }

@@ -140,6 +140,9 @@ struct Keys {
     /// [default: /etc/nix/netrc if it exists].
     #[arg(long, value_name = "FILE")]
     netrc_file: Option<PathBuf>,
+    /// Say what is fetched and verified on stderr (-vv: more)
+    #[arg(short, long, action = ArgAction::Count)]
+    verbose: u8,
 }
 
 impl Keys {
@@ -229,10 +232,18 @@ struct MountArgs {
     mountpoint: PathBuf,
 }
 
+/// Logging for commands that report as they go (mount, push, index): info and up,
+/// more with each `-v`.
 fn init_logging(verbose: u8, file: Option<&std::path::Path>) {
-    let default = match verbose {
-        0 => "narfs=info",
-        1 => "narfs=debug",
+    init_logging_at(verbose + 1, file)
+}
+
+/// Logging at 0 warn, 1 info, 2 debug, 3 trace; `RUST_LOG` overrides it.
+fn init_logging_at(level: u8, file: Option<&std::path::Path>) {
+    let default = match level {
+        0 => "narfs=warn",
+        1 => "narfs=info",
+        2 => "narfs=debug",
         _ => "narfs=trace,fuser=debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -804,7 +815,7 @@ fn main() -> ExitCode {
             cache_url,
             paths,
         } => {
-            init_logging(0, None);
+            init_logging(keys.verbose, None);
             match index(
                 &key_file,
                 &keys,
@@ -829,7 +840,14 @@ fn main() -> ExitCode {
             Err(e) => fail(e),
         },
         cmd @ (Cmd::Ls { .. } | Cmd::Cat { .. } | Cmd::Verify { .. }) => {
-            init_logging(0, None);
+            // like nix store cat: only what was asked for, unless -v
+            let verbose = match &cmd {
+                Cmd::Ls { keys, .. } | Cmd::Cat { keys, .. } | Cmd::Verify { keys, .. } => {
+                    keys.verbose
+                }
+                _ => 0,
+            };
+            init_logging_at(verbose, None);
             inspect(cmd)
         }
         Cmd::Mount(a) => {

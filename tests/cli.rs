@@ -14,8 +14,9 @@ fn env() -> (S3Server, String) {
     (s3, url)
 }
 
+/// Runs narfs as a user does: no RUST_LOG.
 fn out(args: &[&str]) -> (i32, String, String) {
-    let o = narfs().args(args).output().unwrap();
+    let o = narfs().env_remove("RUST_LOG").args(args).output().unwrap();
     (
         o.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&o.stdout).into_owned(),
@@ -74,6 +75,30 @@ fn ls_and_cat_without_mounting() {
         text.as_bytes(),
         std::fs::read(f.real("narfs-test-app").join("bin/app")).unwrap()
     );
+    // like nix store cat: nothing on stderr on success; -v says what was fetched
+    assert_eq!(err, "");
+    let (code, text, err) = out(&[
+        "cat",
+        "-v",
+        "--trusted-public-key",
+        &f.public_key,
+        &url,
+        &format!("{app}/bin/app"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(text.starts_with("#!/bin/sh"), "{text}");
+    assert!(err.contains("INFO") && err.contains(&app), "{err}");
+    let (code, _, err) = out(&[
+        "ls",
+        "-lR",
+        "--trusted-public-key",
+        &f.public_key,
+        &url,
+        &app,
+    ]);
+    assert_eq!((code, err.as_str()), (0, ""));
+    let (code, _, err) = out(&["verify", "--trusted-public-key", &f.public_key, &url, &app]);
+    assert_eq!((code, err.as_str()), (0, "1 verified, 0 failed\n"));
     // untrusted: refused, naming the path
     let other = "other:Y0WaH1THk0KGJ1fKhNry+2UA2Y8ZRWVgN6aFARhAJAc=";
     let (code, _, err) = out(&[

@@ -346,6 +346,8 @@ impl BlockReader {
                     Ok(None) => return Err(Attempt::Permanent("the NAR does not exist".into())),
                     Err(e) => return Err(Attempt::Transient(e.to_string())),
                 };
+                // counted as requested: readers may be served before the rest arrives
+                self.metrics.block_fetched(comp_len);
                 let guarded = Guarded::new(body, policy.stall, deadline);
                 let transport = guarded.failed.clone();
                 let reader = crate::fetch::read_ahead(guarded.take(comp_len));
@@ -399,7 +401,6 @@ impl BlockReader {
             }
         };
         writer.lock().unwrap().keep();
-        self.metrics.block_fetched(comp_len);
         tracing::debug!(
             path = %b.store_path,
             blocks = range.len(),

@@ -98,6 +98,9 @@ pub struct Fetcher {
     /// store path looked up is about to be looked into), by hash: one round trip
     /// instead of two. Unverified until that narinfo arrives; bounded.
     speculated: Mutex<lru::LruCache<String, SpeculatedIndex>>,
+    /// Bounds speculative index fetches (each may buffer `SPECULATED_BYTES`): a flood
+    /// of lookups skips speculating rather than wait or buffer without limit.
+    speculation_slots: Arc<tokio::sync::Semaphore>,
     /// Narinfos seen that did (`.0`) or did not (`.1`) name an index: a cache nix
     /// wrote is not asked for indexes it does not have.
     index_seen: (AtomicU64, AtomicU64),
@@ -108,6 +111,11 @@ type SpeculatedIndex =
 
 /// Indexes fetched ahead of their narinfo, at most.
 const SPECULATED: usize = 64;
+/// Speculative index fetches at once, at most.
+const SPECULATION_SLOTS: usize = 16;
+/// A speculated index larger than this is dropped and fetched again once its narinfo
+/// verified (big indexes are rare; unverified bytes stay small).
+const SPECULATED_BYTES: usize = 1 << 20;
 
 impl Fetcher {
     pub fn new(
@@ -138,6 +146,7 @@ impl Fetcher {
             speculated: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(SPECULATED).expect("non-zero"),
             )),
+            speculation_slots: Arc::new(tokio::sync::Semaphore::new(SPECULATION_SLOTS)),
             index_seen: Default::default(),
         }
     }
@@ -445,17 +454,18 @@ impl Fetcher {
             self.index_seen.1.load(Relaxed),
         );
         // unless the cache has shown it has none
-        if (with > 0 || without < 16) && !self.disk.has_index(hash) {
+        let slot = if (with > 0 || without < 16) && !self.disk.has_index(hash) {
+            self.speculation_slots.clone().try_acquire_owned().ok()
+        } else {
+            None
+        };
+        if let Some(slot) = slot {
             let key = crate::formats::file_index::object_key(hash);
             let me = self.clone();
             let fut = async move {
-                me.get_small_retrying(
-                    &key,
-                    crate::formats::file_index::MAX_BODY as usize + (16 << 10),
-                )
-                .await
-                .ok()
-                .flatten()
+                let got = me.get_small_retrying(&key, SPECULATED_BYTES).await;
+                drop(slot);
+                got.ok().flatten().filter(|b| b.len() <= SPECULATED_BYTES)
             };
             let handle = tokio::spawn(fut);
             use futures::FutureExt;

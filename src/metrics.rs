@@ -44,6 +44,47 @@ pub struct Gauges {
     pub cache_bytes_used: u64,
     pub cache_bytes_quota: u64,
     pub paths_known: u64,
+    /// Established TCP connections of the process (see [`tcp_connections`]).
+    pub tcp_connections: u64,
+}
+
+/// TCP connections this process holds established now, found by the socket inodes of
+/// its descriptors in `/proc/self/net/tcp{,6}`: a handful when connections to the cache
+/// are kept alive and reused, many when each object pays for a new one.
+pub fn tcp_connections() -> u64 {
+    let mut mine = std::collections::HashSet::new();
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            if let Some(inode) = target
+                .to_str()
+                .and_then(|t| t.strip_prefix("socket:["))
+                .and_then(|t| t.strip_suffix(']'))
+                .and_then(|t| t.parse::<u64>().ok())
+            {
+                mine.insert(inode);
+            }
+        }
+    }
+    let mut n = 0;
+    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // st 01 is ESTABLISHED; column 9 the socket's inode
+            if cols.len() > 9
+                && cols[3] == "01"
+                && cols[9].parse::<u64>().is_ok_and(|i| mine.contains(&i))
+            {
+                n += 1;
+            }
+        }
+    }
+    n
 }
 
 /// Decrements the in-flight gauge however the fetch ends.
@@ -211,6 +252,12 @@ impl Metrics {
             "store paths the mount knows",
             &[("", g.paths_known.to_string())],
         );
+        metric(
+            "tcp_connections",
+            "gauge",
+            "TCP connections open now (to the cache; a scraper's own included)",
+            &[("", g.tcp_connections.to_string())],
+        );
         s
     }
 }
@@ -279,6 +326,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn counts_its_own_established_connections() {
+        // other tests of this process open connections too: one quiet moment suffices
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let counted = (0..50).any(|_| {
+            let before = tcp_connections();
+            let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (s, _) = l.accept().unwrap();
+            // both ends are this process's
+            let with = tcp_connections();
+            drop((c, s));
+            with == before + 2
+        });
+        assert!(counted);
+    }
+
+    #[test]
     fn renders_prometheus_text() {
         let m = Metrics::default();
         m.fetched(Duration::from_millis(300), 100, 400);
@@ -287,7 +350,9 @@ mod tests {
             cache_bytes_used: 5,
             cache_bytes_quota: 10,
             paths_known: 3,
+            tcp_connections: 2,
         });
+        assert!(t.contains("narfs_tcp_connections 2\n"), "{t}");
         assert!(
             t.contains("narfs_narinfo_lookups_total{result=\"fetched\"} 1\n"),
             "{t}"

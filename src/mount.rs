@@ -209,6 +209,7 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
             use_listings: !no_open,
         },
     );
+    fs.listing_started();
     rt.spawn(keep_listing(fs.clone(), opts.refresh_interval));
     if let Some(addr) = &opts.metrics_addr {
         let listener = rt
@@ -331,11 +332,17 @@ async fn keep_listing(fs: Arc<Fs>, interval: Duration) {
             ms = t.elapsed().as_millis() as u64,
             "loaded verified paths from the cache directory"
         );
+        // a remount: the paths listed last time answer at once, the listing refreshes
+        // them in the background
+        if n > 0 {
+            fs.listing_done();
+        }
     }
     if !fs.fetcher().storage().can_list() {
         tracing::info!(
             "this cache cannot be listed: store paths appear as they are looked up by name"
         );
+        fs.listing_done();
         return;
     }
     loop {
@@ -349,6 +356,7 @@ async fn keep_listing(fs: Arc<Fs>, interval: Duration) {
             ),
             Err(e) => tracing::warn!("cannot list the cache (lookups by name still work): {e}"),
         }
+        fs.listing_done();
         if interval.is_zero() {
             return;
         }

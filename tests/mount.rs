@@ -705,3 +705,71 @@ fn noexec_mounts_serve_files_but_run_nothing() {
     let app = m.p(f.path("narfs-test-app")).join("bin/app");
     assert_eq!(run(&mut Command::new(&app)), "hello from lib\n");
 }
+
+#[test]
+fn the_first_ls_shows_the_whole_cache_and_a_remount_answers_at_once() {
+    let f = fixture();
+    let e = env();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let names = |m: &Mounted| -> std::collections::BTreeSet<String> {
+        std::fs::read_dir(&m.mnt)
+            .unwrap()
+            .map(|d| d.unwrap().file_name().into_string().unwrap())
+            .collect()
+    };
+    let want: std::collections::BTreeSet<String> = f.paths.values().cloned().collect();
+    // a slow cache: every narinfo takes 300 ms
+    e.proxy.delay(".narinfo", Duration::from_millis(300));
+    {
+        let m = Mounted::start(&e.url, &[&f.public_key], Some(cache_dir.path()), &[]);
+        // right after the mount came up: the whole cache, not what was listed so far
+        assert_eq!(names(&m), want);
+        // a lookup by name does not wait for the listing
+        let t = Instant::now();
+        assert!(m.p(f.path("narfs-test-single.txt")).exists());
+        assert!(t.elapsed() < Duration::from_secs(3));
+    }
+    // a remount answers from what the last one verified, while listing takes 5 s
+    e.proxy.clear_faults();
+    e.proxy.delay("list-type", Duration::from_secs(5));
+    let m = Mounted::start(&e.url, &[&f.public_key], Some(cache_dir.path()), &[]);
+    let t = Instant::now();
+    assert_eq!(names(&m), want);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+}
+
+#[test]
+fn a_traversal_of_many_paths_fetches_what_it_listed_and_nothing_else() {
+    let f = fixture();
+    let e = env();
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &[]);
+    m.wait_root(f.paths.len());
+    // `find` looks into every path, from their listings: no NAR yet
+    run(Command::new("find").arg(&m.mnt));
+    assert_eq!(e.proxy.gets("/nar/"), 0);
+    // one path read (it references nothing): its NAR alone
+    let big = m.p(f.path("narfs-test-big"));
+    assert_eq!(
+        std::fs::read_to_string(big.join("data/small.txt")).unwrap(),
+        "small\n"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(e.proxy.gets("/nar/"), 1);
+    // a second path read right after: a traversal, so the paths it listed and has not
+    // read yet come in parallel, before anyone asks
+    assert_eq!(
+        std::fs::read_to_string(m.p(f.path("narfs-test-single.txt"))).unwrap(),
+        "asdf"
+    );
+    let t = Instant::now();
+    while e.proxy.gets("/nar/") < f.paths.len() {
+        assert!(t.elapsed() < Duration::from_secs(20), "{}", m.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(m
+        .log_text()
+        .contains("prefetching a path the traversal listed"));
+    // each once
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(e.proxy.gets("/nar/"), f.paths.len());
+}

@@ -50,6 +50,8 @@ pub enum Need {
     Content(PathId),
     /// One chunk of a file of an indexed path.
     Chunk(PathId, crate::blocks::ChunkAt),
+    /// The end of the mount's first listing of the cache.
+    Listing,
 }
 
 /// Tells the kernel to forget cached entries; the FUSE adapter provides it.
@@ -123,6 +125,22 @@ pub struct Fs {
     prefetch: Option<Arc<tokio::sync::Semaphore>>,
     /// The block tables of paths read through their file index.
     indexed: std::sync::Mutex<HashMap<PathId, Arc<crate::blocks::Blocks>>>,
+    /// False while a mount's first listing of the cache runs: the root's readdir waits
+    /// for it, so the first `ls` shows the whole cache (lookups by name never wait).
+    listed: tokio::sync::watch::Sender<bool>,
+    /// What a traversal of many paths looks like so far (see `Fs::walked`).
+    walk: std::sync::Mutex<Walk>,
+}
+
+/// Paths looked into from their listings, in that order, and the last paths whose
+/// contents were asked for: a traversal (`find`, then reading what it found) reads
+/// paths it listed a moment ago, one after another.
+#[derive(Default)]
+struct Walk {
+    /// Paths whose tree came from a listing, not fetched yet, oldest first.
+    listed: std::collections::VecDeque<PathId>,
+    /// The last path whose contents a reader waited for, and when.
+    last_demand: Option<(PathId, std::time::Instant)>,
 }
 
 /// How `Fs` fetches beyond what is asked for.
@@ -175,7 +193,20 @@ impl Fs {
                 .prefetch_references
                 .then(|| Arc::new(tokio::sync::Semaphore::new((opts.jobs / 2).max(1)))),
             indexed: Default::default(),
+            listed: tokio::sync::watch::Sender::new(true),
+            walk: Default::default(),
         })
+    }
+
+    /// The first listing of the cache starts: until [`Self::listing_done`], the root's
+    /// readdir waits.
+    pub fn listing_started(&self) {
+        self.listed.send_replace(false);
+    }
+
+    /// The root now shows the whole cache (or all that could be listed).
+    pub fn listing_done(&self) {
+        self.listed.send_replace(true);
     }
 
     pub fn set_invalidator(&self, inv: Arc<dyn Invalidator>) {
@@ -288,6 +319,7 @@ impl Fs {
         };
         match n.kind {
             Kind::Unloaded => return Wait(Need::Tree(n.path)),
+            Kind::Root if !*self.listed.borrow() => return Wait(Need::Listing),
             Kind::Root | Kind::Dir => {}
             Kind::Stale => return Ready(Err(Errno::ESTALE)),
             _ => return Ready(Err(Errno::ENOTDIR)),
@@ -327,6 +359,7 @@ impl Fs {
             cache_bytes_used: disk.used(),
             cache_bytes_quota: disk.quota(),
             paths_known: self.index.path_count() as u64,
+            tcp_connections: crate::metrics::tcp_connections(),
         })
     }
 

@@ -8,6 +8,11 @@ use crate::index::{PathId, TreeSource};
 use futures::StreamExt;
 use std::sync::Arc;
 
+/// Paths remembered as looked into by a traversal, at most.
+const WALK_LISTED: usize = 4096;
+/// Readers waiting for two paths' contents this close together are walking many.
+const WALK_WINDOW: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl Fs {
     /// Fetches the closure of `id` in the background: a closure is almost always read
     /// together. Each prefetched path prefetches its own references in turn.
@@ -58,6 +63,40 @@ impl Fs {
                 }
                 tracing::debug!(path = %r, "prefetching a reference");
                 let _ = me.fetch_content(id, Priority::Prefetch).await;
+            });
+        }
+    }
+
+    /// A reader waits for the contents of `id`. If a reader waited for another path's
+    /// a moment ago, this is a traversal of many paths: the paths it looked into (by
+    /// their listings) and has not read yet are fetched in parallel, as `nix copy`
+    /// fetches a closure, within the prefetch slots. Paths nobody looked into are not.
+    fn walked(&self, id: PathId) {
+        let now = std::time::Instant::now();
+        let ahead: Vec<PathId> = {
+            let mut walk = self.walk.lock().unwrap();
+            let before = walk.last_demand.replace((id, now));
+            let walking = before.is_some_and(|(p, t)| p != id && now - t < WALK_WINDOW);
+            walk.listed.retain(|p| *p != id);
+            if !walking {
+                return;
+            }
+            walk.listed.drain(..).collect()
+        };
+        let (Some(sem), Some(me)) = (self.prefetch.clone(), self.me.upgrade()) else {
+            return;
+        };
+        for p in ahead {
+            let (me, sem) = (me.clone(), sem.clone());
+            tokio::spawn(async move {
+                let Ok(_permit) = sem.acquire().await else {
+                    return;
+                };
+                if me.index.is_unpacked(p) || me.index.tree_source(p) != Some(TreeSource::Listing) {
+                    return;
+                }
+                tracing::debug!(path = %me.index.store_path(p), "prefetching a path the traversal listed");
+                let _ = me.fetch_content(p, Priority::Prefetch).await;
             });
         }
     }
@@ -184,6 +223,10 @@ impl Fs {
                     }
                 }
             }
+            Need::Listing => {
+                let _ = self.listed.subscribe().wait_for(|&done| done).await;
+                Ok(())
+            }
             Need::Tree(id) => {
                 if self.index.tree_source(id).is_some() {
                     return Ok(());
@@ -230,6 +273,11 @@ impl Fs {
                                 &info.nar_hash,
                             );
                             self.invalidate(stale);
+                            let mut walk = self.walk.lock().unwrap();
+                            if walk.listed.len() >= WALK_LISTED {
+                                walk.listed.pop_front();
+                            }
+                            walk.listed.push_back(id);
                             return Ok(());
                         }
                         Ok(None) => {}
@@ -242,7 +290,10 @@ impl Fs {
                 }
                 Box::pin(self.satisfy(Need::Content(id))).await
             }
-            Need::Content(id) => self.fetch_content(id, Priority::Demand).await,
+            Need::Content(id) => {
+                self.walked(id);
+                self.fetch_content(id, Priority::Demand).await
+            }
             Need::Chunk(id, chunk) => {
                 let blocks = self.indexed.lock().unwrap().get(&id).cloned();
                 let Some(blocks) = blocks else {

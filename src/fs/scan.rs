@@ -19,6 +19,7 @@ impl Fs {
         };
         let mut next = Some(list(None));
         let mut added = 0usize;
+        let (t0, mut told) = (std::time::Instant::now(), std::time::Instant::now());
         while let Some(pending) = next.take() {
             let (page, list_time) = pending.await.map_err(|e| crate::storage::StorageError {
                 op: "LIST",
@@ -53,6 +54,15 @@ impl Fs {
                     async {}
                 })
                 .await;
+            // a big bucket takes a while: say how far it got
+            if told.elapsed() >= std::time::Duration::from_secs(5) {
+                told = std::time::Instant::now();
+                tracing::info!(
+                    paths = self.index.path_count(),
+                    secs = t0.elapsed().as_secs(),
+                    "listing the cache"
+                );
+            }
             tracing::debug!(
                 keys = page.keys.len(),
                 list_ms = list_time.as_millis() as u64,

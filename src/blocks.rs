@@ -121,6 +121,8 @@ pub struct BlockReader {
     inflight: Arc<Mutex<HashMap<(String, usize), Run>>>,
     /// Bounds runs under way (each holds its decoded blocks in memory).
     slots: Arc<tokio::sync::Semaphore>,
+    /// Readers waiting, for reference prefetches to make way.
+    demands: crate::pace::Demands,
 }
 
 /// Runs at once: each holds at most a few blocks of at most 8 MiB decoded.
@@ -132,12 +134,14 @@ impl BlockReader {
         disk: Arc<DiskCache>,
         policy: Policy,
         metrics: Arc<Metrics>,
+        demands: crate::pace::Demands,
     ) -> Self {
         BlockReader {
             storage,
             disk,
             policy,
             metrics,
+            demands,
             inflight: Arc::default(),
             slots: Arc::new(tokio::sync::Semaphore::new(RUNS)),
         }
@@ -154,6 +158,7 @@ impl BlockReader {
         if self.disk.has_blob(&c.hash) {
             return Ok(());
         }
+        let _waits = (priority == Priority::Demand).then(|| self.demands.wait_for(&b.url));
         let want = b.covering(c.nar_offset, c.nar_offset + c.len);
         if want.is_empty() {
             return Err(format!(
@@ -234,7 +239,7 @@ impl BlockReader {
         }
         let reservation = match priority {
             Priority::Demand => self.disk.reserve_demand(footprint(c.len)).await,
-            Priority::Prefetch => self
+            Priority::Ahead | Priority::Prefetch => self
                 .disk
                 .reserve(footprint(c.len), false)
                 .map_err(|e| e.to_string())?,
@@ -322,7 +327,7 @@ impl BlockReader {
         let reservation = match priority {
             Priority::Demand => disk.reserve_demand(missing).await,
             // a prefetch stores only what fits without evicting
-            Priority::Prefetch => disk
+            Priority::Ahead | Priority::Prefetch => disk
                 .reserve(missing, false)
                 .unwrap_or_else(|_| disk.no_reservation()),
         };

@@ -32,11 +32,13 @@ pub enum FetchError {
     Other(String),
 }
 
-/// Who wants a NAR: a reader waiting for it, or reference prefetch guessing it will
-/// be wanted. A prefetch never evicts anything from the disk cache.
+/// Who wants a NAR: a reader waiting for it; a traversal about to read it (it looked
+/// into the path); or reference prefetch guessing it will be wanted, which makes way
+/// for readers (see `pace`). Only a reader may evict anything from the disk cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Priority {
     Demand,
+    Ahead,
     Prefetch,
 }
 
@@ -101,6 +103,8 @@ pub struct Fetcher {
     /// Bounds speculative index fetches (each may buffer `SPECULATED_BYTES`): a flood
     /// of lookups skips speculating rather than wait or buffer without limit.
     speculation_slots: Arc<tokio::sync::Semaphore>,
+    /// Readers waiting for the network, for reference prefetches to make way.
+    demands: crate::pace::Demands,
     /// Narinfos seen that did (`.0`) or did not (`.1`) name an index: a cache nix
     /// wrote is not asked for indexes it does not have.
     index_seen: (AtomicU64, AtomicU64),
@@ -147,6 +151,7 @@ impl Fetcher {
                 std::num::NonZeroUsize::new(SPECULATED).expect("non-zero"),
             )),
             speculation_slots: Arc::new(tokio::sync::Semaphore::new(SPECULATION_SLOTS)),
+            demands: Default::default(),
             index_seen: Default::default(),
         }
     }
@@ -200,6 +205,7 @@ impl Fetcher {
                 self.disk.clone(),
                 self.policy,
                 self.metrics.clone(),
+                self.demands.clone(),
             ))
         })
     }
@@ -599,6 +605,9 @@ impl Fetcher {
         info: Arc<NarInfo>,
         priority: Priority,
     ) -> Result<Arc<Content>, Arc<FetchError>> {
+        // a reader waits: reference prefetches make way (or, fetching this very NAR,
+        // go on at once)
+        let _waits = (priority == Priority::Demand).then(|| self.demands.wait_for(&info.url));
         loop {
             let me = self.clone();
             let info = info.clone();
@@ -639,12 +648,24 @@ impl Fetcher {
             Metrics::inc(&self.metrics.nar_disk_hits);
             return Ok(tree);
         }
-        let _slot = self.downloads.acquire().await;
+        // a reference prefetch starts while no reader waits and pauses while one does;
+        // it does not take a download slot a reader could need
+        let paced = priority == Priority::Prefetch;
+        let _slot = if paced {
+            let free = self
+                .demands
+                .pace(&info.url)
+                .until_free(crate::pace::MAX_START_WAIT);
+            free.await;
+            None
+        } else {
+            Some(self.downloads.acquire().await)
+        };
         // room in the quota for the files, held from before the first byte is
         // written; a prefetch that would have to evict for it is skipped
         let reservation = match priority {
             Priority::Demand => self.disk.reserve_demand(info.nar_size).await,
-            Priority::Prefetch => self.disk.reserve(info.nar_size, false).inspect_err(|_| {
+            Priority::Ahead | Priority::Prefetch => self.disk.reserve(info.nar_size, false).inspect_err(|_| {
                 tracing::debug!(path = %info.store_path, "prefetch skipped: the cache quota has no room without evicting");
             })?,
         };
@@ -661,7 +682,11 @@ impl Fetcher {
             |deadline| {
                 let info = info.clone();
                 let (writer, no_room) = (writer.clone(), no_room.clone());
-                async move { self.attempt_content(info, deadline, writer, no_room).await }
+                let pace = paced.then(|| self.demands.pace(&info.url));
+                async move {
+                    self.attempt_content(info, deadline, writer, no_room, pace)
+                        .await
+                }
             },
         )
         .await;
@@ -703,6 +728,7 @@ impl Fetcher {
         deadline: Instant,
         writer: Arc<Mutex<crate::disk_cache::BlobWriter>>,
         no_room: Arc<std::sync::atomic::AtomicBool>,
+        pace: Option<crate::pace::Pace>,
     ) -> Result<Entry, Attempt> {
         let left = deadline.saturating_duration_since(Instant::now());
         let body = match tokio::time::timeout(left, self.storage.get(&info.url)).await {
@@ -717,7 +743,7 @@ impl Fetcher {
         };
         // A NAR may take longer than the budget to stream: only stalls end it.
         let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
-        let guarded = Guarded::new(body, self.policy.stall, far);
+        let guarded = Guarded::new(body, self.policy.stall, far).paced(pace);
         let stream_failed = guarded.failed.clone();
         let reader = read_ahead(guarded);
         let disk = self.disk.clone();

@@ -19,6 +19,7 @@ pub mod index;
 pub mod inspect;
 pub mod metrics;
 pub mod mount;
+pub mod pace;
 pub mod push;
 pub mod retry;
 pub mod seekable;

@@ -773,3 +773,62 @@ fn a_traversal_of_many_paths_fetches_what_it_listed_and_nothing_else() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(e.proxy.gets("/nar/"), f.paths.len());
 }
+
+/// The object key (`nar/…`) a generated narinfo names.
+fn nar_url(dir: &Path, basename: &str) -> String {
+    let text = std::fs::read_to_string(dir.join(format!("{}.narinfo", &basename[..32]))).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn reference_prefetch_makes_way_for_readers_and_goes_on_for_its_own() {
+    // gen-0 references gen-1: reading gen-0 prefetches gen-1, whose NAR comes slowly
+    let s3 = S3Server::start();
+    let dir = s3.root.join(BUCKET).join("p");
+    let (key, names) = generate_nar_cache_refs(&dir, 3, 4 << 20, 1);
+    let proxy = common::proxy::Proxy::start(s3.port);
+    let (slow, waited) = (nar_url(&dir, &names[1]), nar_url(&dir, &names[2]));
+    proxy.fault(&slow, common::proxy::Fault::Trickle(2 << 20), 1);
+    proxy.fault(
+        &waited,
+        common::proxy::Fault::Delay(Duration::from_secs(6)),
+        1,
+    );
+    let m = Mounted::start(&s3.url(proxy.port, "p"), &[&key], None, &[]);
+    assert_eq!(
+        std::fs::read(m.p(&names[0]).join("f0")).unwrap().len(),
+        1 << 20
+    );
+    m.wait_log("prefetching a reference");
+    // a reader waits for gen-2 (its NAR held back 6 s): the prefetch of gen-1 pauses
+    let p2 = m.p(&names[2]).join("f0");
+    let t = Instant::now();
+    let reader = std::thread::spawn(move || {
+        let n = std::fs::read(p2).unwrap().len();
+        (n, Instant::now())
+    });
+    m.wait_log("prefetch paused: a reader waits for the network");
+    // a reader of gen-1 itself lifts the pause: served long before gen-2
+    assert_eq!(
+        std::fs::read(m.p(&names[1]).join("f0")).unwrap().len(),
+        1 << 20
+    );
+    let gen1_done = Instant::now();
+    let (n, gen2_done) = reader.join().unwrap();
+    assert_eq!(n, 1 << 20);
+    assert!(
+        gen1_done < gen2_done,
+        "gen-1 after {:?}, gen-2 after {:?}\n{}",
+        gen1_done - t,
+        gen2_done - t,
+        m.log_text()
+    );
+    assert_eq!(
+        proxy.gets(&slow),
+        1,
+        "the paused prefetch went on, not again"
+    );
+}

@@ -96,7 +96,7 @@ impl Fs {
                     return;
                 }
                 tracing::debug!(path = %me.index.store_path(p), "prefetching a path the traversal listed");
-                let _ = me.fetch_content(p, Priority::Prefetch).await;
+                let _ = me.fetch_content(p, Priority::Ahead).await;
             });
         }
     }

@@ -1,7 +1,8 @@
 //! Scale: a bucket of N signed narinfos (default 100,000; `NARFS_SCALE_N` to change)
 //! on a local s3s-fs, mounted by narfs. Prints mount-ready time, time to a full root
 //! listing, a cold lookup, RSS, and the same for a remount on the same cache dir.
-//! Run: `cargo bench --bench scale`.
+//! Run: `cargo bench --bench scale`. Behind a modelled link (scripts/linkproxy.py in
+//! front of the server): `NARFS_SCALE_RTT_MS=20 NARFS_SCALE_MBIT=100 cargo bench ...`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -11,6 +12,53 @@ use std::time::{Duration, Instant};
 
 fn count(m: &Mounted) -> usize {
     std::fs::read_dir(&m.mnt).unwrap().count()
+}
+
+/// scripts/linkproxy.py between the mount and the server, while it lives.
+struct Link {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Link {
+    fn start(upstream: u16) -> Option<Link> {
+        let rtt = std::env::var("NARFS_SCALE_RTT_MS").ok()?;
+        let mbit = std::env::var("NARFS_SCALE_MBIT").unwrap_or_else(|_| "100".into());
+        let dir = tempfile::tempdir().unwrap();
+        let ready = dir.path().join("ready");
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/linkproxy.py");
+        let child = std::process::Command::new("python3")
+            .args([script, "--rtt-ms", &rtt, "--mbit", &mbit, "--ready-file"])
+            .arg(&ready)
+            .arg(format!("0:{upstream}"))
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        let port = loop {
+            if let Ok(text) = std::fs::read_to_string(&ready) {
+                break text.split_whitespace().next().unwrap().parse().unwrap();
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "linkproxy.py did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        println!("behind the link: {rtt} ms RTT, {mbit} Mbit/s");
+        Some(Link {
+            child,
+            port,
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn main() {
@@ -29,7 +77,8 @@ fn main() {
         "generated {n} signed narinfos in {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    let url = s3.url(s3.port, "scale");
+    let link = Link::start(s3.port);
+    let url = s3.url(link.as_ref().map_or(s3.port, |l| l.port), "scale");
     let cache_dir = tempfile::tempdir().unwrap();
     let probe = {
         // a path with a .ls that the listing reaches late (keys are listed in order)

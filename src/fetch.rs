@@ -743,9 +743,42 @@ impl Fetcher {
         };
         // A NAR may take longer than the budget to stream: only stalls end it.
         let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
-        let guarded = Guarded::new(body, self.policy.stall, far).paced(pace);
+        let guarded = Guarded::new(body, self.policy.stall, far);
         let stream_failed = guarded.failed.clone();
-        let reader = read_ahead(guarded);
+        let reader = match pace {
+            None => read_ahead(guarded),
+            Some(pace) => {
+                // a reference prefetch: may let go of its connection and go on later
+                let (storage, key, failed, stall) = (
+                    self.storage.clone(),
+                    info.url.clone(),
+                    stream_failed.clone(),
+                    self.policy.stall,
+                );
+                let size = info.file_size.unwrap_or(1 << 50);
+                let reopen: crate::pace::Reopen = Box::new(move |offset| {
+                    let (storage, key, failed) = (storage.clone(), key.clone(), failed.clone());
+                    Box::pin(async move {
+                        let r = match storage
+                            .get_range(&key, offset, size.saturating_sub(offset).max(1))
+                            .await
+                        {
+                            Ok(Some(b)) => Ok(Box::pin(
+                                Guarded::new(b, stall, far).failing_to(failed.clone()),
+                            )
+                                as crate::storage::Body),
+                            Ok(None) => Err(io::Error::other("the NAR went away")),
+                            Err(e) => Err(io::Error::other(e.to_string())),
+                        };
+                        if r.is_err() {
+                            failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        r
+                    })
+                });
+                read_ahead(crate::pace::PacedBody::new(Box::pin(guarded), pace, reopen))
+            }
+        };
         let disk = self.disk.clone();
         // Parse, verify and store off the runtime: big trees must not stall lookups.
         let res = tokio::task::spawn_blocking(move || {

@@ -1,23 +1,27 @@
 //! Demand before prefetch. Behind a slow link every byte a reference prefetch
 //! downloads is a byte a waiting reader does not get, so a prefetch starts only while
-//! no reader waits for the network, and a prefetch under way pauses (stops reading its
-//! stream: TCP backpressure frees the link) while one does. A reader that comes to want
-//! the very object a prefetch is fetching lifts the pause for it: it waits on that
-//! prefetch.
+//! no reader waits for the network, and a prefetch under way that a reader outlasts
+//! lets go of its connection (merely not reading would not free the link: the
+//! kernel's receive buffer takes megabytes first) and goes on from where it stopped,
+//! with a Range GET, once no reader waits. A reader that comes to want the very object
+//! a prefetch is fetching lifts the pause for it: it waits on that prefetch.
 
+use futures::future::BoxFuture;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::watch;
 
-/// The longest a prefetch stream stays paused at once: it then reads a little, so the
-/// server does not give up on a connection that went quiet.
-pub const MAX_PAUSE: Duration = Duration::from_secs(10);
+/// How long a prefetch keeps its connection while a reader waits: most readers are
+/// served from the disk cache or a small object in less.
+pub const GRACE: Duration = Duration::from_millis(100);
 
-/// The longest a prefetch waits to start while readers keep the link busy.
+/// The longest a prefetch waits (to start, or to go on) while readers keep the link
+/// busy: then it goes on anyway, so it is never starved for good.
 pub const MAX_START_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Default, Debug)]
@@ -56,7 +60,6 @@ impl Demands {
         Pace {
             rx: self.0.subscribe(),
             object: object.to_owned(),
-            paused: None,
         }
     }
 
@@ -88,10 +91,10 @@ impl Drop for Demand {
 
 /// A prefetch's view of the readers: it may go on while none waits, or while one waits
 /// for the object it fetches.
+#[derive(Clone)]
 pub struct Pace {
     rx: watch::Receiver<Waiting>,
     object: String,
-    paused: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
 impl Pace {
@@ -112,29 +115,103 @@ impl Pace {
             let _ = tokio::time::timeout(max, rx.wait_for(|w| Self::may_go(w, &object))).await;
         }
     }
+}
 
-    /// Poll form of `until_free(MAX_PAUSE)` for streams: `Ready(true)` after a pause
-    /// (so a stall timer can be restarted), `Ready(false)` if there was none.
-    pub fn poll_free(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
-        if self.paused.is_none() {
-            if !self.yields() {
-                return Poll::Ready(false);
-            }
-            tracing::debug!(object = %self.object, "prefetch paused: a reader waits for the network");
-            let mut rx = self.rx.clone();
-            let object = self.object.clone();
-            self.paused = Some(Box::pin(async move {
-                let _ = tokio::time::timeout(MAX_PAUSE, rx.wait_for(|w| Self::may_go(w, &object)))
-                    .await;
-            }));
+/// Opens the rest of the object from a byte offset.
+pub type Reopen = Box<dyn Fn(u64) -> BoxFuture<'static, std::io::Result<Body>> + Send + Sync>;
+type Body = Pin<Box<dyn AsyncRead + Send>>;
+
+/// A prefetch's stream that makes way for readers (see the module doc).
+pub struct PacedBody {
+    inner: Option<Body>,
+    offset: u64,
+    pace: Pace,
+    reopen: Reopen,
+    state: State,
+    /// Times it let go of its connection.
+    pub parked: u64,
+}
+
+enum State {
+    Reading,
+    /// A reader waits: the connection is kept a moment.
+    Grace(BoxFuture<'static, ()>),
+    /// The connection is gone; back when no reader waits.
+    Parked(BoxFuture<'static, ()>),
+    Opening(BoxFuture<'static, std::io::Result<Body>>),
+}
+
+impl PacedBody {
+    pub fn new(inner: Body, pace: Pace, reopen: Reopen) -> Self {
+        PacedBody {
+            inner: Some(inner),
+            offset: 0,
+            pace,
+            reopen,
+            state: State::Reading,
+            parked: 0,
         }
-        let fut = self.paused.as_mut().expect("set above");
-        match fut.as_mut().poll(cx) {
-            Poll::Ready(()) => {
-                self.paused = None;
-                Poll::Ready(true)
+    }
+}
+
+impl AsyncRead for PacedBody {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let me = &mut *self;
+        loop {
+            match &mut me.state {
+                State::Reading => {
+                    if me.pace.yields() {
+                        me.state = State::Grace(Box::pin(me.pace.until_free(GRACE)));
+                        continue;
+                    }
+                    let Some(inner) = me.inner.as_mut() else {
+                        me.state = State::Opening((me.reopen)(me.offset));
+                        continue;
+                    };
+                    let before = buf.filled().len();
+                    let r = inner.as_mut().poll_read(cx, buf);
+                    if let Poll::Ready(Ok(())) = r {
+                        me.offset += (buf.filled().len() - before) as u64;
+                    }
+                    return r;
+                }
+                State::Grace(f) => {
+                    if f.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    if me.pace.yields() {
+                        tracing::debug!(
+                            object = %me.pace.object,
+                            offset = me.offset,
+                            "prefetch paused: a reader waits for the network"
+                        );
+                        me.inner = None;
+                        me.parked += 1;
+                        me.state = State::Parked(Box::pin(me.pace.until_free(MAX_START_WAIT)));
+                    } else {
+                        me.state = State::Reading;
+                    }
+                }
+                State::Parked(f) => {
+                    if f.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    tracing::debug!(object = %me.pace.object, offset = me.offset, "prefetch goes on");
+                    me.state = State::Opening((me.reopen)(me.offset));
+                }
+                State::Opening(f) => match f.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(body)) => {
+                        me.inner = Some(body);
+                        me.state = State::Reading;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                },
             }
-            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -160,17 +237,48 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_paused_prefetch_resumes_when_the_reader_is_served() {
+    async fn a_prefetch_lets_go_of_its_connection_and_goes_on_where_it_stopped() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use tokio::io::AsyncReadExt;
+        let data: Arc<Vec<u8>> = Arc::new((0..100_000u32).map(|i| (i % 251) as u8).collect());
         let d = Demands::default();
-        let mut p = d.pace("nar/a");
-        let r = d.wait_for("nar/b");
+        let opened_at = Arc::new(AtomicU64::new(u64::MAX));
+        let (data2, opened) = (data.clone(), opened_at.clone());
+        let reopen: Reopen = Box::new(move |offset| {
+            opened.store(offset, Ordering::SeqCst);
+            let rest = data2[offset as usize..].to_vec();
+            Box::pin(async move { Ok(Box::pin(std::io::Cursor::new(rest)) as Body) })
+        });
+        let first: Body = Box::pin(std::io::Cursor::new(data.to_vec()));
+        let mut body = PacedBody::new(first, d.pace("nar/a"), reopen);
+        let mut got = vec![0u8; 30_000];
+        body.read_exact(&mut got).await.unwrap();
+        // a reader of another object outlasts the grace: the connection goes
+        let reader = d.wait_for("nar/b");
         let t = tokio::time::Instant::now();
-        let resumed = tokio::spawn(async move { std::future::poll_fn(|cx| p.poll_free(cx)).await });
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(!resumed.is_finished());
-        drop(r);
-        assert!(resumed.await.unwrap());
-        assert!(t.elapsed() < MAX_PAUSE);
+        let rest = tokio::spawn(async move {
+            let mut rest = Vec::new();
+            body.read_to_end(&mut rest).await.unwrap();
+            (rest, body.parked)
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!rest.is_finished());
+        assert_eq!(
+            opened_at.load(Ordering::SeqCst),
+            u64::MAX,
+            "not reopened while parked"
+        );
+        drop(reader);
+        let (rest, parked) = rest.await.unwrap();
+        assert!(t.elapsed() < MAX_START_WAIT);
+        assert_eq!(parked, 1);
+        assert_eq!(
+            opened_at.load(Ordering::SeqCst),
+            30_000,
+            "went on where it stopped"
+        );
+        got.extend(rest);
+        assert_eq!(got, *data);
     }
 
     #[tokio::test]

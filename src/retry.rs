@@ -113,7 +113,6 @@ pub struct Guarded<R> {
     deadline: Instant,
     timer: Pin<Box<tokio::time::Sleep>>,
     pub failed: Arc<AtomicBool>,
-    pace: Option<crate::pace::Pace>,
 }
 
 impl<R> Guarded<R> {
@@ -125,14 +124,12 @@ impl<R> Guarded<R> {
             deadline,
             timer: Box::pin(tokio::time::sleep_until(at.into())),
             failed: Arc::default(),
-            pace: None,
         }
     }
 
-    /// Reads only while `pace` lets it (a prefetch making way for readers); a pause
-    /// is not a stall.
-    pub fn paced(mut self, pace: Option<crate::pace::Pace>) -> Self {
-        self.pace = pace;
+    /// Reports a failure to `failed` (shared by the streams of one download).
+    pub fn failing_to(mut self, failed: Arc<AtomicBool>) -> Self {
+        self.failed = failed;
         self
     }
 }
@@ -143,16 +140,6 @@ impl<R: AsyncRead + Unpin> AsyncRead for Guarded<R> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        if let Some(pace) = self.pace.as_mut() {
-            match pace.poll_free(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(true) => {
-                    let at = (Instant::now() + self.stall).min(self.deadline);
-                    self.timer.as_mut().reset(at.into());
-                }
-                Poll::Ready(false) => {}
-            }
-        }
         let before = buf.filled().len();
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {

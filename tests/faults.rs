@@ -33,7 +33,7 @@ fn server_errors_are_retried() {
         std::fs::read(m.p(f.path("narfs-test-single.txt"))).unwrap(),
         b"asdf"
     );
-    assert!(e.proxy.gets(&nar) >= 5, "{}", e.proxy.gets(&nar));
+    assert!(e.proxy.downloads(&nar) >= 5, "{}", e.proxy.downloads(&nar));
     assert!(std::fs::metadata(m.p(f.path("narfs-test-lib")))
         .unwrap()
         .is_dir());
@@ -48,7 +48,7 @@ fn a_connection_cut_mid_nar_is_retried() {
     let m = Mounted::start(&e.url, &[&f.public_key], None, &[]);
     let (rel, want) = big_file();
     assert!(std::fs::read(m.p(&rel)).unwrap() == want);
-    assert_eq!(e.proxy.gets(&nar), 3);
+    assert_eq!(e.proxy.downloads(&nar), 3);
     assert!(m.log_text().contains("retrying"), "{}", m.log_text());
 }
 
@@ -285,7 +285,7 @@ fn the_disk_quota_holds_while_reading_three_times_its_size_twice() {
         }
     }
     // evicted paths were fetched again on the second pass
-    let nar_gets = proxy.gets(".nar?");
+    let nar_gets = proxy.downloads(".nar?");
     assert!(dropped, "the tests run as root and can drop the page cache");
     assert!(nar_gets >= 15, "{nar_gets} NAR GETs for 18 path reads");
     eprintln!(

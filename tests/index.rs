@@ -29,8 +29,8 @@ fn ls_lr_of_the_closure_downloads_no_nar() {
     // symlink targets are content: showing them fetches (and verifies) exactly the
     // NAR of the one path that has symlinks, never trusting the unsigned listing
     let app_nar = f.narinfo_field("narfs-test-app", "URL");
-    assert_eq!(e.proxy.gets(".nar.xz"), 1, "{:?}", e.proxy.requests());
-    assert_eq!(e.proxy.gets(&app_nar), 1);
+    assert_eq!(e.proxy.downloads(".nar.xz"), 1, "{:?}", e.proxy.requests());
+    assert_eq!(e.proxy.downloads(&app_nar), 1);
     assert_eq!(
         shape(&m.p(f.path("narfs-test-app"))),
         shape(&f.real("narfs-test-app"))
@@ -41,8 +41,11 @@ fn ls_lr_of_the_closure_downloads_no_nar() {
         std::fs::read_to_string(lib.join("lib/greet.sh")).unwrap(),
         "greet() { echo \"hello from lib\"; }\n"
     );
-    assert_eq!(e.proxy.gets(".nar.xz"), 2);
-    assert_eq!(e.proxy.gets(&f.narinfo_field("narfs-test-lib", "URL")), 1);
+    assert_eq!(e.proxy.downloads(".nar.xz"), 2);
+    assert_eq!(
+        e.proxy.downloads(&f.narinfo_field("narfs-test-lib", "URL")),
+        1
+    );
     // and each .ls was asked for once
     for name in f.paths.keys() {
         assert_eq!(e.proxy.gets(&format!("{}.ls", f.hash(name))), 1, "{name}");
@@ -69,7 +72,10 @@ fn fifty_cold_readers_one_nar_get() {
     for r in readers {
         assert!(r.join().unwrap() == want);
     }
-    assert_eq!(e.proxy.gets(&f.narinfo_field("narfs-test-big", "URL")), 1);
+    assert_eq!(
+        e.proxy.downloads(&f.narinfo_field("narfs-test-big", "URL")),
+        1
+    );
     assert_eq!(
         e.proxy
             .gets(&format!("{}.narinfo", f.hash("narfs-test-big"))),
@@ -244,9 +250,9 @@ fn listing_sizes_never_shorten_or_empty_a_file() {
     let m = Mounted::start(&e.url, &[&f.public_key], None, &args);
     let empty = m.p(f.path("narfs-test-lib")).join("share/empty-file");
     assert_eq!(std::fs::metadata(&empty).unwrap().len(), 0);
-    assert_eq!(e.proxy.gets(".nar.xz"), 0);
+    assert_eq!(e.proxy.downloads(".nar.xz"), 0);
     assert_eq!(std::fs::read(&empty).unwrap(), b"");
-    assert_eq!(e.proxy.gets(".nar.xz"), 1, "{:?}", e.proxy.requests());
+    assert_eq!(e.proxy.downloads(".nar.xz"), 1, "{:?}", e.proxy.requests());
     drop(m);
 
     let e = env();
@@ -282,7 +288,7 @@ fn listing_sizes_never_shorten_or_empty_a_file() {
         "import mmap,sys\nwith open(sys.argv[1],'rb') as f:\n  m=mmap.mmap(f.fileno(),0,prot=mmap.PROT_READ)\n  sys.stdout.write(m[:].decode())",
     ).arg(&greet));
     assert_eq!(py, "greet() { echo \"hello from lib\"; }\n");
-    assert_eq!(e.proxy.gets(".nar.xz"), 1);
+    assert_eq!(e.proxy.downloads(".nar.xz"), 1);
 }
 
 #[test]
@@ -301,7 +307,7 @@ fn no_open_mode_uses_no_listing_and_serves_the_closure() {
     );
     // the first look inside each path fetched its NAR; no listing was asked for
     assert_eq!(e.proxy.gets(".ls"), 0, "{:?}", e.proxy.requests());
-    assert_eq!(e.proxy.gets(".nar.xz"), f.paths.len());
+    assert_eq!(e.proxy.downloads(".nar.xz"), f.paths.len());
     // and reading everything again asks for nothing
     let before = e.proxy.requests().len();
     for name in f.paths.keys() {
@@ -367,7 +373,7 @@ fn thousands_of_paths_list_across_pages() {
     assert_eq!(meta.len(), 100);
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(meta.permissions().mode() & 0o777, 0o555);
-    assert_eq!(proxy.gets(".nar.xz"), 0);
+    assert_eq!(proxy.downloads(".nar.xz"), 0);
     // its content cannot be read: the generated cache has no NARs
     assert_eq!(read_err(&tool), Some(libc::EIO));
     let (rss, _) = rss_kib(m.pid());
@@ -389,7 +395,11 @@ fn opening_a_path_prefetches_its_references() {
         );
         std::fs::read(m.p(app).join("bin/app")).unwrap();
         std::thread::sleep(Duration::from_millis(500));
-        assert_eq!(e.proxy.gets(&lib_nar), 0, "prefetched although disabled");
+        assert_eq!(
+            e.proxy.downloads(&lib_nar),
+            0,
+            "prefetched although disabled"
+        );
     }
     let m = Mounted::start(&e.url, &[&f.public_key], None, &[]);
     std::fs::read(m.p(app).join("bin/app")).unwrap();
@@ -404,7 +414,7 @@ fn opening_a_path_prefetches_its_references() {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    assert_eq!(e.proxy.gets(&lib_nar), 1);
+    assert_eq!(e.proxy.downloads(&lib_nar), 1);
     // and reading it now needs no download
     assert_eq!(
         std::fs::read_to_string(m.p(f.path("narfs-test-lib")).join("lib/greet.sh"))
@@ -412,7 +422,7 @@ fn opening_a_path_prefetches_its_references() {
             .len(),
         35
     );
-    assert_eq!(e.proxy.gets(&lib_nar), 1);
+    assert_eq!(e.proxy.downloads(&lib_nar), 1);
 }
 
 #[test]

@@ -82,7 +82,7 @@ fn prefetch_stats_and_metrics() {
     assert_eq!(code, 0, "{err}\n{}", m.log_text());
     assert!(err.contains("prefetching 4 paths"), "{err}");
     assert_eq!(err.matches("fetched /nix/store/").count(), 4, "{err}");
-    assert_eq!(e.proxy.gets(".nar.xz"), 4);
+    assert_eq!(e.proxy.downloads(".nar.xz"), 4);
     for name in f.paths.keys() {
         assert!(
             cache_holds(&m.cache_dir, &f.narinfo_field(name, "NarHash"), &[]),
@@ -92,14 +92,14 @@ fn prefetch_stats_and_metrics() {
     // reading after a prefetch downloads nothing more
     let big = m.p(f.path("narfs-test-big")).join("data/small.txt");
     assert_eq!(std::fs::read_to_string(big).unwrap(), "small\n");
-    assert_eq!(e.proxy.gets(".nar.xz"), 4);
+    assert_eq!(e.proxy.downloads(".nar.xz"), 4);
     // a second prefetch finds everything there
     let (code, _, err) = out(narfs()
         .arg("prefetch")
         .arg(&m.mnt)
         .arg(f.path("narfs-test-lib")));
     assert_eq!(code, 0, "{err}");
-    assert_eq!(e.proxy.gets(".nar.xz"), 4);
+    assert_eq!(e.proxy.downloads(".nar.xz"), 4);
 
     let (code, text, err) = out(narfs().arg("stats").arg(&m.mnt));
     assert_eq!(code, 0, "{err}");
@@ -290,8 +290,14 @@ wait $pid
         "{err}"
     );
     // both paths came from the cache, verified
-    assert_eq!(e.proxy.gets(&f.narinfo_field("narfs-test-lib", "URL")), 1);
-    assert_eq!(e.proxy.gets(&f.narinfo_field("narfs-test-app", "URL")), 1);
+    assert_eq!(
+        e.proxy.downloads(&f.narinfo_field("narfs-test-lib", "URL")),
+        1
+    );
+    assert_eq!(
+        e.proxy.downloads(&f.narinfo_field("narfs-test-app", "URL")),
+        1
+    );
     // and nothing of it is visible outside the namespace
     assert!(!std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap()

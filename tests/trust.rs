@@ -794,7 +794,7 @@ fn the_quota_holds_at_every_moment_and_prefetch_never_evicts() {
         }
     }
     let peak = sampler.stop();
-    let gets = proxy.gets(".nar?");
+    let gets = proxy.downloads(".nar?");
     eprintln!(
         "quota {} MiB: peak {:.2} MiB in the cache directory; {gets} NAR GETs for 2 passes of 12 paths",
         quota >> 20,

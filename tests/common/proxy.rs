@@ -91,6 +91,20 @@ impl Proxy {
             .count()
     }
 
+    /// Downloads started: GETs whose target contains `needle`, less the Range GETs
+    /// that go on with an object from where a paused download stopped (a reference
+    /// prefetch that made way for a reader resumes that way: no byte comes twice).
+    pub fn downloads(&self, needle: &str) -> usize {
+        self.requests()
+            .iter()
+            .filter(|r| r.starts_with("GET ") && r.contains(needle))
+            .filter(|r| {
+                r.split_once(" range=bytes=")
+                    .is_none_or(|(_, range)| range.starts_with("0-"))
+            })
+            .count()
+    }
+
     /// Bytes asked for by the Range GETs whose target contains `needle`.
     pub fn range_bytes(&self, needle: &str) -> u64 {
         self.requests()

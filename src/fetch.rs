@@ -719,6 +719,30 @@ impl Fetcher {
         }
     }
 
+    /// Opens the rest of object `key` from an offset (a Range GET to its end, whatever
+    /// the unsigned FileSize says), guarded like the first stream; failures count as
+    /// the stream's (`failed`), not the data's.
+    fn reopen(&self, key: &str, failed: Arc<std::sync::atomic::AtomicBool>) -> crate::pace::Reopen {
+        let (storage, key, stall) = (self.storage.clone(), key.to_owned(), self.policy.stall);
+        let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+        Box::new(move |offset| {
+            let (storage, key, failed) = (storage.clone(), key.clone(), failed.clone());
+            Box::pin(async move {
+                let r = match storage.get_range(&key, offset, 1 << 50).await {
+                    Ok(Some(b)) => Ok(Box::pin(
+                        Guarded::new(b, stall, far).failing_to(failed.clone()),
+                    ) as crate::storage::Body),
+                    Ok(None) => Err(io::Error::other("the NAR went away")),
+                    Err(e) => Err(io::Error::other(e.to_string())),
+                };
+                if r.is_err() {
+                    failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                r
+            })
+        })
+    }
+
     /// One download + verify + store. The files go into blobs as they come (a blob is
     /// its hash, whatever NAR it came from); the tree is kept only once every check
     /// of the NAR passed.
@@ -746,36 +770,13 @@ impl Fetcher {
         let guarded = Guarded::new(body, self.policy.stall, far);
         let stream_failed = guarded.failed.clone();
         let reader = match pace {
-            None => read_ahead(guarded),
+            None => {
+                let (demands, key) = (self.demands.clone(), info.url.clone());
+                read_ahead_fed(guarded, move |fed| demands.fed(&key, fed))
+            }
             Some(pace) => {
                 // a reference prefetch: may let go of its connection and go on later
-                let (storage, key, failed, stall) = (
-                    self.storage.clone(),
-                    info.url.clone(),
-                    stream_failed.clone(),
-                    self.policy.stall,
-                );
-                let size = info.file_size.unwrap_or(1 << 50);
-                let reopen: crate::pace::Reopen = Box::new(move |offset| {
-                    let (storage, key, failed) = (storage.clone(), key.clone(), failed.clone());
-                    Box::pin(async move {
-                        let r = match storage
-                            .get_range(&key, offset, size.saturating_sub(offset).max(1))
-                            .await
-                        {
-                            Ok(Some(b)) => Ok(Box::pin(
-                                Guarded::new(b, stall, far).failing_to(failed.clone()),
-                            )
-                                as crate::storage::Body),
-                            Ok(None) => Err(io::Error::other("the NAR went away")),
-                            Err(e) => Err(io::Error::other(e.to_string())),
-                        };
-                        if r.is_err() {
-                            failed.store(true, std::sync::atomic::Ordering::SeqCst);
-                        }
-                        r
-                    })
-                });
+                let reopen = self.reopen(&info.url, stream_failed.clone());
                 read_ahead(crate::pace::PacedBody::new(Box::pin(guarded), pace, reopen))
             }
         };
@@ -931,9 +932,19 @@ impl Read for ChannelReader {
 
 /// Downloads ahead of the decompressor: reads `body` on the runtime into a bounded
 /// channel, so the network, decompression and hashing+unpacking overlap.
-pub fn read_ahead<R: tokio::io::AsyncRead + Unpin + Send + 'static>(mut body: R) -> ChannelReader {
+pub fn read_ahead<R: tokio::io::AsyncRead + Unpin + Send + 'static>(body: R) -> ChannelReader {
+    read_ahead_fed(body, |_| {})
+}
+
+/// `read_ahead`, telling `on_fed` whether the reading outpaces the consumer (the
+/// buffer stays mostly full: the consumer, not the source, sets the pace) or not.
+pub fn read_ahead_fed<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
+    mut body: R,
+    on_fed: impl Fn(bool) + Send + 'static,
+) -> ChannelReader {
     let (tx, rx) = tokio::sync::mpsc::channel(IN_FLIGHT);
     tokio::spawn(async move {
+        let mut fed = false;
         loop {
             let mut buf = vec![0u8; CHUNK];
             match body.read(&mut buf).await {
@@ -942,6 +953,18 @@ pub fn read_ahead<R: tokio::io::AsyncRead + Unpin + Send + 'static>(mut body: R)
                     buf.truncate(n);
                     if tx.send(Ok(buf)).await.is_err() {
                         return;
+                    }
+                    let queued = IN_FLIGHT - tx.capacity();
+                    // (with hysteresis: three quarters full to turn, a quarter to
+                    // turn back)
+                    let now_fed = if fed {
+                        queued > IN_FLIGHT / 4
+                    } else {
+                        queued >= IN_FLIGHT * 3 / 4
+                    };
+                    if now_fed != fed {
+                        fed = now_fed;
+                        on_fed(fed);
                     }
                 }
                 Err(e) => {

@@ -3,7 +3,8 @@
 //! no reader waits for the network, and a prefetch under way that a reader outlasts
 //! lets go of its connection (merely not reading would not free the link: the
 //! kernel's receive buffer takes megabytes first) and goes on from where it stopped,
-//! with a Range GET, once no reader waits. A reader that comes to want the very object
+//! with a Range GET, once no reader waits. A reader whose download outpaces its
+//! decoding waits for the CPU, not the link: it holds up no prefetch. A reader that comes to want the very object
 //! a prefetch is fetching lifts the pause for it: it waits on that prefetch.
 
 use futures::future::BoxFuture;
@@ -24,12 +25,19 @@ pub const GRACE: Duration = Duration::from_millis(100);
 /// busy: then it goes on anyway, so it is never starved for good.
 pub const MAX_START_WAIT: Duration = Duration::from_secs(30);
 
+/// The objects (storage keys) readers wait for now.
 #[derive(Default, Debug)]
 struct Waiting {
-    /// Readers waiting for the network now.
+    objects: HashMap<String, Wanted>,
+}
+
+#[derive(Default, Debug)]
+struct Wanted {
     readers: usize,
-    /// The objects (storage keys) they wait for, with how many wait for each.
-    objects: HashMap<String, usize>,
+    /// Its download outpaces its decoding: the reader waits for the CPU, not for the
+    /// link, which has room for prefetches (on a fast network they keep both cores
+    /// busy, as `nix copy` does).
+    fed: bool,
 }
 
 /// Who is waiting for the network: shared by every fetch of a mount.
@@ -45,10 +53,8 @@ impl Default for Demands {
 impl Demands {
     /// A reader waits for `object` until the guard is dropped.
     pub fn wait_for(&self, object: &str) -> Demand {
-        self.0.send_modify(|w| {
-            w.readers += 1;
-            *w.objects.entry(object.to_owned()).or_default() += 1;
-        });
+        self.0
+            .send_modify(|w| w.objects.entry(object.to_owned()).or_default().readers += 1);
         Demand {
             demands: self.0.clone(),
             object: object.to_owned(),
@@ -63,9 +69,21 @@ impl Demands {
         }
     }
 
+    /// Whether the download of `object` outpaces its decoding (see `Wanted::fed`).
+    pub fn fed(&self, object: &str, fed: bool) {
+        self.0
+            .send_if_modified(|w| match w.objects.get_mut(object) {
+                Some(wanted) if wanted.fed != fed => {
+                    wanted.fed = fed;
+                    true
+                }
+                _ => false,
+            });
+    }
+
     /// Readers waiting now.
     pub fn readers(&self) -> usize {
-        self.0.borrow().readers
+        self.0.borrow().objects.values().map(|w| w.readers).sum()
     }
 }
 
@@ -78,10 +96,9 @@ pub struct Demand {
 impl Drop for Demand {
     fn drop(&mut self) {
         self.demands.send_modify(|w| {
-            w.readers -= 1;
-            if let Some(n) = w.objects.get_mut(&self.object) {
-                *n -= 1;
-                if *n == 0 {
+            if let Some(wanted) = w.objects.get_mut(&self.object) {
+                wanted.readers -= 1;
+                if wanted.readers == 0 {
                     w.objects.remove(&self.object);
                 }
             }
@@ -99,7 +116,7 @@ pub struct Pace {
 
 impl Pace {
     fn may_go(w: &Waiting, object: &str) -> bool {
-        w.readers == 0 || w.objects.contains_key(object)
+        w.objects.contains_key(object) || w.objects.values().all(|wanted| wanted.fed)
     }
 
     /// Whether the prefetch must make way now.
@@ -230,6 +247,11 @@ mod tests {
         let same = d.wait_for("nar/a");
         assert!(!p.yields(), "a reader of its own object lifts the pause");
         drop(same);
+        assert!(p.yields());
+        // a reader whose download outpaces its decoding waits for the CPU: no pause
+        d.fed("nar/b", true);
+        assert!(!p.yields());
+        d.fed("nar/b", false);
         assert!(p.yields());
         drop(r);
         assert!(!p.yields());

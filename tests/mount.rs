@@ -772,6 +772,23 @@ fn a_traversal_of_many_paths_fetches_what_it_listed_and_nothing_else() {
     // each once
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(e.proxy.downloads("/nar/"), f.paths.len());
+
+    // a traversal that looks into a path while it reads another (as `find | xargs
+    // cat` runs ahead of its reader): that path is fetched as soon as it is looked into
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &[]);
+    m.wait_root(f.paths.len());
+    let lib_nar = f.narinfo_field("narfs-test-lib", "URL");
+    let before = e.proxy.downloads(&lib_nar);
+    assert_eq!(
+        std::fs::read_to_string(m.p(f.path("narfs-test-big")).join("data/small.txt")).unwrap(),
+        "small\n"
+    );
+    run(Command::new("ls").arg(m.p(f.path("narfs-test-lib")).join("share")));
+    let t = Instant::now();
+    while e.proxy.downloads(&lib_nar) == before {
+        assert!(t.elapsed() < Duration::from_secs(20), "{}", m.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The object key (`nar/…`) a generated narinfo names.

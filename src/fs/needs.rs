@@ -83,10 +83,39 @@ impl Fs {
             }
             walk.listed.drain(..).collect()
         };
+        self.fetch_ahead(ahead);
+    }
+
+    /// Path `id` was looked into (its tree came from its listing). While another path
+    /// is being read, that is a traversal moving on (`find | xargs cat` looks ahead
+    /// of its reader): it is fetched at once. Otherwise it is remembered for `walked`.
+    fn looked_into(&self, id: PathId) {
+        let now = std::time::Instant::now();
+        let reading_another = {
+            let mut walk = self.walk.lock().unwrap();
+            let reading = walk
+                .last_demand
+                .is_some_and(|(p, t)| p != id && now - t < WALK_WINDOW);
+            if !reading {
+                if walk.listed.len() >= WALK_LISTED {
+                    walk.listed.pop_front();
+                }
+                walk.listed.push_back(id);
+            }
+            reading
+        };
+        if reading_another {
+            self.fetch_ahead(vec![id]);
+        }
+    }
+
+    /// Fetches `paths` (looked into by a traversal, not read yet) within the prefetch
+    /// slots, as priority `Ahead`.
+    fn fetch_ahead(&self, paths: Vec<PathId>) {
         let (Some(sem), Some(me)) = (self.prefetch.clone(), self.me.upgrade()) else {
             return;
         };
-        for p in ahead {
+        for p in paths {
             let (me, sem) = (me.clone(), sem.clone());
             tokio::spawn(async move {
                 let Ok(_permit) = sem.acquire().await else {
@@ -273,11 +302,7 @@ impl Fs {
                                 &info.nar_hash,
                             );
                             self.invalidate(stale);
-                            let mut walk = self.walk.lock().unwrap();
-                            if walk.listed.len() >= WALK_LISTED {
-                                walk.listed.pop_front();
-                            }
-                            walk.listed.push_back(id);
+                            self.looked_into(id);
                             return Ok(());
                         }
                         Ok(None) => {}

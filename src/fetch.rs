@@ -606,8 +606,12 @@ impl Fetcher {
         priority: Priority,
     ) -> Result<Arc<Content>, Arc<FetchError>> {
         // a reader waits: reference prefetches make way (or, fetching this very NAR,
-        // go on at once)
-        let _waits = (priority == Priority::Demand).then(|| self.demands.wait_for(&info.url));
+        // go on at once, as they do when a traversal is about to read it)
+        let _waits = match priority {
+            Priority::Demand => Some(self.demands.wait_for(&info.url)),
+            Priority::Ahead => Some(self.demands.ahead(&info.url)),
+            Priority::Prefetch => None,
+        };
         loop {
             let me = self.clone();
             let info = info.clone();

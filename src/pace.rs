@@ -34,6 +34,9 @@ struct Waiting {
 #[derive(Default, Debug)]
 struct Wanted {
     readers: usize,
+    /// Traversals about to read it (priority `Ahead`): they hold up no prefetch, but
+    /// lift the pause of a prefetch of this very object.
+    ahead: usize,
     /// Its download outpaces its decoding: the reader waits for the CPU, not for the
     /// link, which has room for prefetches (on a fast network they keep both cores
     /// busy, as `nix copy` does).
@@ -53,11 +56,27 @@ impl Default for Demands {
 impl Demands {
     /// A reader waits for `object` until the guard is dropped.
     pub fn wait_for(&self, object: &str) -> Demand {
-        self.0
-            .send_modify(|w| w.objects.entry(object.to_owned()).or_default().readers += 1);
+        self.want(object, false)
+    }
+
+    /// A traversal is about to read `object` (see `Wanted::ahead`).
+    pub fn ahead(&self, object: &str) -> Demand {
+        self.want(object, true)
+    }
+
+    fn want(&self, object: &str, ahead: bool) -> Demand {
+        self.0.send_modify(|w| {
+            let wanted = w.objects.entry(object.to_owned()).or_default();
+            if ahead {
+                wanted.ahead += 1;
+            } else {
+                wanted.readers += 1;
+            }
+        });
         Demand {
             demands: self.0.clone(),
             object: object.to_owned(),
+            ahead,
         }
     }
 
@@ -91,14 +110,19 @@ impl Demands {
 pub struct Demand {
     demands: Arc<watch::Sender<Waiting>>,
     object: String,
+    ahead: bool,
 }
 
 impl Drop for Demand {
     fn drop(&mut self) {
         self.demands.send_modify(|w| {
             if let Some(wanted) = w.objects.get_mut(&self.object) {
-                wanted.readers -= 1;
-                if wanted.readers == 0 {
+                if self.ahead {
+                    wanted.ahead -= 1;
+                } else {
+                    wanted.readers -= 1;
+                }
+                if wanted.readers == 0 && wanted.ahead == 0 {
                     w.objects.remove(&self.object);
                 }
             }
@@ -116,7 +140,10 @@ pub struct Pace {
 
 impl Pace {
     fn may_go(w: &Waiting, object: &str) -> bool {
-        w.objects.contains_key(object) || w.objects.values().all(|wanted| wanted.fed)
+        w.objects.contains_key(object)
+            || w.objects
+                .values()
+                .all(|wanted| wanted.fed || wanted.readers == 0)
     }
 
     /// Whether the prefetch must make way now.
@@ -252,6 +279,14 @@ mod tests {
         d.fed("nar/b", true);
         assert!(!p.yields());
         d.fed("nar/b", false);
+        assert!(p.yields());
+        // a traversal about to read another object holds up nothing, one about to
+        // read this very object lifts the pause
+        let other = d.ahead("nar/c");
+        assert!(p.yields());
+        let own = d.ahead("nar/a");
+        assert!(!p.yields());
+        drop((own, other));
         assert!(p.yields());
         drop(r);
         assert!(!p.yields());

@@ -4,8 +4,9 @@
 //! lets go of its connection (merely not reading would not free the link: the
 //! kernel's receive buffer takes megabytes first) and goes on from where it stopped,
 //! with a Range GET, once no reader waits. A reader whose download outpaces its
-//! decoding waits for the CPU, not the link: it holds up no prefetch. A reader that comes to want the very object
-//! a prefetch is fetching lifts the pause for it: it waits on that prefetch.
+//! decoding waits for the CPU, not the link: it holds up no prefetch. A reader (or a
+//! traversal) that comes to want the very object a prefetch is fetching lifts the
+//! pause for it: it waits on that prefetch.
 
 use futures::future::BoxFuture;
 use std::collections::HashMap;

@@ -382,48 +382,42 @@ impl Fetcher {
 
     /// Calls `f` with each store path earlier mounts verified, verified again with the
     /// keys trusted now: the root listing is ready from disk before the cache is
-    /// listed again. Records are read in batches (a remount of a huge cache does not
-    /// hold them all) and each batch is checked on every core (a signature costs
-    /// tens of microseconds).
+    /// listed again. Records are read and checked in batches (a remount of a huge cache
+    /// does not hold them all), each batch on every core (a signature costs tens of
+    /// microseconds, and so does reading a small file).
     pub fn verified_on_disk(&self, mut f: impl FnMut(&StorePath)) -> usize {
-        const BATCH: usize = 4096;
+        const BATCH: usize = 8192;
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut n = 0;
-        let mut check = |batch: &mut Vec<(String, String)>| {
-            let chunk = batch.len().div_ceil(threads).max(1);
-            let found: Vec<Vec<StorePath>> = std::thread::scope(|s| {
-                let workers: Vec<_> = batch
-                    .chunks(chunk)
-                    .map(|c| {
-                        s.spawn(move || {
-                            c.iter()
-                                .filter_map(|(h, t)| self.parse_kept(h, t))
-                                .map(|i| i.store_path.clone())
-                                .collect()
-                        })
-                    })
-                    .collect();
-                workers
-                    .into_iter()
-                    .map(|w| w.join().unwrap_or_default())
-                    .collect()
-            });
-            batch.clear();
-            for sp in found.iter().flatten() {
-                f(sp);
-                n += 1;
-            }
-        };
-        let mut batch = Vec::with_capacity(BATCH);
         for id in &self.key_ids {
-            self.disk.for_each_narinfo(id, |hash, text| {
-                batch.push((hash.to_owned(), text.to_owned()));
-                if batch.len() == BATCH {
-                    check(&mut batch);
+            for batch in self.disk.narinfo_hashes(id).chunks(BATCH) {
+                let chunk = batch.len().div_ceil(threads).max(1);
+                let found: Vec<Vec<StorePath>> = std::thread::scope(|s| {
+                    let workers: Vec<_> = batch
+                        .chunks(chunk)
+                        .map(|c| {
+                            s.spawn(move || {
+                                c.iter()
+                                    .filter_map(|h| {
+                                        let text = self.disk.load_narinfo(id, h)?;
+                                        self.parse_kept(h, &text)
+                                    })
+                                    .map(|i| i.store_path.clone())
+                                    .collect()
+                            })
+                        })
+                        .collect();
+                    workers
+                        .into_iter()
+                        .map(|w| w.join().unwrap_or_default())
+                        .collect()
+                });
+                for sp in found.iter().flatten() {
+                    f(sp);
+                    n += 1;
                 }
-            });
+            }
         }
-        check(&mut batch);
         n
     }
 

@@ -586,22 +586,20 @@ impl DiskCache {
         read_nofollow(&self.narinfo_path(key_id, hash_part)).ok()
     }
 
-    /// Calls `f(hash part, text)` for every narinfo verified by key `key_id`, one at a
-    /// time (a remount of a huge cache must not hold them all at once).
-    pub fn for_each_narinfo(&self, key_id: &str, mut f: impl FnMut(&str, &str)) {
+    /// The hash parts of the narinfos verified by key `key_id` (names only: a remount
+    /// of a huge cache reads and checks the records on every core, see
+    /// `Fetcher::verified_on_disk`).
+    pub fn narinfo_hashes(&self, key_id: &str) -> Vec<String> {
         let dir = self.dir.join("narinfo").join(key_id);
-        let Ok(rd) = fs::read_dir(&dir) else { return };
-        for e in rd.flatten() {
-            let Ok(name) = e.file_name().into_string() else {
-                continue;
-            };
-            let Some(hash) = name.strip_suffix(".narinfo") else {
-                continue;
-            };
-            if let Ok(text) = read_nofollow(&e.path()) {
-                f(hash, &text);
-            }
-        }
+        let Ok(rd) = fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        rd.flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                name.strip_suffix(".narinfo").map(str::to_owned)
+            })
+            .collect()
     }
 
     /// Waits for every blob to reach the disk, so a clean shutdown leaves nothing to

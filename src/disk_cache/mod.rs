@@ -38,7 +38,10 @@ pub use secure::{create_private_dir, open_private_file};
 use crate::formats::hash::Sha256;
 use crate::formats::listing::Entry;
 use quota::{Busy, Held, Usage};
-use secure::{empty_dir_at, io_err, open_subdir, read_nofollow, real_dir, secure_root, write_new};
+use secure::{
+    empty_dir_at, io_err, open_subdir, read_bytes_nofollow, read_nofollow, real_dir, secure_root,
+    write_new,
+};
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
@@ -470,32 +473,18 @@ impl DiskCache {
             nar_size,
             crate::formats::file_index::DEFAULT_CHUNK_SHIFT,
         );
-        let dest = self.tree_path(nar_hash);
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let tmp = self.dir.join("tmp").join(format!("tree.{n}"));
-        let mut f = File::options()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&tmp)?;
-        io::Write::write_all(&mut f, &bytes)?;
-        drop(f);
-        fs::rename(&tmp, dest)
+        write_new(&tmp, &bytes, &self.tree_path(nar_hash))
     }
 
     /// The tree kept for NarHash `nar_hash`, if any (and sound).
     pub fn load_tree(&self, nar_hash: &Sha256, nar_size: u64) -> Option<Entry> {
-        use std::io::Read;
-        let f = File::options()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(self.tree_path(nar_hash))
-            .ok()?;
-        let mut bytes = Vec::new();
-        f.take(crate::formats::file_index::MAX_BODY * 4)
-            .read_to_end(&mut bytes)
-            .ok()?;
+        let bytes = read_bytes_nofollow(
+            &self.tree_path(nar_hash),
+            crate::formats::file_index::MAX_BODY * 4,
+        )
+        .ok()?;
         match crate::formats::file_index::decode_tree(&bytes) {
             Ok((tree, size, shift))
                 if size == nar_size && shift == crate::formats::file_index::DEFAULT_CHUNK_SHIFT =>
@@ -524,29 +513,15 @@ impl DiskCache {
     pub fn save_index(&self, hash_part: &str, bytes: &[u8]) -> io::Result<()> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let tmp = self.dir.join("tmp").join(format!("index.{n}"));
-        let mut f = File::options()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&tmp)?;
-        io::Write::write_all(&mut f, bytes)?;
-        drop(f);
-        fs::rename(&tmp, self.index_path(hash_part))
+        write_new(&tmp, bytes, &self.index_path(hash_part))
     }
 
     pub fn load_index(&self, hash_part: &str) -> Option<Vec<u8>> {
-        use std::io::Read;
-        let f = File::options()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(self.index_path(hash_part))
-            .ok()?;
-        let mut bytes = Vec::new();
-        f.take(crate::formats::file_index::MAX_BODY + (16 << 10) + 1)
-            .read_to_end(&mut bytes)
-            .ok()?;
-        Some(bytes)
+        read_bytes_nofollow(
+            &self.index_path(hash_part),
+            crate::formats::file_index::MAX_BODY + (16 << 10) + 1,
+        )
+        .ok()
     }
 
     pub fn has_index(&self, hash_part: &str) -> bool {
@@ -577,7 +552,7 @@ impl DiskCache {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         write_new(
             &dest.with_file_name(format!(".{hash_part}.{n}.tmp")),
-            text,
+            text.as_bytes(),
             &dest,
         )
     }

@@ -173,27 +173,32 @@ pub(super) fn real_dir(p: &Path) -> io::Result<()> {
 
 /// Writes `text` to the fresh file `tmp` (never through a symlink) and renames it to
 /// `dest` (which replaces whatever is there, a symlink included, without following).
-pub(super) fn write_new(tmp: &Path, text: &str, dest: &Path) -> io::Result<()> {
+pub(super) fn write_new(tmp: &Path, bytes: &[u8], dest: &Path) -> io::Result<()> {
     let mut f = File::options()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(tmp)?;
-    io::Write::write_all(&mut f, text.as_bytes())?;
+    io::Write::write_all(&mut f, bytes)?;
     drop(f);
     fs::rename(tmp, dest)
 }
 
 /// Reads a record, refusing a symlink in its place (and anything over 1 MiB).
 pub(super) fn read_nofollow(p: &Path) -> io::Result<String> {
+    let bytes = read_bytes_nofollow(p, crate::formats::narinfo::MAX_NARINFO_BYTES as u64)?;
+    String::from_utf8(bytes).map_err(io::Error::other)
+}
+
+/// At most `max` bytes of the file at `p`, refusing a symlink in its place.
+pub(super) fn read_bytes_nofollow(p: &Path, max: u64) -> io::Result<Vec<u8>> {
     use std::io::Read;
     let f = File::options()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(p)?;
-    let mut s = String::new();
-    f.take(crate::formats::narinfo::MAX_NARINFO_BYTES as u64)
-        .read_to_string(&mut s)?;
-    Ok(s)
+    let mut bytes = Vec::new();
+    f.take(max).read_to_end(&mut bytes)?;
+    Ok(bytes)
 }

@@ -229,22 +229,27 @@ impl Drop for AbortOnDrop {
     }
 }
 
-#[async_trait]
-impl Storage for S3Storage {
-    async fn get(&self, key: &str) -> Result<Option<Body>, StorageError> {
+impl S3Storage {
+    /// GetObject, whole or of `range` (`bytes=a-b`); `Ok(None)` if the key does not
+    /// exist. 403 counts as missing too: a bucket that does not grant listing answers
+    /// AccessDenied for keys that do not exist (as Nix treats it).
+    async fn get_object(
+        &self,
+        key: &str,
+        range: Option<String>,
+    ) -> Result<Option<Body>, StorageError> {
         super::check_key(self, "GET", key)?;
         let res = self
             .client
             .get_object()
             .bucket(&self.url.bucket)
             .key(self.url.key(key))
+            .set_range(range)
             .send()
             .await;
         match res {
             Ok(out) => Ok(Some(Box::pin(out.body.into_async_read()))),
             Err(e) => {
-                // 403 too: a bucket that does not grant listing answers AccessDenied for
-                // keys that do not exist (as Nix treats it).
                 let missing = e.as_service_error().is_some_and(|s| s.is_no_such_key())
                     || e.raw_response()
                         .is_some_and(|r| matches!(r.status().as_u16(), 403 | 404));
@@ -255,6 +260,13 @@ impl Storage for S3Storage {
                 }
             }
         }
+    }
+}
+
+#[async_trait]
+impl Storage for S3Storage {
+    async fn get(&self, key: &str) -> Result<Option<Body>, StorageError> {
+        self.get_object(key, None).await
     }
 
     async fn get_range(
@@ -267,30 +279,10 @@ impl Storage for S3Storage {
         if len == 0 {
             return Ok(Some(Box::pin(tokio::io::empty())));
         }
-        let res = self
-            .client
-            .get_object()
-            .bucket(&self.url.bucket)
-            .key(self.url.key(key))
-            .range(format!("bytes={offset}-{}", offset + len - 1))
-            .send()
-            .await;
-        match res {
-            Ok(out) => {
-                use tokio::io::AsyncReadExt;
-                Ok(Some(Box::pin(out.body.into_async_read().take(len))))
-            }
-            Err(e) => {
-                let missing = e.as_service_error().is_some_and(|s| s.is_no_such_key())
-                    || e.raw_response()
-                        .is_some_and(|r| matches!(r.status().as_u16(), 403 | 404));
-                if missing {
-                    Ok(None)
-                } else {
-                    Err(self.error("GET", key, e))
-                }
-            }
-        }
+        let range = format!("bytes={offset}-{}", offset + len - 1);
+        let body = self.get_object(key, Some(range)).await?;
+        use tokio::io::AsyncReadExt;
+        Ok(body.map(|b| Box::pin(b.take(len)) as Body))
     }
 
     async fn list_page(&self, token: Option<String>) -> Result<ListPage, StorageError> {

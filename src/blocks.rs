@@ -238,11 +238,13 @@ impl BlockReader {
             ));
         }
         let reservation = match priority {
-            Priority::Demand => self.disk.reserve_demand(footprint(c.len)).await,
-            Priority::Ahead | Priority::Prefetch => self
+            Priority::Demand => self
                 .disk
-                .reserve(footprint(c.len), false)
-                .map_err(|e| e.to_string())?,
+                .reserve_demand(footprint(c.len), self.policy.budget)
+                .await
+                .map_err(|e| format!("{}: {e}", b.store_path))?,
+            // a prefetch holds no room a reader may wait for: it stores what fits
+            Priority::Ahead | Priority::Prefetch => self.disk.no_reservation(),
         };
         let mut w = self.disk.writer(reservation);
         w.put(&c.hash, &bytes)
@@ -302,7 +304,9 @@ impl BlockReader {
         priority: Priority,
         progress: tokio::sync::watch::Sender<u64>,
     ) -> Result<Decoded, String> {
-        let _slot = self.slots.acquire().await;
+        let _slot = crate::retry::permit(&self.slots, self.policy.budget, "block fetch slot")
+            .await
+            .map_err(|e| format!("{}: {e}", b.store_path))?;
         let (first, last) = (&b.blocks[range.start], &b.blocks[range.end - 1]);
         let comp_start = first.comp_offset;
         let comp_len = last.comp_offset + last.comp_len as u64 - comp_start;
@@ -325,11 +329,13 @@ impl BlockReader {
             .map(|c| footprint(c.len))
             .sum();
         let reservation = match priority {
-            Priority::Demand => disk.reserve_demand(missing).await,
-            // a prefetch stores only what fits without evicting
-            Priority::Ahead | Priority::Prefetch => disk
-                .reserve(missing, false)
-                .unwrap_or_else(|_| disk.no_reservation()),
+            Priority::Demand => disk
+                .reserve_demand(missing, self.policy.budget)
+                .await
+                .map_err(|e| format!("{}: {e}", b.store_path))?,
+            // a prefetch holds no room a reader may wait for: it stores what fits
+            // without evicting, as it lands
+            Priority::Ahead | Priority::Prefetch => disk.no_reservation(),
         };
         let writer = Arc::new(Mutex::new(disk.writer(reservation)));
         let progress = Arc::new(progress);

@@ -28,6 +28,10 @@ pub enum FetchError {
     /// A prefetch that would have had to evict other paths: skipped.
     #[error(transparent)]
     NoRoom(#[from] crate::disk_cache::NoRoom),
+    /// A reader waited its whole time budget for a slot or for room that other fetches
+    /// held: nothing is wrong with the path, the next access tries afresh.
+    #[error("{0}")]
+    Busy(String),
     #[error("{0}")]
     Other(String),
 }
@@ -105,6 +109,8 @@ pub struct Fetcher {
     speculation_slots: Arc<tokio::sync::Semaphore>,
     /// Readers waiting for the network, for reference prefetches to make way.
     demands: crate::pace::Demands,
+    /// KiB of file index bodies being read and parsed at once (see `get_index`).
+    index_bytes: Arc<tokio::sync::Semaphore>,
     /// Narinfos seen that did (`.0`) or did not (`.1`) name an index: a cache nix
     /// wrote is not asked for indexes it does not have.
     index_seen: (AtomicU64, AtomicU64),
@@ -112,6 +118,10 @@ pub struct Fetcher {
 
 type SpeculatedIndex =
     futures::future::Shared<futures::future::BoxFuture<'static, Option<Vec<u8>>>>;
+
+/// File index bodies read and parsed at once, at most (KiB; one body may take up to
+/// `MAX_BODY`, 64 MiB).
+const INDEX_KIB: usize = 96 << 10;
 
 /// Indexes fetched ahead of their narinfo, at most.
 const SPECULATED: usize = 64;
@@ -152,6 +162,7 @@ impl Fetcher {
             )),
             speculation_slots: Arc::new(tokio::sync::Semaphore::new(SPECULATION_SLOTS)),
             demands: Default::default(),
+            index_bytes: Arc::new(tokio::sync::Semaphore::new(INDEX_KIB)),
             index_seen: Default::default(),
         }
     }
@@ -191,6 +202,79 @@ impl Fetcher {
                 })?;
             // More than `max` bytes come back as `max + 1`: the parser refuses them.
             Ok(Some(buf))
+        })
+        .await
+        .map_err(FetchError::Other)
+    }
+
+    /// A file index object, read header first: a header that is not signed for this
+    /// path by a trusted key ends the download after at most `MAX_HEADER_BYTES` (the
+    /// bytes so far are returned, and refused by `verify_index` with the reason); a
+    /// signed one says how large the body is, and the body is read only once that much
+    /// of the bytes budget of all index fetches together is held. The permit goes
+    /// with the bytes: it is held until they are parsed.
+    async fn get_index(
+        &self,
+        key: &str,
+        info: &NarInfo,
+    ) -> Result<Option<(Vec<u8>, Option<tokio::sync::OwnedSemaphorePermit>)>, FetchError> {
+        use crate::formats::file_index::{header_len, verify_header, MAX_HEADER_BYTES};
+        let policy = self.policy;
+        crate::retry::run(policy, &self.storage.location(key), |deadline| async move {
+            let body = match self.storage.get(key).await {
+                Ok(Some(b)) => b,
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(Attempt::Transient(e.to_string())),
+            };
+            let failed = |e: std::io::Error| {
+                Attempt::Transient(format!("GET {}: {e}", self.storage.location(key)))
+            };
+            let mut body = Guarded::new(body, policy.stall, deadline);
+            let mut buf = Vec::with_capacity(4096);
+            let len = loop {
+                if let Some(len) = header_len(&buf) {
+                    break len;
+                }
+                if buf.len() >= MAX_HEADER_BYTES {
+                    return Ok(Some((buf, None)));
+                }
+                let mut chunk = [0u8; 4096];
+                let want = chunk.len().min(MAX_HEADER_BYTES - buf.len());
+                match body.read(&mut chunk[..want]).await.map_err(failed)? {
+                    0 => return Ok(Some((buf, None))),
+                    n => buf.extend_from_slice(&chunk[..n]),
+                }
+            };
+            let Ok(h) = verify_header(
+                &buf[..len],
+                &info.store_path,
+                &info.nar_hash,
+                info.nar_size,
+                &self.keys,
+            ) else {
+                return Ok(Some((buf, None)));
+            };
+            let kib = (h.body_size.div_ceil(1024) as u32).max(1);
+            let permit = tokio::time::timeout(
+                policy.budget,
+                self.index_bytes.clone().acquire_many_owned(kib),
+            )
+            .await
+            .map_err(|_| {
+                Attempt::Permanent(format!(
+                    "file indexes of other paths held the memory for {:?} (--timeout)",
+                    policy.budget
+                ))
+            })?
+            .map_err(|e| Attempt::Permanent(e.to_string()))?;
+            let want = len as u64 + h.body_size;
+            buf.reserve_exact((want as usize).saturating_sub(buf.len()));
+            (&mut body)
+                .take((want + 1).saturating_sub(buf.len() as u64))
+                .read_to_end(&mut buf)
+                .await
+                .map_err(failed)?;
+            Ok(Some((buf, Some(permit))))
         })
         .await
         .map_err(FetchError::Other)
@@ -249,16 +333,10 @@ impl Fetcher {
                     _ => None,
                 };
                 let got = match early {
-                    Some(b) => Ok(Some(b)),
-                    None => {
-                        me.get_small_retrying(
-                            &key,
-                            crate::formats::file_index::MAX_BODY as usize + (16 << 10),
-                        )
-                        .await
-                    }
+                    Some(b) => Ok(Some((b, None))),
+                    None => me.get_index(&key, &info).await,
                 };
-                let bytes = match got {
+                let (bytes, _permit) = match got {
                     Ok(Some(b)) => b,
                     Ok(None) => {
                         tracing::warn!(
@@ -304,11 +382,8 @@ impl Fetcher {
             return Ok(None);
         };
         let where_ = self.storage.location(key);
-        let bytes = self
-            .get_small_retrying(
-                key,
-                crate::formats::file_index::MAX_BODY as usize + (16 << 10),
-            )
+        let (bytes, _permit) = self
+            .get_index(key, info)
             .await
             .map_err(|e| format!("file index {where_}: {e}"))?
             .ok_or_else(|| {
@@ -346,6 +421,12 @@ impl Fetcher {
 
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.storage
+    }
+
+    /// The time budget of one fetch (`--timeout`), which also bounds every wait of a
+    /// reader.
+    pub fn policy(&self) -> Policy {
+        self.policy
     }
 
     pub fn disk(&self) -> &Arc<DiskCache> {
@@ -511,7 +592,9 @@ impl Fetcher {
     async fn fetch_narinfo(&self, hash: &str) -> Result<Lookup, FetchError> {
         let key = format!("{hash}.narinfo");
         let t0 = Instant::now();
-        let slot = self.narinfo_slots.acquire().await;
+        let slot = crate::retry::permit(&self.narinfo_slots, self.policy.budget, "narinfo slot")
+            .await
+            .map_err(|e| FetchError::Busy(format!("{key}: {e}")))?;
         let got = self.get_small_retrying(&key, MAX_NARINFO_BYTES).await;
         drop(slot);
         let Some(bytes) = got? else {
@@ -563,7 +646,10 @@ impl Fetcher {
         self.listings
             .run(info.store_path.hash_part().to_owned(), move || async move {
                 let key = format!("{}.ls", info.store_path.hash_part());
-                let _slot = me.listing_slots.acquire().await;
+                let _slot =
+                    crate::retry::permit(&me.listing_slots, me.policy.budget, "listing slot")
+                        .await
+                        .map_err(|e| FetchError::Busy(format!("{key}: {e}")))?;
                 let Some(bytes) = me.get_small_retrying(&key, MAX_LISTING_BYTES).await? else {
                     return Ok(None);
                 };
@@ -606,7 +692,9 @@ impl Fetcher {
             Priority::Ahead => Some(self.demands.ahead(&info.url)),
             Priority::Prefetch => None,
         };
-        loop {
+        // a demand that joined a prefetch which found no room runs again as a demand
+        // (a few times at most: each time another prefetch may have started first)
+        for _ in 0..3 {
             let me = self.clone();
             let info = info.clone();
             let r = self
@@ -626,6 +714,10 @@ impl Fetcher {
                 r => return r,
             }
         }
+        Err(Arc::new(FetchError::Busy(format!(
+            "{}: prefetches kept taking its fetch and giving up for want of room",
+            info.store_path
+        ))))
     }
 
     async fn fetch_content(
@@ -647,25 +739,44 @@ impl Fetcher {
             return Ok(tree);
         }
         // a reference prefetch starts while no reader waits and pauses while one does;
-        // it does not take a download slot a reader could need
+        // it does not take a download slot a reader could need. One that waited
+        // `MAX_START_WAIT` goes on anyway and is owed progress.
         let paced = priority == Priority::Prefetch;
-        let _slot = if paced {
+        let (owed, _slot) = if paced {
             let free = self
                 .demands
                 .pace(&info.url)
-                .until_free(crate::pace::MAX_START_WAIT);
-            free.await;
-            None
+                .until_free(crate::pace::MAX_START_WAIT)
+                .await;
+            (!free, None)
         } else {
-            Some(self.downloads.acquire().await)
+            let slot = crate::retry::permit(
+                &self.downloads,
+                self.policy.budget,
+                "download slot (--jobs)",
+            )
+            .await
+            .map_err(|e| FetchError::Busy(format!("{}: {e}", info.store_path)))?;
+            (false, Some(slot))
         };
-        // room in the quota for the files, held from before the first byte is
-        // written; a prefetch that would have to evict for it is skipped
+        // Room in the quota for the files: a reader holds it from before the first
+        // byte is written (waiting for it at most the time budget). A prefetch holds
+        // none: it starts only if the NAR fits without evicting, takes room as its
+        // files land and fails once a reader took it, so it never holds room a
+        // reader waits for, paused or not.
         let reservation = match priority {
-            Priority::Demand => self.disk.reserve_demand(info.nar_size).await,
-            Priority::Ahead | Priority::Prefetch => self.disk.reserve(info.nar_size, false).inspect_err(|_| {
-                tracing::debug!(path = %info.store_path, "prefetch skipped: the cache quota has no room without evicting");
-            })?,
+            Priority::Demand => self
+                .disk
+                .reserve_demand(info.nar_size, self.policy.budget)
+                .await
+                .map_err(|e| FetchError::Busy(format!("{}: {e}", info.store_path)))?,
+            Priority::Ahead | Priority::Prefetch => {
+                if !self.disk.fits(info.nar_size) {
+                    tracing::debug!(path = %info.store_path, "prefetch skipped: the cache quota has no room without evicting");
+                    return Err(FetchError::NoRoom(crate::disk_cache::NoRoom));
+                }
+                self.disk.no_reservation()
+            }
         };
         let writer = Arc::new(Mutex::new(self.disk.writer(reservation)));
         let no_room = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -682,7 +793,7 @@ impl Fetcher {
                 let (writer, no_room) = (writer.clone(), no_room.clone());
                 let pace = paced.then(|| self.demands.pace(&info.url));
                 async move {
-                    self.attempt_content(info, deadline, writer, no_room, pace)
+                    self.attempt_content(info, deadline, writer, no_room, pace, owed)
                         .await
                 }
             },
@@ -751,6 +862,7 @@ impl Fetcher {
         writer: Arc<Mutex<crate::disk_cache::BlobWriter>>,
         no_room: Arc<std::sync::atomic::AtomicBool>,
         pace: Option<crate::pace::Pace>,
+        owed: bool,
     ) -> Result<Entry, Attempt> {
         let left = deadline.saturating_duration_since(Instant::now());
         let body = match tokio::time::timeout(left, self.storage.get(&info.url)).await {
@@ -775,7 +887,12 @@ impl Fetcher {
             Some(pace) => {
                 // a reference prefetch: may let go of its connection and go on later
                 let reopen = self.reopen(&info.url, stream_failed.clone());
-                read_ahead(crate::pace::PacedBody::new(Box::pin(guarded), pace, reopen))
+                read_ahead(crate::pace::PacedBody::new(
+                    Box::pin(guarded),
+                    pace,
+                    reopen,
+                    owed,
+                ))
             }
         };
         let disk = self.disk.clone();

@@ -26,6 +26,10 @@ pub const GRACE: Duration = Duration::from_millis(100);
 /// busy: then it goes on anyway, so it is never starved for good.
 pub const MAX_START_WAIT: Duration = Duration::from_secs(30);
 
+/// What a prefetch that waited `MAX_START_WAIT` reads before it makes way again: going
+/// on only to pause at once would be no progress at all.
+pub const PROMISED: u64 = 1 << 20;
+
 /// The objects (storage keys) readers wait for now.
 #[derive(Default, Debug)]
 struct Waiting {
@@ -152,12 +156,15 @@ impl Pace {
         !Self::may_go(&self.rx.borrow(), &self.object)
     }
 
-    /// Waits until the prefetch may go on, or `max` passed.
-    pub fn until_free(&self, max: Duration) -> impl Future<Output = ()> + Send + 'static {
+    /// Waits until the prefetch may go on (true), or `max` passed while readers kept
+    /// the link busy (false: it goes on anyway, and is owed progress).
+    pub fn until_free(&self, max: Duration) -> impl Future<Output = bool> + Send + 'static {
         let mut rx = self.rx.clone();
         let object = self.object.clone();
         async move {
-            let _ = tokio::time::timeout(max, rx.wait_for(|w| Self::may_go(w, &object))).await;
+            tokio::time::timeout(max, rx.wait_for(|w| Self::may_go(w, &object)))
+                .await
+                .is_ok()
         }
     }
 }
@@ -173,6 +180,8 @@ pub struct PacedBody {
     pace: Pace,
     reopen: Reopen,
     state: State,
+    /// Bytes it reads before it makes way again (see `PROMISED`).
+    promised: u64,
     /// Times it let go of its connection.
     pub parked: u64,
 }
@@ -180,20 +189,24 @@ pub struct PacedBody {
 enum State {
     Reading,
     /// A reader waits: the connection is kept a moment.
-    Grace(BoxFuture<'static, ()>),
-    /// The connection is gone; back when no reader waits.
-    Parked(BoxFuture<'static, ()>),
+    Grace(BoxFuture<'static, bool>),
+    /// The connection is gone; back when no reader waits (or, owed progress, after
+    /// `MAX_START_WAIT`).
+    Parked(BoxFuture<'static, bool>),
     Opening(BoxFuture<'static, std::io::Result<Body>>),
 }
 
 impl PacedBody {
-    pub fn new(inner: Body, pace: Pace, reopen: Reopen) -> Self {
+    /// `owed`: it already waited `MAX_START_WAIT` to start, so it reads `PROMISED`
+    /// bytes before it makes way.
+    pub fn new(inner: Body, pace: Pace, reopen: Reopen, owed: bool) -> Self {
         PacedBody {
             inner: Some(inner),
             offset: 0,
             pace,
             reopen,
             state: State::Reading,
+            promised: if owed { PROMISED } else { 0 },
             parked: 0,
         }
     }
@@ -209,7 +222,7 @@ impl AsyncRead for PacedBody {
         loop {
             match &mut me.state {
                 State::Reading => {
-                    if me.pace.yields() {
+                    if me.promised == 0 && me.pace.yields() {
                         me.state = State::Grace(Box::pin(me.pace.until_free(GRACE)));
                         continue;
                     }
@@ -220,7 +233,9 @@ impl AsyncRead for PacedBody {
                     let before = buf.filled().len();
                     let r = inner.as_mut().poll_read(cx, buf);
                     if let Poll::Ready(Ok(())) = r {
-                        me.offset += (buf.filled().len() - before) as u64;
+                        let n = (buf.filled().len() - before) as u64;
+                        me.offset += n;
+                        me.promised = me.promised.saturating_sub(n);
                     }
                     return r;
                 }
@@ -242,10 +257,13 @@ impl AsyncRead for PacedBody {
                     }
                 }
                 State::Parked(f) => {
-                    if f.as_mut().poll(cx).is_pending() {
+                    let Poll::Ready(free) = f.as_mut().poll(cx) else {
                         return Poll::Pending;
+                    };
+                    if !free {
+                        me.promised = PROMISED;
                     }
-                    tracing::debug!(object = %me.pace.object, offset = me.offset, "prefetch goes on");
+                    tracing::debug!(object = %me.pace.object, offset = me.offset, owed = !free, "prefetch goes on");
                     me.state = State::Opening((me.reopen)(me.offset));
                 }
                 State::Opening(f) => match f.as_mut().poll(cx) {
@@ -308,7 +326,7 @@ mod tests {
             Box::pin(async move { Ok(Box::pin(std::io::Cursor::new(rest)) as Body) })
         });
         let first: Body = Box::pin(std::io::Cursor::new(data.to_vec()));
-        let mut body = PacedBody::new(first, d.pace("nar/a"), reopen);
+        let mut body = PacedBody::new(first, d.pace("nar/a"), reopen, false);
         let mut got = vec![0u8; 30_000];
         body.read_exact(&mut got).await.unwrap();
         // a reader of another object outlasts the grace: the connection goes
@@ -337,6 +355,33 @@ mod tests {
         );
         got.extend(rest);
         assert_eq!(got, *data);
+    }
+
+    /// A reader that never stops waiting must not starve a prefetch for good: each
+    /// time the prefetch has waited `MAX_START_WAIT` it reads `PROMISED` bytes.
+    #[tokio::test(start_paused = true)]
+    async fn a_prefetch_owed_progress_makes_progress_while_readers_keep_waiting() {
+        use tokio::io::AsyncReadExt;
+        let data: Arc<Vec<u8>> = Arc::new((0..(3 * PROMISED + 5)).map(|i| i as u8).collect());
+        let d = Demands::default();
+        let data2 = data.clone();
+        let reopen: Reopen = Box::new(move |offset| {
+            let rest = data2[offset as usize..].to_vec();
+            Box::pin(async move { Ok(Box::pin(std::io::Cursor::new(rest)) as Body) })
+        });
+        let _forever = d.wait_for("nar/other");
+        // it waited to start and was let go: owed progress from the first byte
+        let first: Body = Box::pin(std::io::Cursor::new(data.to_vec()));
+        let mut body = PacedBody::new(first, d.pace("nar/a"), reopen, true);
+        let mut got = Vec::new();
+        let t = tokio::time::Instant::now();
+        tokio::time::timeout(MAX_START_WAIT * 10, body.read_to_end(&mut got))
+            .await
+            .expect("the prefetch made progress")
+            .unwrap();
+        assert_eq!(got, *data);
+        assert!(body.parked >= 3, "it made way between its promised runs");
+        assert!(t.elapsed() >= MAX_START_WAIT * 3);
     }
 
     #[tokio::test]

@@ -105,6 +105,22 @@ where
     unreachable!()
 }
 
+/// A permit of `sem`, waited for at most `budget`: a reader never queues without end
+/// behind others (then it gets EIO, and its next access tries afresh).
+pub async fn permit<'a>(
+    sem: &'a tokio::sync::Semaphore,
+    budget: Duration,
+    what: &str,
+) -> Result<tokio::sync::SemaphorePermit<'a>, String> {
+    match tokio::time::timeout(budget, sem.acquire()).await {
+        Ok(Ok(p)) => Ok(p),
+        Ok(Err(_)) => Err(format!("{what}: shutting down")),
+        Err(_) => Err(format!(
+            "every {what} stayed busy for {budget:?} (--timeout)"
+        )),
+    }
+}
+
 /// Wraps a body: fails a read that makes no progress for `stall`, or that would end
 /// after `deadline`, and remembers that the stream (not the data) failed.
 pub struct Guarded<R> {

@@ -6,18 +6,6 @@ mod common;
 use common::*;
 use std::path::Path;
 
-fn random(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn tree(dir: &Path, files: &[(&str, &[u8])]) {
     for (name, data) in files {
         let p = dir.join(name);
@@ -30,7 +18,7 @@ fn tree(dir: &Path, files: &[(&str, &[u8])]) {
 fn identical_files_take_disk_space_once_for_every_path_and_every_cache() {
     let s3 = S3Server::start();
     let src = tempfile::tempdir().unwrap();
-    let big = random(3 << 20, 7);
+    let big = noise(3 << 20, 7);
     tree(
         &src.path().join("one"),
         &[("lib/big.so", &big), ("a", b"only in one\n")],

@@ -32,7 +32,7 @@ pub use blobs::BlobWriter;
 pub fn blob_rel_path(hash: &Sha256) -> PathBuf {
     blobs::rel_path(hash)
 }
-pub use quota::{footprint, parse_size, EvictionHooks, NoRoom, Reservation};
+pub use quota::{footprint, parse_size, EvictionHooks, NoRoom, Reservation, RoomTimeout};
 pub use secure::{create_private_dir, open_private_file};
 
 use crate::formats::hash::Sha256;
@@ -260,9 +260,15 @@ impl DiskCache {
 
     /// Holds `bytes` of the quota for a demand. While evicting cannot make room
     /// because other writes hold it (or blobs just written wait for their first use),
-    /// waits for them: parallel downloads never take the cache past the quota
-    /// together. Only a demand with nothing else under way may go over it.
-    pub async fn reserve_demand(self: &Arc<Self>, bytes: u64) -> Reservation {
+    /// waits for them, at most `within`: parallel downloads never take the cache past
+    /// the quota together, and a reader never waits without end. Only a demand with
+    /// nothing else under way may go over it.
+    pub async fn reserve_demand(
+        self: &Arc<Self>,
+        bytes: u64,
+        within: std::time::Duration,
+    ) -> Result<Reservation, RoomTimeout> {
+        let deadline = tokio::time::Instant::now() + within;
         loop {
             let notified = self.room.notified();
             let held = || Reservation {
@@ -271,19 +277,31 @@ impl DiskCache {
                 may_evict: true,
             };
             match self.try_room(bytes, true) {
-                Ok(()) => return held(),
+                Ok(()) => return Ok(held()),
                 Err(Busy::Alone) => {
                     // nothing else under way could free room: over the quota it goes
                     self.usage.lock().unwrap().reserved += bytes;
-                    return held();
+                    return Ok(held());
                 }
                 Err(Busy::Others) => {
+                    let now = tokio::time::Instant::now();
+                    if now >= deadline {
+                        return Err(RoomTimeout { bytes, within });
+                    }
                     // woken when room is returned; the timeout re-checks graces
-                    let _ =
-                        tokio::time::timeout(std::time::Duration::from_millis(200), notified).await;
+                    let wake = (now + std::time::Duration::from_millis(200)).min(deadline);
+                    let _ = tokio::time::timeout_at(wake, notified).await;
                 }
             }
         }
+    }
+
+    /// Whether `bytes` fit the quota now without evicting anything. A prefetch checks
+    /// this before it starts and holds nothing: its writes take room as they land,
+    /// and fail once a reader took it (see `no_reservation`).
+    pub fn fits(&self, bytes: u64) -> bool {
+        let u = self.usage.lock().unwrap();
+        u.total + u.reserved + bytes <= u.quota
     }
 
     /// Counts `bytes` as reserved, first evicting (if allowed) until they fit. A

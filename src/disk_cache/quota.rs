@@ -97,6 +97,14 @@ pub trait EvictionHooks: Send + Sync {
 #[error("no room in the cache quota without evicting other files")]
 pub struct NoRoom;
 
+/// A reader waited its whole time budget for room that other fetches held.
+#[derive(Debug, thiserror::Error)]
+#[error("no room in the cache quota for {bytes} bytes: other fetches held it for {within:?} (--timeout); try again, or raise --cache-size")]
+pub struct RoomTimeout {
+    pub bytes: u64,
+    pub within: std::time::Duration,
+}
+
 /// Room in the quota held for writes under way, returned when dropped.
 pub struct Reservation {
     pub(super) disk: std::sync::Arc<super::DiskCache>,

@@ -239,6 +239,87 @@ fn number(s: &str, what: &str) -> Result<u64, IndexError> {
         .ok_or_else(|| header_err(format!("{what}: {:?} is not a size", cut(s))))
 }
 
+/// What a verified header promises of the body after it: a reader may fetch that many
+/// bytes (at most `MAX_BODY`) knowing they were signed for, before it has them.
+#[derive(Debug)]
+pub struct VerifiedHeader<'k> {
+    pub store_path: StorePath,
+    pub nar_hash: Sha256,
+    pub body_size: u64,
+    pub body_hash: Sha256,
+    pub signer: &'k PublicKey,
+}
+
+/// The most bytes a header (blank line included) may take.
+pub const MAX_HEADER_BYTES: usize = MAX_HEADER + 2;
+
+/// The length of the header at the start of `bytes`, blank line included, once its
+/// end is there (within `MAX_HEADER` bytes).
+pub fn header_len(bytes: &[u8]) -> Option<usize> {
+    bytes
+        .windows(2)
+        .take(MAX_HEADER)
+        .position(|w| w == b"\n\n")
+        .map(|at| at + 2)
+}
+
+/// Checks a header (`header_len` bytes): for `store_path` with this signed NarHash and
+/// NarSize, signed by a trusted key over the body's hash and size. An index that is
+/// not for this path, or not signed, is refused here, before its body is read.
+pub fn verify_header<'k>(
+    header: &[u8],
+    store_path: &StorePath,
+    nar_hash: &Sha256,
+    nar_size: u64,
+    keys: &'k TrustedKeys,
+) -> Result<VerifiedHeader<'k>, IndexError> {
+    let text = header
+        .strip_suffix(b"\n")
+        .and_then(|t| std::str::from_utf8(t).ok())
+        .ok_or_else(|| header_err("not UTF-8 text"))?;
+    let h = parse_header(text)?;
+    if h.store_path != *store_path {
+        return Err(IndexError::WrongPath {
+            expected: store_path.to_string(),
+            found: h.store_path.to_string(),
+        });
+    }
+    if h.nar_hash != *nar_hash {
+        return Err(IndexError::Mismatch {
+            field: "NarHash",
+            expected: nar_hash.to_nix_string(),
+            found: h.nar_hash.to_nix_string(),
+        });
+    }
+    if h.nar_size != nar_size {
+        return Err(IndexError::Mismatch {
+            field: "NarSize",
+            expected: nar_size.to_string(),
+            found: h.nar_size.to_string(),
+        });
+    }
+    let fp = fingerprint(
+        &h.store_path,
+        &h.nar_hash,
+        h.nar_size,
+        &h.body_hash,
+        h.body_size,
+    );
+    let signer = keys
+        .verify(fp.as_bytes(), h.sigs.iter().copied())
+        .map_err(|source| IndexError::Untrusted {
+            path: store_path.to_string(),
+            source,
+        })?;
+    Ok(VerifiedHeader {
+        store_path: h.store_path,
+        nar_hash: h.nar_hash,
+        body_size: h.body_size,
+        body_hash: h.body_hash,
+        signer,
+    })
+}
+
 fn cut(s: &str) -> String {
     s.chars().take(80).collect()
 }
@@ -299,48 +380,19 @@ impl FileIndex {
         nar_size: u64,
         keys: &'k TrustedKeys,
     ) -> Result<(Self, &'k PublicKey), IndexError> {
-        let split = bytes
-            .windows(2)
-            .take(MAX_HEADER)
-            .position(|w| w == b"\n\n")
+        let split = header_len(bytes)
             .ok_or_else(|| header_err(format!("no end of header within {MAX_HEADER} bytes")))?;
-        let text =
-            std::str::from_utf8(&bytes[..split + 1]).map_err(|_| header_err("not UTF-8 text"))?;
-        let h = parse_header(text)?;
-        if h.store_path != *store_path {
-            return Err(IndexError::WrongPath {
-                expected: store_path.to_string(),
-                found: h.store_path.to_string(),
-            });
-        }
-        if h.nar_hash != *nar_hash {
-            return Err(IndexError::Mismatch {
-                field: "NarHash",
-                expected: nar_hash.to_nix_string(),
-                found: h.nar_hash.to_nix_string(),
-            });
-        }
-        if h.nar_size != nar_size {
-            return Err(IndexError::Mismatch {
-                field: "NarSize",
-                expected: nar_size.to_string(),
-                found: h.nar_size.to_string(),
-            });
-        }
-        let fp = fingerprint(
-            &h.store_path,
-            &h.nar_hash,
-            h.nar_size,
-            &h.body_hash,
-            h.body_size,
-        );
-        let signer = keys
-            .verify(fp.as_bytes(), h.sigs.iter().copied())
-            .map_err(|source| IndexError::Untrusted {
-                path: store_path.to_string(),
-                source,
-            })?;
-        let body = &bytes[split + 2..];
+        let h = verify_header(&bytes[..split], store_path, nar_hash, nar_size, keys)?;
+        let index = Self::from_verified_body(&h, &bytes[split..], nar_size)?;
+        Ok((index, h.signer))
+    }
+
+    /// The index whose header `h` was verified, from the body that followed it.
+    pub fn from_verified_body(
+        h: &VerifiedHeader<'_>,
+        body: &[u8],
+        nar_size: u64,
+    ) -> Result<Self, IndexError> {
         if body.len() as u64 != h.body_size {
             return Err(body_err(format!(
                 "{} bytes, the header says {}",
@@ -360,8 +412,7 @@ impl FileIndex {
         if plain.len() as u64 > limit {
             return Err(body_err(format!("decompresses to more than {limit} bytes")));
         }
-        let index = Self::parse_body(&plain, h.store_path, h.nar_hash, nar_size)?;
-        Ok((index, signer))
+        Self::parse_body(&plain, h.store_path.clone(), h.nar_hash, nar_size)
     }
 
     fn parse_body(

@@ -253,7 +253,20 @@ impl Fs {
                 }
             }
             Need::Listing => {
-                let _ = self.listed.subscribe().wait_for(|&done| done).await;
+                // the first `ls` waits for the whole cache, but at most the time
+                // budget: then it shows what was listed so far
+                let budget = self.fetcher.policy().budget;
+                let mut done = self.listed.subscribe();
+                if tokio::time::timeout(budget, done.wait_for(|&d| d))
+                    .await
+                    .is_err()
+                    && !self.listed.send_replace(true)
+                {
+                    tracing::info!(
+                        paths = self.index.path_count(),
+                        "the first listing of the cache takes longer than --timeout ({budget:?}): the root shows the paths listed so far, and the listing goes on"
+                    );
+                }
                 Ok(())
             }
             Need::Tree(id) => {
@@ -358,6 +371,12 @@ impl Fs {
             }
             // a prefetch skipped for want of room: nothing failed
             Err(e) if matches!(*e, crate::fetch::FetchError::NoRoom(_)) => Err(Errno(libc::EAGAIN)),
+            // a reader that waited its time budget behind other fetches: nothing is
+            // wrong with the path
+            Err(e) if matches!(*e, crate::fetch::FetchError::Busy(_)) => {
+                tracing::error!("{e}");
+                Err(Errno::EIO)
+            }
             Err(_) => {
                 self.index.set_failed(id, true);
                 Err(Errno::EIO)

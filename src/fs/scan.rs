@@ -18,6 +18,7 @@ impl Fs {
             })
         };
         let mut next = Some(list(None));
+        let mut pass = crate::storage::ListPass::default();
         let mut added = 0usize;
         let (t0, mut told) = (std::time::Instant::now(), std::time::Instant::now());
         while let Some(pending) = next.take() {
@@ -26,7 +27,13 @@ impl Fs {
                 location: storage.location(""),
                 detail: e.to_string(),
             })??;
-            next = page.next.clone().map(|t| list(Some(t)));
+            match pass.next(&page) {
+                Ok(token) => next = token.map(|t| list(Some(t))),
+                Err(why) => tracing::warn!(
+                    "listing {}: {why}; this pass ends here (lookups by name still work)",
+                    storage.location("")
+                ),
+            }
             let t_get = std::time::Instant::now();
             let hashes: Vec<String> = page
                 .keys

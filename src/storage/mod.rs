@@ -100,11 +100,68 @@ pub async fn get_small(
     Ok(Some(buf))
 }
 
-/// Opens the cache at `url`. An http(s) cache without credentials in its URL takes
-/// those `netrc` has for its host, as Nix does.
-/// The hash part of every `<hash>.narinfo` at the cache's root: the paths it holds.
+/// Bounds one pass over a cache's listing. A server (or proxy) that pages forever, with
+/// fresh continuation tokens or the same one again, must not hold a pass (and the
+/// first `ls` of a mount) without end.
+#[derive(Default)]
+pub struct ListPass {
+    /// Hashes of the tokens seen in this pass.
+    tokens: std::collections::HashSet<u64>,
+    pub pages: usize,
+    pub keys: usize,
+    empty_in_a_row: usize,
+}
+
+/// Pages per pass, at most (1,000 keys a page on S3: 50 million keys).
+pub const MAX_LIST_PAGES: usize = 50_000;
+/// Keys per pass, at most.
+pub const MAX_LIST_KEYS: usize = 20_000_000;
+/// Empty pages in a row that still claim more, at most.
+const MAX_EMPTY_PAGES: usize = 100;
+
+impl ListPass {
+    /// The token to ask for the next page with, `None` once the pass is complete, or
+    /// why the pass must end before the server says it is complete.
+    pub fn next(&mut self, page: &ListPage) -> Result<Option<String>, String> {
+        self.pages += 1;
+        self.keys += page.keys.len();
+        self.empty_in_a_row = if page.keys.is_empty() {
+            self.empty_in_a_row + 1
+        } else {
+            0
+        };
+        let Some(token) = &page.next else {
+            return Ok(None);
+        };
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        token.hash(&mut h);
+        if !self.tokens.insert(h.finish()) {
+            return Err(format!(
+                "the server gave the same continuation token again after {} pages",
+                self.pages
+            ));
+        }
+        if self.empty_in_a_row >= MAX_EMPTY_PAGES {
+            return Err(format!(
+                "the server sent {MAX_EMPTY_PAGES} empty pages in a row that each claimed more"
+            ));
+        }
+        if self.pages >= MAX_LIST_PAGES || self.keys >= MAX_LIST_KEYS {
+            return Err(format!(
+                "{} pages and {} keys in one pass, the most narfs lists",
+                self.pages, self.keys
+            ));
+        }
+        Ok(Some(token.clone()))
+    }
+}
+
+/// The hash part of every `<hash>.narinfo` at the cache's root: the paths it holds. An
+/// error if the listing could not be completed (see [`ListPass`]).
 pub async fn narinfo_hashes(storage: &dyn Storage) -> Result<Vec<String>, String> {
     let mut token = None;
+    let mut pass = ListPass::default();
     let mut out = Vec::new();
     loop {
         let page = storage
@@ -118,13 +175,21 @@ pub async fn narinfo_hashes(storage: &dyn Storage) -> Result<Vec<String>, String
                 .filter(|h| crate::formats::store_path::is_hash_part(h))
                 .map(str::to_owned),
         );
-        match page.next {
-            Some(t) => token = Some(t),
-            None => return Ok(out),
+        match pass.next(&page) {
+            Ok(Some(t)) => token = Some(t),
+            Ok(None) => return Ok(out),
+            Err(why) => {
+                return Err(format!(
+                    "listing {} did not complete: {why}",
+                    storage.location("")
+                ))
+            }
         }
     }
 }
 
+/// Opens the cache at `url`. An http(s) cache without credentials in its URL takes
+/// those `netrc` has for its host, as Nix does.
 pub async fn open(url: &CacheUrl, netrc: Option<&netrc::Netrc>) -> Arc<dyn Storage> {
     match url {
         CacheUrl::S3(u) => Arc::new(S3Storage::new(u).await),

@@ -304,10 +304,13 @@ impl Storage for S3Storage {
             .filter_map(|k| k.strip_prefix(&prefix))
             .map(str::to_owned)
             .collect();
-        Ok(ListPage {
-            keys,
-            next: out.next_continuation_token().map(str::to_owned),
-        })
+        // a token with `IsTruncated: false` (or none) ends the listing
+        let next = if out.is_truncated() == Some(true) {
+            out.next_continuation_token().map(str::to_owned)
+        } else {
+            None
+        };
+        Ok(ListPage { keys, next })
     }
 
     async fn exists(&self, key: &str) -> Result<bool, StorageError> {

@@ -662,7 +662,6 @@ pub fn generate_nar_cache_refs(
     std::fs::create_dir_all(dir.join("nar")).unwrap();
     std::fs::write(dir.join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
     let work = tempfile::tempdir().unwrap();
-    let mut x: u64 = 0x9E3779B97F4A7C15;
     let paths: Vec<StorePath> = (0..n)
         .map(|i| {
             let h = Sha256::digest(format!("quota-{i}").as_bytes());
@@ -677,14 +676,7 @@ pub fn generate_nar_cache_refs(
         let tree = work.path().join(format!("t{i}"));
         std::fs::create_dir(&tree).unwrap();
         for f in 0..4 {
-            let data: Vec<u8> = (0..bytes / 4)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
+            let data = noise(bytes / 4, (i * 4 + f) as u64 + 1);
             std::fs::write(tree.join(format!("f{f}")), data).unwrap();
         }
         let nar = narfs::formats::nar::Writer::new(Vec::new())
@@ -722,6 +714,29 @@ pub fn generate_nar_cache_refs(
         sk.public().to_nix_string(),
         paths.iter().map(|p| p.basename().to_owned()).collect(),
     )
+}
+
+/// `n` pseudo-random bytes (xorshift from `seed`): contents that do not compress.
+pub fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Runs `f` on a thread of its own and waits at most `d` for it: a test of a hang
+/// fails instead of hanging CI (the thread is left behind).
+pub fn within<T: Send + 'static>(d: Duration, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(d).ok()
 }
 
 /// NAR strings (length, bytes, padding), for hand-made archives.
@@ -806,6 +821,15 @@ impl SignedCache {
         )
         .unwrap();
         sp.basename().to_owned()
+    }
+
+    /// The value of `field` in the narinfo of `basename`.
+    pub fn field(&self, basename: &str, field: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{}.narinfo", &basename[..32])))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{field}: ")).map(str::to_owned))
+            .unwrap_or_else(|| panic!("no {field} in the narinfo of {basename}"))
     }
 
     pub fn put_good(&self, name: &str) -> String {

@@ -8,7 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-#[derive(Clone, Copy, Debug)]
+/// Makes a whole raw HTTP response (status line, headers, body) for a request target.
+pub type Responder = std::sync::Arc<dyn Fn(&str) -> Vec<u8> + Send + Sync>;
+
+#[derive(Clone)]
 pub enum Fault {
     /// Hold the request back this long before forwarding it.
     Delay(Duration),
@@ -18,6 +21,32 @@ pub enum Fault {
     CutAfter(usize),
     /// Forward, then pass the response on at this many bytes per second.
     Trickle(usize),
+    /// Answer with what this makes of the request target instead of forwarding (a
+    /// server that lies in well-formed replies).
+    Respond(Responder),
+}
+
+impl std::fmt::Debug for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fault::Delay(d) => write!(f, "Delay({d:?})"),
+            Fault::Status(s) => write!(f, "Status({s})"),
+            Fault::CutAfter(n) => write!(f, "CutAfter({n})"),
+            Fault::Trickle(n) => write!(f, "Trickle({n})"),
+            Fault::Respond(_) => write!(f, "Respond(..)"),
+        }
+    }
+}
+
+/// A raw HTTP/1.1 200 response carrying `body`.
+pub fn http_200(content_type: &str, body: &[u8]) -> Vec<u8> {
+    let mut r = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body);
+    r
 }
 
 struct Rule {
@@ -241,7 +270,7 @@ fn pump_requests(
                     .find(|r| r.times > 0 && target.contains(r.needle.as_str()))
                     .map(|r| {
                         r.times -= 1;
-                        r.fault
+                        r.fault.clone()
                     })
             };
             {
@@ -255,6 +284,12 @@ fn pump_requests(
             }
             match fault {
                 Some(Fault::Delay(d)) => std::thread::sleep(d),
+                Some(Fault::Respond(make)) => {
+                    if client.write_all(&make(&target)).is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 Some(Fault::Status(code)) => {
                     let resp = format!("HTTP/1.1 {code} Injected\r\nContent-Length: 0\r\n\r\n");
                     if client.write_all(resp.as_bytes()).is_err() {

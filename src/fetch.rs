@@ -16,7 +16,6 @@ use crate::retry::{Attempt, Guarded, Policy};
 use crate::singleflight::SingleFlight;
 use crate::storage::{Storage, StorageError};
 use std::io::{self, Read};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
@@ -111,9 +110,9 @@ pub struct Fetcher {
     demands: crate::pace::Demands,
     /// KiB of file index bodies being read and parsed at once (see `get_index`).
     index_bytes: Arc<tokio::sync::Semaphore>,
-    /// Narinfos seen that did (`.0`) or did not (`.1`) name an index: a cache nix
-    /// wrote is not asked for indexes it does not have.
-    index_seen: (AtomicU64, AtomicU64),
+    /// The cache's `nix-cache-info` says `NarfsIndexes: 1`: only then is a path's
+    /// index asked for before its narinfo named one.
+    indexes_announced: bool,
 }
 
 type SpeculatedIndex =
@@ -163,12 +162,18 @@ impl Fetcher {
             speculation_slots: Arc::new(tokio::sync::Semaphore::new(SPECULATION_SLOTS)),
             demands: Default::default(),
             index_bytes: Arc::new(tokio::sync::Semaphore::new(INDEX_KIB)),
-            index_seen: Default::default(),
+            indexes_announced: false,
         }
     }
 
     pub fn with_jobs(mut self, jobs: usize) -> Self {
         self.downloads = Arc::new(tokio::sync::Semaphore::new(jobs.max(1)));
+        self
+    }
+
+    /// Whether the cache announces file indexes (see `indexes_announced`).
+    pub fn with_indexes_announced(mut self, announced: bool) -> Self {
+        self.indexes_announced = announced;
         self
     }
 
@@ -506,6 +511,15 @@ impl Fetcher {
     /// cache (once, however many callers). `Missing` answers are remembered for the
     /// negative TTL; errors are not remembered.
     pub async fn narinfo(self: &Arc<Self>, hash: &str) -> Result<Lookup, Arc<FetchError>> {
+        match self.known(hash) {
+            Some(l) => Ok(l),
+            None => self.narinfo_from_cache(hash).await,
+        }
+    }
+
+    /// What needs no request: a narinfo verified before, or one missing within the
+    /// negative TTL.
+    fn known(&self, hash: &str) -> Option<Lookup> {
         for id in &self.key_ids {
             if let Some(info) = self
                 .disk
@@ -513,29 +527,30 @@ impl Fetcher {
                 .and_then(|t| self.parse_kept(hash, &t))
             {
                 Metrics::inc(&self.metrics.narinfo_disk_hits);
-                return Ok(Lookup::Found(info));
+                return Some(Lookup::Found(info));
             }
         }
-        if let Some(t) = self.negative.lock().unwrap().get(hash) {
-            if t.elapsed() < self.negative_ttl {
-                return Ok(Lookup::Missing);
-            }
+        match self.negative.lock().unwrap().get(hash) {
+            Some(t) if t.elapsed() < self.negative_ttl => Some(Lookup::Missing),
+            _ => None,
         }
-        self.narinfo_from_cache(hash).await
     }
 
-    /// [`Self::narinfo`] for a path about to be looked into (a lookup by name): its
-    /// file index, if it is where `narfs push` puts it, is asked for at the same time.
+    /// [`Self::narinfo`] for a path about to be looked into (a lookup by name). When the
+    /// cache announces file indexes (`NarfsIndexes: 1`) and the name is `likely` to
+    /// exist (the caller has not seen a complete listing without it), the path's file
+    /// index, if it is where `narfs push` puts it, is asked for at the same time: one
+    /// round trip instead of two. Otherwise a lookup costs one request at most, and a
+    /// miss none more within the negative TTL.
     pub async fn narinfo_and_index(
         self: &Arc<Self>,
         hash: &str,
+        likely: bool,
     ) -> Result<Lookup, Arc<FetchError>> {
-        let (with, without) = (
-            self.index_seen.0.load(Relaxed),
-            self.index_seen.1.load(Relaxed),
-        );
-        // unless the cache has shown it has none
-        let slot = if (with > 0 || without < 16) && !self.disk.has_index(hash) {
+        if let Some(l) = self.known(hash) {
+            return Ok(l);
+        }
+        let slot = if self.indexes_announced && likely && !self.disk.has_index(hash) {
             self.speculation_slots.clone().try_acquire_owned().ok()
         } else {
             None
@@ -556,7 +571,7 @@ impl Fetcher {
                 .unwrap()
                 .get_or_insert(hash.to_owned(), || shared);
         }
-        let r = self.narinfo(hash).await;
+        let r = self.narinfo_from_cache(hash).await;
         if !matches!(&r, Ok(Lookup::Found(i)) if i.index.is_some()) {
             self.speculated.lock().unwrap().pop(hash);
         }
@@ -614,11 +629,6 @@ impl Fetcher {
         match info.verify(hash, &self.keys) {
             Ok(signer) => {
                 Metrics::inc(&self.metrics.narinfo_fetched);
-                if info.index.is_some() {
-                    self.index_seen.0.fetch_add(1, Relaxed);
-                } else {
-                    self.index_seen.1.fetch_add(1, Relaxed);
-                }
                 tracing::debug!(path = %info.store_path, signer = %signer.name, ms = t0.elapsed().as_millis() as u64, "narinfo verified");
                 if let Err(e) = self.disk.save_narinfo(&signer.id(), hash, &info.to_text()) {
                     tracing::warn!(

@@ -197,6 +197,7 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
     let fetcher = Arc::new(
         Fetcher::new(storage, keys, disk, opts.negative_ttl)
             .with_policy(policy)
+            .with_indexes_announced(info.indexed)
             .with_jobs(opts.jobs),
     );
     let index = Arc::new(Index::default());

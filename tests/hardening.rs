@@ -261,3 +261,78 @@ fn junk_named_as_file_indexes_costs_bounded_memory() {
     assert!(hwm < 256 << 10, "peak RSS {} MiB", hwm >> 10);
     m.wait_log("reading its NAR instead");
 }
+
+/// `stat` and `ls` of a name, three times over: what a shell's tab completion or a
+/// script probing for a path does.
+fn probe_missing(m: &Mounted, name: &str) {
+    for _ in 0..3 {
+        assert!(std::fs::metadata(m.p(name)).is_err());
+        let (code, _, _) = out(std::process::Command::new("ls").arg(m.p(name)));
+        assert_ne!(code, 0);
+    }
+}
+
+/// Issue 16.7: a missing path costs one request per negative TTL, and a cache that does
+/// not announce file indexes is never asked for one it has not named.
+#[test]
+fn a_miss_costs_one_request_and_caches_nix_wrote_get_no_index_requests() {
+    let f = fixture();
+    let missing = "0123456789abcdfghijklmnpqrsvwxyz-not-here";
+    // a cache nix wrote: read everything, probe a missing path
+    let e = env();
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &["--refresh-interval", "0"]);
+    m.wait_root(f.paths.len());
+    for name in f.paths.keys() {
+        let (code, _, err) = out(std::process::Command::new("find")
+            .arg(m.p(f.path(name)))
+            .args(["-type", "f", "-exec", "cat", "{}", "+"]));
+        assert_eq!(code, 0, "{err}");
+    }
+    e.proxy.clear();
+    probe_missing(&m, missing);
+    assert_eq!(
+        e.proxy.requests(),
+        vec![format!(
+            "GET /{BUCKET}/cache/{}.narinfo?x-id=GetObject",
+            &missing[..32]
+        )],
+        "one request for a missing path"
+    );
+    assert!(
+        !m.log_text().contains(".narfs-index"),
+        "a cache nix wrote was asked for an index:\n{}",
+        m.log_text()
+    );
+    drop(m);
+    let asked: Vec<String> = e
+        .proxy
+        .requests()
+        .into_iter()
+        .filter(|r| r.contains(".narfs-index"))
+        .collect();
+    assert!(asked.is_empty(), "{asked:?}");
+
+    // a cache with file indexes, once its listing is complete: the same
+    let s3 = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let key = push_closure(&s3, dir.path());
+    let proxy = Proxy::start(s3.port);
+    let m = Mounted::start(
+        &s3.url(proxy.port, "ix"),
+        &[&key],
+        None,
+        &["--refresh-interval", "0"],
+    );
+    m.wait_root(f.paths.len());
+    m.wait_log("listed the cache");
+    proxy.clear();
+    probe_missing(&m, missing);
+    assert_eq!(
+        proxy.requests(),
+        vec![format!(
+            "GET /{BUCKET}/ix/{}.narinfo?x-id=GetObject",
+            &missing[..32]
+        )],
+        "one request for a missing path of an indexed cache"
+    );
+}

@@ -7,34 +7,8 @@ mod common;
 
 use common::proxy::Proxy;
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
-
-/// The fixture's closure pushed by `narfs push` (seekable NARs, file indexes) under
-/// prefix `ix`; returns the public key.
-fn push_closure(s3: &S3Server, dir: &Path) -> String {
-    push_closure_with(s3, dir, "xz")
-}
-
-fn push_closure_with(s3: &S3Server, dir: &Path, compression: &str) -> String {
-    let f = fixture();
-    let (sk, pk) = (dir.join("ix.sec"), dir.join("ix.pub"));
-    run(narfs().args(["keygen", "ix-1"]).arg(&sk).arg(&pk));
-    let (code, _, err) = out(narfs()
-        .args([
-            "push",
-            "--store",
-            &f.store,
-            "--compression",
-            compression,
-            "--key-file",
-        ])
-        .arg(&sk)
-        .arg(s3.url(s3.port, "ix"))
-        .arg(format!("/nix/store/{}", f.path("narfs-test-app"))));
-    assert_eq!(code, 0, "{err}");
-    std::fs::read_to_string(pk).unwrap().trim().to_owned()
-}
 
 fn object(s3: &S3Server, key: &str) -> PathBuf {
     s3.root.join(BUCKET).join("ix").join(key)

@@ -233,7 +233,10 @@ impl Fs {
         match need {
             Need::NarInfo(name) => {
                 let sp = StorePath::from_basename(&name).map_err(|_| Errno::ENOENT)?;
-                match self.fetcher.narinfo_and_index(sp.hash_part()).await {
+                // a name not in a complete listing is likely missing: no index
+                // asked for with its narinfo (a miss costs one request)
+                let likely = !*self.listed.borrow() || !self.fetcher.storage().can_list();
+                match self.fetcher.narinfo_and_index(sp.hash_part(), likely).await {
                     Ok(Lookup::Found(info)) => {
                         if info.store_path != sp {
                             tracing::warn!(

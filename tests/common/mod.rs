@@ -1050,3 +1050,29 @@ pub fn nar_hashes(store: &str, top: &str) -> Vec<(String, String)> {
     out.sort();
     out
 }
+
+/// The fixture's closure pushed by `narfs push` (seekable NARs, file indexes) under
+/// prefix `ix`; returns the public key.
+pub fn push_closure(s3: &S3Server, dir: &Path) -> String {
+    push_closure_with(s3, dir, "xz")
+}
+
+pub fn push_closure_with(s3: &S3Server, dir: &Path, compression: &str) -> String {
+    let f = fixture();
+    let (sk, pk) = (dir.join("ix.sec"), dir.join("ix.pub"));
+    run(narfs().args(["keygen", "ix-1"]).arg(&sk).arg(&pk));
+    let (code, _, err) = out(narfs()
+        .args([
+            "push",
+            "--store",
+            &f.store,
+            "--compression",
+            compression,
+            "--key-file",
+        ])
+        .arg(&sk)
+        .arg(s3.url(s3.port, "ix"))
+        .arg(format!("/nix/store/{}", f.path("narfs-test-app"))));
+    assert_eq!(code, 0, "{err}");
+    std::fs::read_to_string(pk).unwrap().trim().to_owned()
+}

@@ -285,34 +285,138 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
         let _ = std::os::unix::net::UnixDatagram::unbound().and_then(|s| s.send_to(b"READY=1", p));
     }
 
-    let signalled = rt.block_on(async {
+    // the mount as the kernel knows it: how to find it in mount tables
+    let dev = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&opts.mountpoint).map(|m| m.dev()).ok()
+    };
+    let ended = rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut copies_told = false;
         loop {
             tokio::select! {
-                _ = int.recv() => return true,
-                _ = term.recv() => return true,
+                _ = int.recv() => return End::Signal,
+                _ = term.recv() => return End::Signal,
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {
                     if bg.guard.is_finished() {
-                        return false;
+                        return End::Gone;
+                    }
+                    let Some(dev) = dev else { continue };
+                    if mounted::here(dev) {
+                        continue;
+                    }
+                    // gone from this namespace: a copy in another (a container, an
+                    // `unshare -m` made while mounted) is still served
+                    if !mounted::anywhere(dev) {
+                        return End::Gone;
+                    }
+                    if !copies_told {
+                        copies_told = true;
+                        tracing::info!(
+                            "unmounted here, but another mount namespace holds a copy of the mount: serving it on (SIGTERM ends it)"
+                        );
                     }
                 }
             }
         }
     });
     sd_notify("STOPPING=1");
-    if signalled {
-        tracing::info!("signal received: unmounting");
-        bg.umount_and_join().map_err(|e| {
-            MountError::Failed(format!("unmounting {}: {e}", opts.mountpoint.display()))
-        })?;
-    } else {
-        tracing::info!("unmounted from outside");
-        let _ = bg.join();
+    match ended {
+        End::Signal => {
+            tracing::info!("signal received: unmounting");
+            // detached here even if busy, then the session ends with the process
+            // (copies in other namespaces included: their users get ENOTCONN)
+            if dev.is_some_and(mounted::here) {
+                if let Err(e) = mounted::detach(&opts.mountpoint) {
+                    tracing::warn!("unmounting {}: {e}", opts.mountpoint.display());
+                }
+            }
+        }
+        End::Gone => tracing::info!("unmounted from outside"),
     }
+    // The session's threads may wait on a connection a lazily detached mount keeps
+    // open: not joined (the connection ends when the process does), and not
+    // unmounted again by fuser (the mount point may hold another file system now).
+    std::mem::forget(bg);
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(())
+}
+
+/// Why a mount ends.
+enum End {
+    /// SIGTERM or SIGINT.
+    Signal,
+    /// Unmounted from outside (`fusermount3 -u`, `umount`, `umount -l`), in every
+    /// mount namespace.
+    Gone,
+}
+
+/// Where the mount is, by the device number of its root.
+mod mounted {
+    /// Whether this process's mount namespace has a mount of device `dev`.
+    pub fn here(dev: u64) -> bool {
+        std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|t| has(&t, dev))
+    }
+
+    /// Whether any process's mount namespace has it (each table read at most once
+    /// per namespace).
+    pub fn anywhere(dev: u64) -> bool {
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return true;
+        };
+        let mut seen = std::collections::HashSet::new();
+        procs.flatten().any(|p| {
+            let pid = p.file_name();
+            if !pid
+                .to_str()
+                .is_some_and(|s| s.bytes().all(|b| b.is_ascii_digit()))
+            {
+                return false;
+            }
+            let dir = p.path();
+            // a namespace read once is enough (unreadable ones are read each time)
+            if let Ok(ns) = std::fs::read_link(dir.join("ns/mnt")) {
+                if !seen.insert(ns) {
+                    return false;
+                }
+            }
+            std::fs::read_to_string(dir.join("mountinfo")).is_ok_and(|t| has(&t, dev))
+        })
+    }
+
+    /// Whether a mountinfo table lists device `dev` (field 3, `major:minor`).
+    fn has(table: &str, dev: u64) -> bool {
+        let want = format!("{}:{}", libc::major(dev), libc::minor(dev));
+        table
+            .lines()
+            .any(|l| l.split(' ').nth(2) == Some(want.as_str()))
+    }
+
+    /// Unmounts `at` even if busy (MNT_DETACH): what is open stays readable until
+    /// the session ends.
+    pub fn detach(at: &std::path::Path) -> std::io::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(at.as_os_str().as_bytes())?;
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EPERM) {
+            return Err(e);
+        }
+        // not root: the setuid helper may
+        let st = std::process::Command::new("fusermount3")
+            .arg("-uz")
+            .arg(at)
+            .status()?;
+        if st.success() {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!("fusermount3 -uz: {st}")))
+        }
+    }
 }
 
 /// Fills the root: first what earlier mounts verified (from disk, no GET), then the

@@ -336,3 +336,188 @@ fn a_miss_costs_one_request_and_caches_nix_wrote_get_no_index_requests() {
         "one request for a missing path of an indexed cache"
     );
 }
+
+/// Issue 16.8: narfs exits (0) within 2 s of its mount going away, however it went,
+/// with narinfo, listing and NAR fetches in flight behind a slow server; in a loop.
+#[test]
+fn narfs_exits_within_two_seconds_of_its_mount_going_away() {
+    use std::process::{Command, Stdio};
+    let f = fixture();
+    let big = format!("{}/data/numbers.txt", f.path("narfs-test-big"));
+    for round in 0..3 {
+        for way in ["fusermount3 -u", "umount -l", "SIGTERM", "SIGINT"] {
+            let e = env();
+            e.proxy.delay(".narinfo", Duration::from_millis(150));
+            e.proxy.delay(".ls", Duration::from_millis(150));
+            e.proxy.delay("list-type=2", Duration::from_millis(800));
+            e.proxy.fault(
+                &f.narinfo_field("narfs-test-big", "URL"),
+                Fault::Trickle(64 << 10),
+                usize::MAX,
+            );
+            let mut m = Mounted::start(&e.url, &[&f.public_key], None, &["--timeout", "10"]);
+            let readers: Vec<std::process::Child> = [
+                Command::new("ls")
+                    .arg("-lR")
+                    .arg(&m.mnt)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn(),
+                Command::new("cat")
+                    .arg(m.p(&big))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn(),
+            ]
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+            std::thread::sleep(Duration::from_millis(600));
+            let stop_readers = |readers: Vec<std::process::Child>| {
+                for mut r in readers {
+                    let _ = r.kill();
+                    let _ = r.wait();
+                }
+            };
+            let mut readers = Some(readers);
+            match way {
+                "fusermount3 -u" => {
+                    // a plain unmount needs the readers gone; their fetches go on
+                    stop_readers(readers.take().unwrap());
+                    let (code, _, err) = out(Command::new("fusermount3").arg("-u").arg(&m.mnt));
+                    assert_eq!(code, 0, "fusermount3 -u: {err}");
+                }
+                "umount -l" => {
+                    let (code, _, err) = out(Command::new("umount").arg("-l").arg(&m.mnt));
+                    assert_eq!(code, 0, "umount -l: {err}");
+                }
+                signal => unsafe {
+                    libc::kill(
+                        m.pid() as i32,
+                        if signal == "SIGTERM" {
+                            libc::SIGTERM
+                        } else {
+                            libc::SIGINT
+                        },
+                    );
+                },
+            }
+            let st = m.exited_within(Duration::from_secs(2));
+            assert!(
+                st.success(),
+                "round {round}, {way}: {st:?}\n{}",
+                m.log_text()
+            );
+            assert!(!is_mounted(&m.mnt), "round {round}, {way}");
+            if let Some(r) = readers {
+                stop_readers(r);
+            }
+        }
+    }
+}
+
+/// Issue 16.8: a mount namespace made while narfs was mounted keeps a copy of the
+/// mount; unmounted here, narfs serves the copy on, and SIGTERM then ends it: exit 0.
+#[test]
+fn a_copy_in_another_mount_namespace_is_served_until_sigterm() {
+    use std::process::Command;
+    let f = fixture();
+    let e = env();
+    let mut m = Mounted::start(&e.url, &[&f.public_key], None, &[]);
+    m.wait_root(f.paths.len());
+    let own_ns = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    let mut holder = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sleep", "60"])
+        .spawn()
+        .unwrap();
+    let ns = format!("/proc/{}/ns/mnt", holder.id());
+    let t = Instant::now();
+    while std::fs::read_link(&ns).ok().is_none_or(|n| n == own_ns) {
+        assert!(t.elapsed() < Duration::from_secs(10), "unshare never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (code, _, err) = out(Command::new("fusermount3").arg("-u").arg(&m.mnt));
+    assert_eq!(code, 0, "{err}");
+    assert!(!is_mounted(&m.mnt));
+    let single = m.p(f.path("narfs-test-single.txt"));
+    let in_copy = || {
+        out(Command::new("nsenter")
+            .args(["-t", &holder.id().to_string(), "-m", "cat"])
+            .arg(&single))
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let (code, text, err) = in_copy();
+    assert_eq!(
+        (code, text.as_str()),
+        (0, "asdf"),
+        "{err}\n{}",
+        m.log_text()
+    );
+    m.wait_log("another mount namespace holds a copy");
+    unsafe { libc::kill(m.pid() as i32, libc::SIGTERM) };
+    let st = m.exited_within(Duration::from_secs(2));
+    assert!(st.success(), "{st:?}\n{}", m.log_text());
+    assert_ne!(in_copy().0, 0, "the copy is served no more");
+    let _ = holder.kill();
+    let _ = holder.wait();
+}
+
+/// Issue 16.8: a server or proxy that answers a Range GET with 200 and the whole
+/// object, or with another range than asked: the reader still gets the file's bytes
+/// (skipped to the range; the wrong range refused and asked again).
+#[test]
+fn range_replies_are_checked_against_what_was_asked() {
+    let f = fixture();
+    let rel = format!("{}/data/numbers.txt", f.path("narfs-test-big"));
+    let want = std::fs::read(f.real("narfs-test-big").join("data/numbers.txt")).unwrap();
+    for lie in ["200 and the whole object", "206 and another range"] {
+        let s3 = S3Server::start();
+        let dir = tempfile::tempdir().unwrap();
+        let key = push_closure(&s3, dir.path());
+        let proxy = Proxy::start(s3.port);
+        let narinfo = std::fs::read_to_string(
+            s3.root
+                .join(BUCKET)
+                .join("ix")
+                .join(format!("{}.narinfo", f.hash("narfs-test-big"))),
+        )
+        .unwrap();
+        let url = narinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("URL: "))
+            .unwrap()
+            .to_owned();
+        let object = std::fs::read(s3.root.join(BUCKET).join("ix").join(&url)).unwrap();
+        let whole = lie.starts_with("200");
+        proxy.fault(
+            &url,
+            Fault::Respond(std::sync::Arc::new(move |target: &str| {
+                let (a, b) = target
+                    .split_once("range=bytes=")
+                    .and_then(|(_, r)| r.split_once('-'))
+                    .map(|(a, b)| (a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()))
+                    .expect("a Range GET");
+                if whole {
+                    return http_200("application/octet-stream", &object);
+                }
+                let (a, b) = (a + 1, (b + 1).min(object.len() - 1));
+                let mut r = format!(
+                    "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {a}-{b}/{}\r\nContent-Length: {}\r\n\r\n",
+                    object.len(),
+                    b + 1 - a
+                )
+                .into_bytes();
+                r.extend_from_slice(&object[a..=b]);
+                r
+            })),
+            if whole { usize::MAX } else { 1 },
+        );
+        let m = Mounted::start(&s3.url(proxy.port, "ix"), &[&key], None, &[]);
+        let got =
+            std::fs::read(m.p(&rel)).unwrap_or_else(|e| panic!("{lie}: {e}\n{}", m.log_text()));
+        assert!(got == want, "{lie}: other bytes");
+        if !whole {
+            m.wait_log("Content-Range");
+        }
+    }
+}

@@ -111,19 +111,18 @@ impl Storage for HttpStorage {
         let Some(res) = self.send("GET", key, req).await? else {
             return Ok(None);
         };
-        let partial = res.status().as_u16() == 206;
+        // a 200 is the whole object, whatever its headers say
+        let content_range = (res.status().as_u16() == 206).then(|| {
+            res.headers()
+                .get(reqwest::header::CONTENT_RANGE)
+                .map_or("(none)", |v| v.to_str().unwrap_or("(not text)"))
+                .to_owned()
+        });
         let stream = res.bytes_stream().map_err(std::io::Error::other);
-        let mut body: Body = Box::pin(tokio_util::io::StreamReader::new(stream));
-        use tokio::io::AsyncReadExt;
-        if !partial {
-            // a server that ignores Range sends the whole object: skip to the range
-            tracing::debug!(key, "the server ignored a Range request");
-            let mut skip = (&mut body).take(offset);
-            tokio::io::copy(&mut skip, &mut tokio::io::sink())
-                .await
-                .map_err(|e| self.error("GET", key, e.to_string()))?;
-        }
-        Ok(Some(Box::pin(body.take(len))))
+        let body: Body = Box::pin(tokio_util::io::StreamReader::new(stream));
+        super::ranged(self, key, body, content_range.as_deref(), offset, len)
+            .await
+            .map(Some)
     }
 
     async fn list_page(&self, _token: Option<String>) -> Result<ListPage, StorageError> {

@@ -229,6 +229,59 @@ pub fn load_netrc(
     }
 }
 
+/// How a server answered a Range GET for `len` bytes at `offset`, told by its
+/// `Content-Range` (`None`: a 200 without one): exactly that range (or less, where
+/// the object ends), or the whole object (a server or proxy that ignores Range: the
+/// caller skips to `offset`). Any other range is refused: those would be other bytes.
+fn range_reply(content_range: Option<&str>, offset: u64, len: u64) -> Result<bool, String> {
+    let Some(cr) = content_range else {
+        return Ok(false);
+    };
+    let last = offset + len - 1;
+    let got = cr
+        .trim()
+        .strip_prefix("bytes ")
+        .and_then(|r| r.split_once('/'))
+        .and_then(|(r, _)| r.split_once('-'))
+        .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
+    match got {
+        Some((a, b)) if a == offset && a <= b && b <= last => Ok(true),
+        _ => Err(format!(
+            "asked for bytes={offset}-{last}, the server answered Content-Range {:?}",
+            cr.chars().take(100).collect::<String>()
+        )),
+    }
+}
+
+/// `body` from `offset` on, `len` bytes at most, whatever the server answered a Range
+/// GET with (see `range_reply`).
+async fn ranged(
+    s: &dyn Storage,
+    key: &str,
+    mut body: Body,
+    content_range: Option<&str>,
+    offset: u64,
+    len: u64,
+) -> Result<Body, StorageError> {
+    use tokio::io::AsyncReadExt;
+    let fail = |detail: String| StorageError {
+        op: "GET",
+        location: s.location(key),
+        detail,
+    };
+    if !range_reply(content_range, offset, len).map_err(fail)? {
+        tracing::debug!(
+            key,
+            "the server ignored a Range request: skipping to the range"
+        );
+        let mut skip = (&mut body).take(offset);
+        tokio::io::copy(&mut skip, &mut tokio::io::sink())
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    Ok(Box::pin(body.take(len)))
+}
+
 /// Refuses a key that could leave the cache root (a narinfo's unsigned URL is checked
 /// when parsed; this holds for every backend whatever asks).
 fn check_key(s: &dyn Storage, op: &'static str, key: &str) -> Result<(), StorageError> {
@@ -242,5 +295,31 @@ fn check_key(s: &dyn Storage, op: &'static str, key: &str) -> Result<(), Storage
                 key.chars().take(200).collect::<String>()
             ),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::range_reply;
+
+    #[test]
+    fn range_replies_are_what_was_asked_or_the_whole_object() {
+        assert_eq!(range_reply(Some("bytes 10-19/100"), 10, 10), Ok(true));
+        // the object ends before the range does
+        assert_eq!(range_reply(Some("bytes 10-14/15"), 10, 10), Ok(true));
+        assert_eq!(range_reply(Some("bytes 10-19/*"), 10, 10), Ok(true));
+        // a 200 without Content-Range: the whole object
+        assert_eq!(range_reply(None, 10, 10), Ok(false));
+        for other in [
+            "bytes 11-20/100",
+            "bytes 0-19/100",
+            "bytes 10-20/100",
+            "bytes */100",
+            "bytes 19-10/100",
+            "(none)",
+            "",
+        ] {
+            assert!(range_reply(Some(other), 10, 10).is_err(), "{other}");
+        }
     }
 }

@@ -237,7 +237,7 @@ impl S3Storage {
         &self,
         key: &str,
         range: Option<String>,
-    ) -> Result<Option<Body>, StorageError> {
+    ) -> Result<Option<(Body, Option<String>)>, StorageError> {
         super::check_key(self, "GET", key)?;
         let res = self
             .client
@@ -248,7 +248,10 @@ impl S3Storage {
             .send()
             .await;
         match res {
-            Ok(out) => Ok(Some(Box::pin(out.body.into_async_read()))),
+            Ok(out) => {
+                let content_range = out.content_range().map(str::to_owned);
+                Ok(Some((Box::pin(out.body.into_async_read()), content_range)))
+            }
             Err(e) => {
                 let missing = e.as_service_error().is_some_and(|s| s.is_no_such_key())
                     || e.raw_response()
@@ -266,7 +269,7 @@ impl S3Storage {
 #[async_trait]
 impl Storage for S3Storage {
     async fn get(&self, key: &str) -> Result<Option<Body>, StorageError> {
-        self.get_object(key, None).await
+        Ok(self.get_object(key, None).await?.map(|(body, _)| body))
     }
 
     async fn get_range(
@@ -280,9 +283,12 @@ impl Storage for S3Storage {
             return Ok(Some(Box::pin(tokio::io::empty())));
         }
         let range = format!("bytes={offset}-{}", offset + len - 1);
-        let body = self.get_object(key, Some(range)).await?;
-        use tokio::io::AsyncReadExt;
-        Ok(body.map(|b| Box::pin(b.take(len)) as Body))
+        let Some((body, content_range)) = self.get_object(key, Some(range)).await? else {
+            return Ok(None);
+        };
+        super::ranged(self, key, body, content_range.as_deref(), offset, len)
+            .await
+            .map(Some)
     }
 
     async fn list_page(&self, token: Option<String>) -> Result<ListPage, StorageError> {

@@ -499,6 +499,26 @@ impl Mounted {
             .status();
     }
 
+    /// Waits at most `d` for narfs to exit (after its mount went away), with its log
+    /// if it does not.
+    pub fn exited_within(&mut self, d: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let t = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                self.child = None;
+                return st;
+            }
+            if t.elapsed() > d {
+                panic!(
+                    "narfs still runs {d:?} after its mount went away:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// SIGTERM, then the exit status.
     pub fn stop(mut self) -> ExitStatus {
         let mut child = self.child.take().unwrap();

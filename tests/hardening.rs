@@ -426,8 +426,14 @@ fn a_copy_in_another_mount_namespace_is_served_until_sigterm() {
     let mut m = Mounted::start(&e.url, &[&f.public_key], None, &[]);
     m.wait_root(f.paths.len());
     let own_ns = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    // the copy of this mount only: the namespace lets go of the other tests' FUSE
+    // mounts, or their narfs would rightly serve on when those tests unmount
+    let script = format!(
+        "awk '$9 ~ /^fuse/ && $5 != \"{}\" {{print $5}}' /proc/self/mountinfo | xargs -r -n1 umount -l; exec sleep 60",
+        m.mnt.display()
+    );
     let mut holder = Command::new("unshare")
-        .args(["-m", "--propagation", "private", "sleep", "60"])
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
         .spawn()
         .unwrap();
     let ns = format!("/proc/{}/ns/mnt", holder.id());

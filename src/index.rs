@@ -89,6 +89,8 @@ enum NodeKind {
 
 struct Tree {
     path: PathId,
+    /// Its files' chunks are `2^chunk_shift` bytes: a file index may choose its own.
+    chunk_shift: u8,
     /// Empty once the tree was replaced.
     nodes: Vec<Node>,
     live: bool,
@@ -274,13 +276,44 @@ impl Index {
     /// differ (the NAR wins), and replaces an earlier NAR's tree when the cache now
     /// holds different contents for the path. A replaced tree is freed and its inodes
     /// answer ESTALE; the returned entries are stale in the kernel's caches, the
-    /// path's top included (`(ROOT, name)`).
+    /// path's top included (`(ROOT, name)`). For a listing's or a NAR's tree (a file
+    /// index's chunks may have another size: `attach_index`).
     pub fn attach_tree(
         &self,
         id: PathId,
         tree: &Entry,
         source: TreeSource,
         nar_hash: &Sha256,
+    ) -> Stale {
+        debug_assert_ne!(source, TreeSource::Index);
+        self.attach(
+            id,
+            tree,
+            source,
+            nar_hash,
+            crate::formats::file_index::DEFAULT_CHUNK_SHIFT,
+        )
+    }
+
+    /// `attach_tree` for the tree of a verified file index, read with its own chunk
+    /// size.
+    pub fn attach_index(&self, id: PathId, index: &crate::formats::file_index::FileIndex) -> Stale {
+        self.attach(
+            id,
+            &index.root,
+            TreeSource::Index,
+            &index.nar_hash,
+            index.chunk_shift,
+        )
+    }
+
+    fn attach(
+        &self,
+        id: PathId,
+        tree: &Entry,
+        source: TreeSource,
+        nar_hash: &Sha256,
+        chunk_shift: u8,
     ) -> Stale {
         let tag = u64::from_le_bytes(nar_hash.0[..8].try_into().expect("8 bytes"));
         let mut g = self.inner.write().unwrap();
@@ -296,6 +329,7 @@ impl Index {
             {
                 g.paths[id as usize].source = Some(new);
                 g.listing_nodes -= g.trees[old as usize - 1].nodes.len();
+                g.trees[old as usize - 1].chunk_shift = chunk_shift;
                 g.adopt_chunks(old, 0, tree);
                 return stale;
             }
@@ -335,6 +369,7 @@ impl Index {
         let tr = &mut g.trees[t as usize - 1];
         let kind = build(&mut tr.nodes, 0, tree);
         tr.nodes[0].kind = kind;
+        tr.chunk_shift = chunk_shift;
         if source == TreeSource::Listing {
             g.listing_nodes += g.trees[t as usize - 1].nodes.len();
         }
@@ -491,7 +526,7 @@ impl Index {
             return None;
         };
         let chunks = chunks.as_ref().map(|c| {
-            let shift = crate::formats::file_index::DEFAULT_CHUNK_SHIFT;
+            let shift = tree.chunk_shift;
             let end = offset.saturating_add(len).min(*size);
             if offset >= end {
                 return Vec::new();
@@ -560,6 +595,7 @@ impl Inner {
     fn new_tree(&mut self, id: PathId, name: Box<[u8]>) -> u32 {
         self.trees.push(Tree {
             path: id,
+            chunk_shift: crate::formats::file_index::DEFAULT_CHUNK_SHIFT,
             nodes: vec![Node {
                 parent: TOP,
                 name,

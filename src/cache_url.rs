@@ -64,6 +64,24 @@ pub fn redact(s: &str) -> String {
     out
 }
 
+/// The cache URL as the mount's source (/proc/mounts, `findmnt`, `df`): redacted,
+/// with what mount tables and fusermount3's option string treat specially (`,`,
+/// whitespace, `\`, control characters) percent-encoded, so it still reads as the URL.
+pub fn mount_source(url: &str) -> String {
+    let mut out = String::new();
+    for c in redact(url).chars() {
+        if c == ',' || c == '\\' || c.is_whitespace() || c.is_control() {
+            let mut b = [0; 4];
+            for byte in c.encode_utf8(&mut b).bytes() {
+                out += &format!("%{byte:02X}");
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn is_secret_param(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
     [
@@ -468,6 +486,18 @@ mod tests {
         assert!(e.contains("missing host") && !e.contains("pw"), "{e}");
         let e = parse("gopher://u:pw@h/").unwrap_err().to_string();
         assert!(!e.contains("pw"), "{e}");
+    }
+
+    #[test]
+    fn mount_sources_are_redacted_and_plain() {
+        assert_eq!(
+            mount_source("http://u:pw@h:1/a b,c\\d\te?token=x,y&x=1,2"),
+            "http://***@h:1/a%20b%2Cc%5Cd%09e?token=***&x=1%2C2"
+        );
+        assert_eq!(
+            mount_source("s3://b/p?endpoint=e&region=r"),
+            "s3://b/p?endpoint=e&region=r"
+        );
     }
 
     #[test]

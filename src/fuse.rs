@@ -6,7 +6,7 @@ use crate::fs::{Attr, Errno, FileKind, Fs, Outcome};
 use fuser::{
     BackingId, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry,
-    ReplyOpen, ReplyStatfs, Request,
+    ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -184,7 +184,7 @@ fn to_attr(a: &Attr) -> FileAttr {
         uid: 0,
         gid: 0,
         rdev: 0,
-        blksize: 4096,
+        blksize: crate::fs::BLOCK as u32,
         flags: 0,
     }
 }
@@ -445,7 +445,26 @@ impl fuser::Filesystem for NarFuse {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let s = self.fs.statfs();
-        reply.statfs(s.blocks, 0, 0, s.files, 0, 4096, 255, 4096);
+        let block = crate::fs::BLOCK as u32;
+        reply.statfs(s.blocks, s.free, s.free, s.files, 0, block, 255, block);
+    }
+
+    // No extended attributes: ENODATA and an empty list, as a disk answers for a file
+    // without any (the default ENOSYS makes the kernel answer EOPNOTSUPP, and
+    // `getfattr`, `cp -a` and `rsync -X` report errors).
+    fn getxattr(&self, _req: &Request, ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+        match self.fs.xattr_target(ino.0) {
+            Ok(()) => reply.error(fuser::Errno::NO_XATTR),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.fs.xattr_target(ino.0) {
+            Ok(()) if size == 0 => reply.size(0),
+            Ok(()) => reply.data(&[]),
+            Err(e) => reply.error(errno(e)),
+        }
     }
 
     fn access(

@@ -237,8 +237,12 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::RO,
-        fuser::MountOption::FSName("narfs".into()),
-        fuser::MountOption::Subtype("narfs".into()),
+        // /proc/mounts, findmnt and df show the cache (without secrets) as the source
+        // and `fuse.narfs` as the type. fuser mounts with mount(2) as root and drops
+        // `Subtype` there (type `fuse`); the kernel takes `subtype=` as an option, and
+        // so does fusermount3 (the way without root).
+        fuser::MountOption::FSName(cache_url::mount_source(&opts.cache_url)),
+        fuser::MountOption::CUSTOM("subtype=narfs".into()),
         fuser::MountOption::DefaultPermissions,
         fuser::MountOption::NoDev,
         fuser::MountOption::NoSuid,

@@ -88,8 +88,15 @@ pub struct Attr {
 }
 
 impl Attr {
+    /// 512-byte blocks, as the store on a disk (ext4) would have them allocated, so `du`
+    /// agrees with it: a file takes whole 4 KiB blocks; a symlink's target fits in its
+    /// inode up to 59 bytes and takes a block beyond; a directory one block.
     pub fn blocks(&self) -> u64 {
-        self.size.div_ceil(512)
+        match self.kind {
+            FileKind::File => self.size.div_ceil(BLOCK) * (BLOCK / 512),
+            FileKind::Symlink if self.size < 60 => 0,
+            FileKind::Symlink | FileKind::Dir => BLOCK / 512,
+        }
     }
 }
 
@@ -102,8 +109,10 @@ pub struct DirEntry {
     pub name: Vec<u8>,
 }
 
+/// Sizes in `BLOCK`s.
 pub struct StatFs {
     pub blocks: u64,
+    pub free: u64,
     pub files: u64,
 }
 
@@ -166,7 +175,9 @@ impl Default for FsOptions {
     }
 }
 
-const DIR_SIZE: u64 = 4096;
+/// The block size the mount reports (`statfs`, `st_blksize`, `st_blocks`).
+pub const BLOCK: u64 = 4096;
+const DIR_SIZE: u64 = BLOCK;
 
 impl Fs {
     pub fn new(index: Arc<Index>, fetcher: Arc<Fetcher>, opts: FsOptions) -> Arc<Self> {
@@ -363,10 +374,37 @@ impl Fs {
         })
     }
 
+    /// The mount is as big as its cache: `df` shows the quota, what the cache holds
+    /// and what it can still take without evicting (no more than the cache
+    /// directory's file system has), so tools that check for room see figures a user
+    /// can act on (`--cache-size`). Inodes: every node known, none free (read-only).
     pub fn statfs(&self) -> StatFs {
+        use std::os::unix::ffi::OsStrExt;
+        let disk = self.fetcher.disk();
+        let (mut quota, used) = (disk.quota(), disk.used());
+        let mut free = quota.saturating_sub(used);
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if let Ok(dir) = std::ffi::CString::new(disk.root().as_os_str().as_bytes()) {
+            if unsafe { libc::statvfs(dir.as_ptr(), &mut st) } == 0 {
+                let frsize = st.f_frsize as u64;
+                quota = quota.min(st.f_blocks as u64 * frsize);
+                free = free.min(st.f_bavail as u64 * frsize);
+            }
+        }
         StatFs {
-            blocks: 0,
-            files: self.index.path_count() as u64,
+            blocks: quota / BLOCK,
+            free: free / BLOCK,
+            files: self.index.node_count() as u64 + 1,
+        }
+    }
+
+    /// Whether `ino` may be asked for extended attributes. NARs carry none, so no
+    /// file has any: there is nothing else to look up.
+    pub fn xattr_target(&self, ino: u64) -> Result<(), Errno> {
+        match self.index.node(ino) {
+            Some(n) if n.kind == Kind::Stale => Err(Errno::ESTALE),
+            Some(_) => Ok(()),
+            None => Err(Errno::ENOENT),
         }
     }
 

@@ -281,9 +281,7 @@ impl Fs {
                 if let Ok(Some(index)) = self.fetcher.file_index(info.clone()).await {
                     let blocks = Arc::new(crate::blocks::Blocks::new(&index));
                     self.indexed.lock().unwrap().insert(id, blocks);
-                    let stale =
-                        self.index
-                            .attach_tree(id, &index.root, TreeSource::Index, &info.nar_hash);
+                    let stale = self.index.attach_index(id, &index);
                     self.invalidate(stale);
                     self.prefetch_references(&info);
                     return Ok(());

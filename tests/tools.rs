@@ -1,0 +1,191 @@
+//! What tools see of the mount besides contents, each against the real store path or
+//! what a disk answers: `df` and `statfs`, extended attributes, the mount table, `du`
+//! and inode numbers.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::process::Command;
+
+/// Source and type of the mount at `mnt` in /proc/self/mounts.
+fn mount_entry(mnt: &Path) -> (String, String) {
+    let text = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    text.lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f[1] == mnt.to_str().unwrap()).then(|| (f[0].to_owned(), f[2].to_owned()))
+        })
+        .unwrap_or_else(|| panic!("{} not in /proc/self/mounts:\n{text}", mnt.display()))
+}
+
+/// The fixture mounted from the S3 server, every path read whole (compared with the
+/// real store) so the cache holds something, as it does once tools ran.
+fn mounted_and_read(extra: &[&str]) -> (Env, Mounted) {
+    let f = fixture();
+    let e = env();
+    let m = Mounted::start(&e.url, &[&f.public_key], None, extra);
+    m.wait_root(f.paths.len());
+    for (name, base) in &f.paths {
+        run(Command::new("diff")
+            .arg("-r")
+            .arg("--no-dereference")
+            .arg(m.p(base))
+            .arg(f.real(name)));
+    }
+    (e, m)
+}
+
+#[test]
+fn df_shows_the_cache_quota_and_what_it_holds() {
+    let (_e, m) = mounted_and_read(&["--cache-size", "1G"]);
+    let df = run(Command::new("df")
+        .args(["-B1", "--output=fstype,size,used,avail,itotal"])
+        .arg(&m.mnt));
+    let row: Vec<&str> = df.lines().nth(1).unwrap().split_whitespace().collect();
+    let n = |i: usize| row[i].parse::<u64>().unwrap();
+    assert_eq!(row[0], "fuse.narfs", "{df}");
+    // the quota (the disk holding the cache directory has more), what the cache
+    // holds, and the rest
+    assert_eq!(n(1), 1 << 30, "{df}");
+    assert!(n(2) > 0 && n(2) + n(3) == n(1), "{df}");
+    assert!(n(4) > 0, "{df}");
+    // CPython's test_shutil.test_disk_usage, on the mount
+    let py = r#"
+import os, shutil, sys
+u = shutil.disk_usage(sys.argv[1])
+assert u.total > 0 and u.used > 0 and u.free >= 0, u
+assert u.total >= u.used and u.total > u.free, u
+s = os.statvfs(sys.argv[1])
+assert (s.f_bsize, s.f_frsize, s.f_namemax) == (4096, 4096, 255), s
+assert s.f_files > 0, s
+print(u.total, u.used, u.free)
+"#;
+    let (code, text, err) = out(Command::new("python3").args(["-c", py]).arg(&m.mnt));
+    assert_eq!(code, 0, "{err}");
+    let used: u64 = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert_eq!(used, n(2), "{text}");
+}
+
+/// For every entry below `root` (sorted, relative): what `listxattr` and `getxattr`
+/// of a few names answer, without following symlinks.
+fn xattrs(root: &Path) -> String {
+    let py = r#"
+import errno, os, sys
+root = sys.argv[1]
+names = [root] + [os.path.join(d, x) for d, ds, fs in os.walk(root) for x in ds + fs]
+out = []
+for n in names:
+    r = [os.path.relpath(n, root), repr(os.listxattr(n, follow_symlinks=False))]
+    for a in ("user.narfs", "security.capability", "trusted.overlay.opaque"):
+        try:
+            os.getxattr(n, a, follow_symlinks=False)
+            r.append(a + "=found")
+        except OSError as e:
+            r.append(a + "=" + errno.errorcode[e.errno])
+    out.append(" ".join(r))
+print("\n".join(sorted(set(out))))
+"#;
+    run(Command::new("python3").args(["-c", py]).arg(root))
+}
+
+#[test]
+fn no_extended_attributes_as_on_a_disk() {
+    let f = fixture();
+    let (_e, m) = mounted_and_read(&[]);
+    for (name, base) in &f.paths {
+        let seen = xattrs(&m.p(base));
+        assert_eq!(seen, xattrs(&f.real(name)), "{name}");
+        assert!(seen.lines().all(|l| l.contains(" [] ")), "{seen}");
+        assert!(
+            !seen.contains("EOPNOTSUPP") && !seen.contains("found"),
+            "{seen}"
+        );
+        assert!(seen.contains("user.narfs=ENODATA"), "{seen}");
+    }
+    let root = xattrs(&m.mnt);
+    assert!(root.starts_with(". [] user.narfs=ENODATA"), "{root}");
+}
+
+#[test]
+fn the_mount_table_shows_fuse_narfs_and_the_cache_without_secrets() {
+    let f = fixture();
+    let e = env();
+    let url = format!("{}&token=hunter2", e.url);
+    let m = Mounted::start(&url, &[&f.public_key], None, &[]);
+    let (code, text, err) = out(Command::new("findmnt")
+        .args(["-n", "-t", "fuse.narfs", "-o", "SOURCE,FSTYPE"])
+        .arg(&m.mnt));
+    assert_eq!(code, 0, "{err}{:?}", mount_entry(&m.mnt));
+    let shown = url.replace("hunter2", "***");
+    assert_eq!(
+        text.split_whitespace().collect::<Vec<_>>(),
+        [shown.as_str(), "fuse.narfs"]
+    );
+    drop(m);
+
+    // an http cache with credentials in its URL: they never show
+    let http = HttpServer::start(&f.cache);
+    let url = format!("http://alice:hunter2@127.0.0.1:{}/?token=s3cr3t", http.port);
+    let m = Mounted::start(&url, &[&f.public_key], None, &[]);
+    let (source, fstype) = mount_entry(&m.mnt);
+    assert_eq!(fstype, "fuse.narfs");
+    assert_eq!(
+        source,
+        format!("http://***@127.0.0.1:{}/?token=***", http.port)
+    );
+    let tables = ["/proc/self/mounts", "/proc/self/mountinfo"]
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .join("");
+    assert!(
+        !tables.contains("hunter2") && !tables.contains("s3cr3t") && !tables.contains("alice"),
+        "{tables}"
+    );
+    assert!(m.p(f.path("narfs-test-single.txt")).exists());
+    // and umount -t finds it by its type
+    run(Command::new("umount")
+        .args(["-t", "fuse.narfs"])
+        .arg(&m.mnt));
+    assert!(!is_mounted(&m.mnt));
+}
+
+/// `du` of `p` in bytes, of disk usage or (`apparent`) sizes, each entry (sorted).
+fn du(p: &Path, apparent: bool) -> String {
+    let mut c = Command::new("du");
+    c.args(["-a", "-B1"]);
+    if apparent {
+        c.arg("--apparent-size");
+    }
+    let mut lines: Vec<String> = run(c
+        .arg(p.file_name().unwrap())
+        .current_dir(p.parent().unwrap()))
+    .lines()
+    .map(str::to_owned)
+    .collect();
+    lines.sort();
+    lines.join("\n")
+}
+
+#[test]
+fn du_and_inode_numbers_are_those_of_a_disk() {
+    let f = fixture();
+    let (_e, m) = mounted_and_read(&[]);
+    for (name, base) in &f.paths {
+        for apparent in [false, true] {
+            assert_eq!(
+                du(&m.p(base), apparent),
+                du(&f.real(name), apparent),
+                "{name} (apparent: {apparent})"
+            );
+        }
+    }
+    // 32-bit programs get EOVERFLOW from stat for inode numbers of 2^32 and more
+    let inos = run(Command::new("find").arg(&m.mnt).args(["-printf", "%i\n"]));
+    let inos: Vec<u64> = inos.lines().map(|l| l.parse().unwrap()).collect();
+    assert!(inos.len() > 20, "{inos:?}");
+    assert!(inos.iter().all(|&i| i < 1 << 32), "{inos:?}");
+    let distinct: std::collections::HashSet<_> = inos.iter().collect();
+    assert_eq!(distinct.len(), inos.len(), "{inos:?}");
+    let py = "import os, sys; assert all(os.stat(os.path.join(sys.argv[1], n), follow_symlinks=False).st_ino < 2**32 for n in os.listdir(sys.argv[1]))";
+    run(Command::new("python3").args(["-c", py]).arg(&m.mnt));
+}

@@ -110,14 +110,18 @@ pub async fn index(
     failed
 }
 
-/// Removes the old NARs no narinfo of the cache names any more.
+/// Removes the old NARs no narinfo of the cache names any more. Only once every
+/// narinfo was read: a NAR a narinfo still names is lost for good once deleted.
 async fn remove_unnamed(storage: &dyn Storage, old: Vec<String>, report: Report<'_>) {
     let named = match all_urls(storage).await {
         Ok(n) => n,
         Err(e) => {
             report(
                 "",
-                &Err(format!("old NARs kept: cannot list the cache ({e})")),
+                &Err(format!(
+                    "old NARs kept: not every narinfo of the cache could be read to see \
+                     which still name them ({e})"
+                )),
             );
             return;
         }
@@ -132,18 +136,17 @@ async fn remove_unnamed(storage: &dyn Storage, old: Vec<String>, report: Report<
     }
 }
 
-/// Every NAR URL the cache's narinfos name.
+/// Every NAR URL the cache's narinfos name, or why not all of them could be read.
 async fn all_urls(storage: &dyn Storage) -> Result<std::collections::HashSet<String>, String> {
     let mut urls = std::collections::HashSet::new();
     for h in crate::storage::narinfo_hashes(storage).await? {
         let key = format!("{h}.narinfo");
+        // one gone since the listing names nothing
         if let Some(b) = get_small(storage, &key, MAX_NARINFO_BYTES)
             .await
             .map_err(|e| e.to_string())?
         {
-            if let Ok(i) = NarInfo::parse_bytes(&b) {
-                urls.insert(i.url);
-            }
+            urls.extend(crate::formats::narinfo::named_urls(&b));
         }
     }
     Ok(urls)

@@ -613,6 +613,45 @@ fn nix_copy_from(root: &Path, paths: &[&str], dir: &Path) -> String {
 }
 
 #[test]
+fn index_replaces_an_object_planted_where_the_packed_nar_goes() {
+    let f = fixture();
+    let s3 = S3Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let big = f.hash("narfs-test-big");
+    // the key of a repacked NAR is deterministic: indexing a copy of the cache tells it
+    let probe = s3.upload_cache(&f.cache, "probe");
+    let (code, _, err) = index_with_fixture_key(&s3, "probe");
+    assert_eq!(code, 0, "{err}");
+    let new_url = field(&narinfos(&s3, "probe")[big], "URL")[0].to_owned();
+    let packed = std::fs::read(probe.join(&new_url)).unwrap();
+    let root = s3.upload_cache(&f.cache, "nix");
+    assert_ne!(field(&narinfos(&s3, "nix")[big], "URL"), [new_url.as_str()]);
+    std::fs::write(root.join(&new_url), vec![0x5a; 4096]).unwrap();
+
+    let (code, _, err) = index_with_fixture_key(&s3, "nix");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(field(&narinfos(&s3, "nix")[big], "URL"), [new_url.as_str()]);
+    assert!(
+        std::fs::read(root.join(&new_url)).unwrap() == packed,
+        "the narinfo names the planted object"
+    );
+    assert!(
+        err.contains(&new_url) && err.contains("replacing it"),
+        "{err}"
+    );
+    let (code, text, err) = out(narfs().args([
+        "verify",
+        "--trusted-public-key",
+        &f.public_key,
+        &s3.url(s3.port, "nix"),
+    ]));
+    assert_eq!(code, 0, "{text}{err}");
+    let app = format!("/nix/store/{}", f.path("narfs-test-app"));
+    let back = nix_copy_from(&root, &[&app], tmp.path());
+    assert_eq!(nar_hashes(&back, &app), nar_hashes(&f.store, &app));
+}
+
+#[test]
 fn index_keeps_a_nar_that_a_narinfo_repeating_its_url_line_still_names() {
     let f = fixture();
     let s3 = S3Server::start();

@@ -77,6 +77,17 @@ in
       '';
     };
 
+    sslCertFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/etc/ssl/certs/company-ca.pem";
+      description = ''
+        CA certificates (PEM) https trusts, as nix.conf's ssl-cert-file: for a cache or
+        S3 endpoint whose certificate comes from a private CA. By default narfs trusts
+        what Nix does: NIX_SSL_CERT_FILE, SSL_CERT_FILE, else the system's bundle.
+      '';
+    };
+
     allowOther = mkOption {
       type = types.bool;
       default = true;
@@ -118,6 +129,7 @@ in
           [ "${cfg.package}/bin/narfs" "mount" "--cache-dir" cfg.cacheDir ]
           ++ optionals (cfg.cacheSize != null) [ "--cache-size" cfg.cacheSize ]
           ++ optionals (cfg.netrcFile != null) [ "--netrc-file" cfg.netrcFile ]
+          ++ optionals (cfg.sslCertFile != null) [ "--ssl-cert-file" cfg.sslCertFile ]
           ++ optional cfg.allowOther "--allow-other"
           ++ cfg.extraArgs
           ++ [ cfg.cacheUrl cfg.mountPoint ]

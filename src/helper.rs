@@ -21,6 +21,7 @@ const VALUED: &[(&str, &str)] = &[
     ("metrics-addr", "--metrics-addr"),
     ("log", "--log-file"),
     ("netrc-file", "--netrc-file"),
+    ("ssl-cert-file", "--ssl-cert-file"),
 ];
 
 /// Flags without a value.
@@ -215,7 +216,7 @@ mod tests {
             "-o",
             "rw,nodev,nosuid,async,noatime,_netdev,x-systemd.automount,trusted-public-key=k-1:abc=,cache-dir=/var/cache/narfs,allow_other",
             "-o",
-            "cache-size=5G,log=/var/log/narfs.log",
+            "cache-size=5G,log=/var/log/narfs.log,ssl-cert-file=/etc/ca.pem",
         ]))
         .unwrap();
         assert_eq!(
@@ -233,6 +234,8 @@ mod tests {
                 "5G",
                 "--log-file",
                 "/var/log/narfs.log",
+                "--ssl-cert-file",
+                "/etc/ca.pem",
                 "s3://b?endpoint=h:1&region=r",
                 "/mnt",
             ])

@@ -21,6 +21,7 @@ pub async fn session(
     url: &str,
     keys: &[String],
     netrc_file: Option<&std::path::Path>,
+    ssl_cert_file: Option<&std::path::Path>,
 ) -> Result<Session, String> {
     let parsed = cache_url::parse(url).map_err(|e| e.to_string())?;
     for w in &parsed.warnings {
@@ -36,7 +37,7 @@ pub async fn session(
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let disk = Arc::new(DiskCache::open(dir.path()).map_err(|e| e.to_string())?);
     let netrc = crate::storage::load_netrc(netrc_file).map_err(|e| e.to_string())?;
-    let storage = crate::storage::open(&parsed.url, netrc.as_ref()).await;
+    let storage = crate::storage::open(&parsed.url, netrc.as_ref(), ssl_cert_file).await?;
     crate::mount::check_cache(&*storage, &parsed.url)
         .await
         .map_err(|e| e.to_string())?;
@@ -55,10 +56,11 @@ pub async fn open_path(
     url: &str,
     keys: &[String],
     netrc_file: Option<&std::path::Path>,
+    ssl_cert_file: Option<&std::path::Path>,
     arg: &str,
 ) -> Result<(Session, Arc<NarInfo>, Vec<String>), String> {
     let (sp, sub) = split_path(arg)?;
-    let s = session(url, keys, netrc_file).await?;
+    let s = session(url, keys, netrc_file, ssl_cert_file).await?;
     let info = s.info(&sp).await?;
     Ok((s, info, sub))
 }

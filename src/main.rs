@@ -140,6 +140,10 @@ struct Keys {
     /// [default: /etc/nix/netrc if it exists].
     #[arg(long, value_name = "FILE")]
     netrc_file: Option<PathBuf>,
+    /// CA certificates (PEM) https trusts, as nix.conf's ssl-cert-file
+    /// [default: NIX_SSL_CERT_FILE, SSL_CERT_FILE, else the system's, as for nix].
+    #[arg(long, value_name = "FILE")]
+    ssl_cert_file: Option<PathBuf>,
     /// Say what is fetched and verified on stderr (-vv: more)
     #[arg(short, long, action = ArgAction::Count)]
     verbose: u8,
@@ -223,6 +227,11 @@ struct MountArgs {
     /// of the URL [default: /etc/nix/netrc if it exists].
     #[arg(long, value_name = "FILE")]
     netrc_file: Option<PathBuf>,
+    /// CA certificates (PEM) https trusts, as nix.conf's ssl-cert-file: for a cache
+    /// or S3 endpoint behind a private CA [default: NIX_SSL_CERT_FILE,
+    /// SSL_CERT_FILE, else the system's, as for nix].
+    #[arg(long, value_name = "FILE")]
+    ssl_cert_file: Option<PathBuf>,
     /// More logging (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = ArgAction::Count)]
     verbose: u8,
@@ -419,7 +428,7 @@ fn push(
     });
     let progress = PushProgress { bar };
     runtime().block_on(async {
-        let storage = narfs::storage::open(&url.url, None).await;
+        let storage = narfs::storage::open(&url.url, None, None).await?;
         narfs::push::push(storage, infos, &opts, &progress).await
     })
 }
@@ -499,7 +508,7 @@ fn index(
         Err(e) => eprintln!("FAILED {e}"),
     };
     runtime().block_on(async {
-        let storage = narfs::storage::open(&url.url, None).await;
+        let storage = narfs::storage::open(&url.url, None, keys.ssl_cert_file.as_deref()).await?;
         if hashes.is_empty() {
             hashes = narfs::storage::narinfo_hashes(&*storage).await?;
         }
@@ -608,6 +617,7 @@ fn inspect(cmd: Cmd) -> ExitCode {
                     &cache_url,
                     &keys.all(),
                     keys.netrc_file.as_deref(),
+                    keys.ssl_cert_file.as_deref(),
                     &path,
                 )
                 .await
@@ -642,6 +652,7 @@ fn inspect(cmd: Cmd) -> ExitCode {
                     &cache_url,
                     &keys.all(),
                     keys.netrc_file.as_deref(),
+                    keys.ssl_cert_file.as_deref(),
                     &path,
                 )
                 .await
@@ -686,6 +697,7 @@ fn inspect(cmd: Cmd) -> ExitCode {
                     &cache_url,
                     &keys.all(),
                     keys.netrc_file.as_deref(),
+                    keys.ssl_cert_file.as_deref(),
                 )
                 .await
                 {
@@ -896,6 +908,7 @@ fn main() -> ExitCode {
                 noexec: a.noexec,
                 metrics_addr: a.metrics_addr,
                 netrc_file: a.netrc_file,
+                ssl_cert_file: a.ssl_cert_file,
             };
             match mount::run(opts) {
                 Ok(()) => ExitCode::SUCCESS,

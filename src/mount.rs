@@ -33,6 +33,8 @@ pub struct MountOptions {
     pub metrics_addr: Option<String>,
     /// Credentials for http(s) caches (default: Nix's `/etc/nix/netrc` if present).
     pub netrc_file: Option<PathBuf>,
+    /// The CA certificates https trusts (default: found as Nix finds them).
+    pub ssl_cert_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -177,7 +179,13 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
         .build()
         .map_err(|e| MountError::Failed(format!("cannot start the runtime: {e}")))?;
     let t0 = Instant::now();
-    let storage = rt.block_on(storage::open(&parsed.url, netrc.as_ref()));
+    let storage = rt
+        .block_on(storage::open(
+            &parsed.url,
+            netrc.as_ref(),
+            opts.ssl_cert_file.as_deref(),
+        ))
+        .map_err(MountError::Usage)?;
     let info = rt.block_on(check_cache(&*storage, &parsed.url))?;
     tracing::info!(url = %parsed.url, ms = t0.elapsed().as_millis() as u64, "cache answered");
     // A cache whose paths have file indexes is read without a round trip per open;

@@ -110,14 +110,18 @@ pub async fn index(
     failed
 }
 
-/// Removes the old NARs no narinfo of the cache names any more.
+/// Removes the old NARs no narinfo of the cache names any more. Only once every
+/// narinfo was read: a NAR a narinfo still names is lost for good once deleted.
 async fn remove_unnamed(storage: &dyn Storage, old: Vec<String>, report: Report<'_>) {
     let named = match all_urls(storage).await {
         Ok(n) => n,
         Err(e) => {
             report(
                 "",
-                &Err(format!("old NARs kept: cannot list the cache ({e})")),
+                &Err(format!(
+                    "old NARs kept: not every narinfo of the cache could be read to see \
+                     which still name them ({e})"
+                )),
             );
             return;
         }
@@ -132,18 +136,17 @@ async fn remove_unnamed(storage: &dyn Storage, old: Vec<String>, report: Report<
     }
 }
 
-/// Every NAR URL the cache's narinfos name.
+/// Every NAR URL the cache's narinfos name, or why not all of them could be read.
 async fn all_urls(storage: &dyn Storage) -> Result<std::collections::HashSet<String>, String> {
     let mut urls = std::collections::HashSet::new();
     for h in crate::storage::narinfo_hashes(storage).await? {
         let key = format!("{h}.narinfo");
+        // one gone since the listing names nothing
         if let Some(b) = get_small(storage, &key, MAX_NARINFO_BYTES)
             .await
             .map_err(|e| e.to_string())?
         {
-            if let Ok(i) = NarInfo::parse_bytes(&b) {
-                urls.insert(i.url);
-            }
+            urls.extend(crate::formats::narinfo::named_urls(&b));
         }
     }
     Ok(urls)
@@ -283,8 +286,19 @@ async fn index_one(
     };
     let index_key = crate::formats::file_index::object_key(info.store_path.hash_part());
     let e = |e: crate::storage::StorageError| e.to_string();
-    // new NAR, index, narinfo; the old NAR last (by the caller)
-    if !storage.exists(&new_url).await.map_err(e)? {
+    // new NAR, index, narinfo; the old NAR last (by the caller). An object already
+    // at the new key (from a run cut short, or planted by anyone who may write to
+    // the cache) is used only if it is the packed file, byte for byte.
+    let held = holds(&**storage, &new_url, packed.file_size, &packed.file_hash)
+        .await
+        .map_err(e)?;
+    if held != Some(true) {
+        if held == Some(false) {
+            tracing::warn!(
+                "{} is not the NAR packed for {sp} (other size or SHA-256): replacing it",
+                storage.location(&new_url)
+            );
+        }
         storage
             .put(
                 &new_url,
@@ -293,6 +307,18 @@ async fn index_one(
             )
             .await
             .map_err(e)?;
+        if held == Some(false)
+            && holds(&**storage, &new_url, packed.file_size, &packed.file_hash)
+                .await
+                .map_err(e)?
+                != Some(true)
+        {
+            return Err(format!(
+                "{sp}: {} still is not the NAR packed for it after writing it again; \
+                 its narinfo is left as it was",
+                storage.location(&new_url)
+            ));
+        }
     }
     storage
         .put(
@@ -340,6 +366,38 @@ async fn index_one(
             blocks: packed.blocks.len(),
         },
     ))
+}
+
+/// Whether the object at `key` is `size` bytes with SHA-256 `hash` (`None`: there is
+/// no such object). Streamed, and never more than `size + 1` bytes read.
+async fn holds(
+    storage: &dyn Storage,
+    key: &str,
+    size: u64,
+    hash: &crate::formats::hash::Sha256,
+) -> Result<Option<bool>, crate::storage::StorageError> {
+    use tokio::io::AsyncReadExt;
+    let Some(body) = storage.get(key).await? else {
+        return Ok(None);
+    };
+    let mut body = body.take(size + 1);
+    let mut hasher = Hasher::default();
+    let mut buf = vec![0; 1 << 16];
+    loop {
+        let n = body
+            .read(&mut buf)
+            .await
+            .map_err(|err| crate::storage::StorageError {
+                op: "GET",
+                location: storage.location(key),
+                detail: err.to_string(),
+            })?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(Some(hasher.len() == size && hasher.finish() == *hash))
 }
 
 /// `text` with the lines of these fields set to these values (added if missing),

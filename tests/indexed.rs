@@ -7,7 +7,7 @@ mod common;
 
 use common::proxy::Proxy;
 use common::*;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn object(s3: &S3Server, key: &str) -> PathBuf {
@@ -561,4 +561,118 @@ fn a_cache_with_indexes_is_read_without_opens_and_never_from_a_listing() {
         std::fs::read(&real).unwrap()
     );
     assert!(!m.log_text().contains("opens need no round trip"));
+}
+
+/// `narfs index` of the cache under `prefix`, signing with the fixture's key.
+fn index_with_fixture_key(s3: &S3Server, prefix: &str) -> (i32, String, String) {
+    let f = fixture();
+    out(narfs()
+        .args(["index", "--key-file"])
+        .arg(&f.secret_key_file)
+        .args(["--trusted-public-key", &f.public_key])
+        .arg(s3.url(s3.port, prefix)))
+}
+
+/// The real nix copies `paths` out of the `file://` cache at `root` into a new store
+/// under `dir`; returns that store.
+fn nix_copy_from(root: &Path, paths: &[&str], dir: &Path) -> String {
+    let back = format!("local?root={}", dir.join("back").display());
+    run(nix(&["copy", "--option", "substituters", ""])
+        .args(["--option", "trusted-public-keys", &fixture().public_key])
+        .arg("--from")
+        .arg(format!("file://{}", root.display()))
+        .args(["--to", &back])
+        .args(paths));
+    back
+}
+
+#[test]
+fn index_replaces_an_object_planted_where_the_packed_nar_goes() {
+    let f = fixture();
+    let s3 = S3Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let big = f.hash("narfs-test-big");
+    // the key of a repacked NAR is deterministic: indexing a copy of the cache tells it
+    let probe = s3.upload_cache(&f.cache, "probe");
+    let (code, _, err) = index_with_fixture_key(&s3, "probe");
+    assert_eq!(code, 0, "{err}");
+    let new_url = field(&narinfos(&s3, "probe")[big], "URL")[0].to_owned();
+    let packed = std::fs::read(probe.join(&new_url)).unwrap();
+    let root = s3.upload_cache(&f.cache, "nix");
+    assert_ne!(field(&narinfos(&s3, "nix")[big], "URL"), [new_url.as_str()]);
+    std::fs::write(root.join(&new_url), vec![0x5a; 4096]).unwrap();
+
+    let (code, _, err) = index_with_fixture_key(&s3, "nix");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(field(&narinfos(&s3, "nix")[big], "URL"), [new_url.as_str()]);
+    assert!(
+        std::fs::read(root.join(&new_url)).unwrap() == packed,
+        "the narinfo names the planted object"
+    );
+    assert!(
+        err.contains(&new_url) && err.contains("replacing it"),
+        "{err}"
+    );
+    let (code, text, err) = out(narfs().args([
+        "verify",
+        "--trusted-public-key",
+        &f.public_key,
+        &s3.url(s3.port, "nix"),
+    ]));
+    assert_eq!(code, 0, "{text}{err}");
+    let app = format!("/nix/store/{}", f.path("narfs-test-app"));
+    let back = nix_copy_from(&root, &[&app], tmp.path());
+    assert_eq!(nar_hashes(&back, &app), nar_hashes(&f.store, &app));
+}
+
+#[test]
+fn index_keeps_a_nar_that_a_narinfo_repeating_its_url_line_still_names() {
+    let f = fixture();
+    let s3 = S3Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    // two paths with the same contents: nix writes one NAR both narinfos name
+    // (uncompressed, so that narfs's packing of it gets another key)
+    let store = format!("local?root={}", tmp.path().join("root").display());
+    let mut paths = Vec::new();
+    for name in ["shared-a", "shared-b"] {
+        let file = tmp.path().join(name);
+        std::fs::write(&file, "the same bytes\n").unwrap();
+        let p = run(nix(&["store", "add-file", "--store", &store]).arg(&file));
+        paths.push(p.trim().to_owned());
+    }
+    let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
+    run(nix(&["store", "sign", "--store", &store, "--key-file"])
+        .arg(&f.secret_key_file)
+        .args(&paths));
+    let cache = tmp.path().join("cache");
+    run(
+        nix(&["copy", "--store", &store, "--option", "substituters", ""])
+            .arg("--to")
+            .arg(format!("file://{}?compression=none", cache.display()))
+            .args(&paths),
+    );
+    let root = s3.upload_cache(&cache, "dup");
+    let hash = |p: &str| p["/nix/store/".len()..][..32].to_owned();
+    let (a, b) = (hash(paths[0]), hash(paths[1]));
+    let read = |h: &str| std::fs::read_to_string(root.join(format!("{h}.narinfo"))).unwrap();
+    let shared = field(&read(&a), "URL")[0].to_owned();
+    assert_eq!(field(&read(&b), "URL"), [shared.as_str()]);
+    // b's narinfo says its URL twice: nix reads it, and its signature still holds
+    let b_info = format!("{}URL: {shared}\n", read(&b));
+    std::fs::write(root.join(format!("{b}.narinfo")), b_info).unwrap();
+
+    let (code, _, err) = index_with_fixture_key(&s3, "dup");
+    // a is indexed; b is refused by narfs's strict parser and left as it was
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("indexed {}", paths[0])), "{err}");
+    assert!(
+        err.contains(&format!("{b}.narinfo")) && err.contains("URL appears more than once"),
+        "{err}"
+    );
+    assert_ne!(field(&read(&a), "URL"), [shared.as_str()]);
+    assert!(root.join(&shared).exists(), "{err}");
+    let back = nix_copy_from(&root, &paths, tmp.path());
+    for p in paths {
+        assert_eq!(nar_hashes(&back, p), nar_hashes(&store, p));
+    }
 }

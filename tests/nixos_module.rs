@@ -46,7 +46,7 @@ fn unit_runs_narfs_with_the_options_given() {
         exec,
         "'/nix/store/11111111111111111111111111111111-narfs/bin/narfs' 'mount' '--cache-dir' \
          '/var/cache/narfs' '--cache-size' '10G' '--netrc-file' '/run/secrets/netrc' \
-         '--allow-other' '--jobs' '8' \
+         '--ssl-cert-file' '/etc/ssl/company-ca.pem' '--allow-other' '--jobs' '8' \
          's3://demo-store/cache?endpoint=s3.eu-central-003.backblazeb2.com' '/mnt/cache'"
     );
     assert_eq!(unit["after"], serde_json::json!(["network-online.target"]));
@@ -70,7 +70,11 @@ fn defaults_are_sane() {
     let exec = sc["ExecStart"].as_str().unwrap();
     // the control socket's directory, /run/narfs, stays visible and root's alone
     assert!(exec.ends_with("'file:///srv/cache' '/mnt/narfs'"), "{exec}");
-    assert!(!exec.contains("--cache-size") && !exec.contains("--netrc-file"));
+    assert!(
+        !exec.contains("--cache-size")
+            && !exec.contains("--netrc-file")
+            && !exec.contains("--ssl-cert-file")
+    );
     assert_eq!(sc["RuntimeDirectory"], "narfs");
     assert_eq!(sc["RuntimeDirectoryMode"], "0700");
 }

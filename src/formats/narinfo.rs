@@ -318,6 +318,17 @@ impl NarInfo {
     }
 }
 
+/// Every NAR a narinfo names, read as loosely as anything that might read it: each
+/// `URL:` line counts, repeated or not (Nix keeps the last), in a narinfo the strict
+/// parser refuses too. Deleting a NAR is the one step that cannot be undone, so what
+/// decides it must never miss a name.
+pub fn named_urls(b: &[u8]) -> Vec<String> {
+    b.split(|&c| c == b'\n')
+        .filter_map(|l| l.strip_prefix(b"URL:"))
+        .map(|v| String::from_utf8_lossy(v).trim().to_owned())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -503,6 +514,25 @@ Sig: test-key:8puYvU71X4PBW4oQ+yIyQ29ebw6W5/Bp46N3fK7wGZZBZ9rk5jTfzFaiziaiHCXz9I
         assert_eq!(n.compression, Compression::Bzip2);
         let n = NarInfo::parse(&APP.replace("Compression: xz", "Compression: lz4")).unwrap();
         assert_eq!(n.compression, Compression::Unknown("lz4".into()));
+    }
+
+    #[test]
+    fn every_url_line_is_named_even_where_the_parser_refuses() {
+        let mut text = format!("{APP}URL: nar/other.nar\r\nURL:nar/third.nar\n").into_bytes();
+        text.extend_from_slice(b"\xff\n");
+        assert!(NarInfo::parse_bytes(&text).is_err());
+        assert_eq!(
+            named_urls(&text),
+            [
+                "nar/1n7nk1myjr3ly5ay2whkkvchh9zgkx0di5kw8k473bvc9pr6nbry.nar.xz",
+                "nar/other.nar",
+                "nar/third.nar"
+            ]
+        );
+        assert_eq!(
+            named_urls(b"\xffURL: x\nStorePath: y"),
+            Vec::<String>::new()
+        );
     }
 
     #[test]

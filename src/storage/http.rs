@@ -15,18 +15,31 @@ pub struct HttpStorage {
 }
 
 impl HttpStorage {
-    pub fn new(base: &str, credentials: Option<Credentials>) -> Self {
-        let client = reqwest::Client::builder()
+    pub fn new(
+        base: &str,
+        credentials: Option<Credentials>,
+        trust: &super::tls::Trust,
+    ) -> Result<Self, String> {
+        let mut b = reqwest::Client::builder()
             .user_agent(concat!("narfs/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(5))
-            .read_timeout(Duration::from_secs(30))
+            .read_timeout(Duration::from_secs(30));
+        if let Some(bundle) = &trust.bundle {
+            b = b.tls_built_in_root_certs(false);
+            for c in &bundle.certs {
+                let cert = reqwest::Certificate::from_der(c)
+                    .map_err(|e| format!("{}: {}", bundle.path.display(), error_chain(&e)))?;
+                b = b.add_root_certificate(cert);
+            }
+        }
+        let client = b
             .build()
-            .expect("HTTP client with default TLS settings");
-        HttpStorage {
+            .map_err(|e| format!("HTTP client for {base}: {}", error_chain(&e)))?;
+        Ok(HttpStorage {
             client,
             base: base.to_owned(),
             credentials,
-        }
+        })
     }
 
     fn url(&self, key: &str) -> String {
@@ -78,7 +91,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         }
         cur = c.source();
     }
-    s
+    super::tls::explain(s)
 }
 
 #[async_trait]

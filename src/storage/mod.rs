@@ -5,6 +5,7 @@ mod file;
 mod http;
 pub mod netrc;
 mod s3;
+pub mod tls;
 
 pub use file::FileStorage;
 pub use http::HttpStorage;
@@ -189,10 +190,14 @@ pub async fn narinfo_hashes(storage: &dyn Storage) -> Result<Vec<String>, String
 }
 
 /// Opens the cache at `url`. An http(s) cache without credentials in its URL takes
-/// those `netrc` has for its host, as Nix does.
-pub async fn open(url: &CacheUrl, netrc: Option<&netrc::Netrc>) -> Arc<dyn Storage> {
-    match url {
-        CacheUrl::S3(u) => Arc::new(S3Storage::new(u).await),
+/// those `netrc` has for its host, as Nix does; TLS trusts what Nix would (see `tls`).
+pub async fn open(
+    url: &CacheUrl,
+    netrc: Option<&netrc::Netrc>,
+    ssl_cert_file: Option<&std::path::Path>,
+) -> Result<Arc<dyn Storage>, String> {
+    Ok(match url {
+        CacheUrl::S3(u) => Arc::new(S3Storage::new(u, &tls::load(ssl_cert_file)?).await?),
         CacheUrl::File { root } => Arc::new(FileStorage::new(root.clone())),
         CacheUrl::Http { base, credentials } => {
             let host = base
@@ -201,9 +206,13 @@ pub async fn open(url: &CacheUrl, netrc: Option<&netrc::Netrc>) -> Arc<dyn Stora
             let credentials = credentials
                 .clone()
                 .or_else(|| netrc.and_then(|n| n.lookup(host)).cloned());
-            Arc::new(HttpStorage::new(base, credentials))
+            Arc::new(HttpStorage::new(
+                base,
+                credentials,
+                &tls::load(ssl_cert_file)?,
+            )?)
         }
-    }
+    })
 }
 
 /// The netrc file to use: `explicit` if given (it must load), else Nix's default

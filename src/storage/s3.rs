@@ -17,7 +17,7 @@ pub struct S3Storage {
 }
 
 impl S3Storage {
-    pub async fn new(url: &S3Url) -> Self {
+    pub async fn new(url: &S3Url, trust: &super::tls::Trust) -> Result<Self, String> {
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(Region::new(url.region.clone()))
             .timeout_config(
@@ -28,6 +28,9 @@ impl S3Storage {
             );
         if let Some(p) = &url.profile {
             loader = loader.profile_name(p);
+        }
+        if let Some(bundle) = &trust.bundle {
+            loader = loader.http_client(https_client(bundle)?);
         }
         let shared = loader.load().await;
         let mut conf = aws_sdk_s3::config::Builder::from(&shared);
@@ -44,7 +47,7 @@ impl S3Storage {
                     aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
                 );
         }
-        S3Storage {
+        Ok(S3Storage {
             client: aws_sdk_s3::Client::from_conf(conf.build()),
             endpoint: url
                 .endpoint_url()
@@ -53,7 +56,7 @@ impl S3Storage {
             aws: url.endpoint_url().is_none()
                 && std::env::var_os("AWS_ENDPOINT_URL").is_none()
                 && std::env::var_os("AWS_ENDPOINT_URL_S3").is_none(),
-        }
+        })
     }
 
     fn error(&self, op: &'static str, key: &str, e: impl std::error::Error) -> StorageError {
@@ -413,5 +416,32 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     if out.contains("credentials") {
         out.push_str(" (no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, add profile= to the URL, or run with an instance role)");
     }
-    out
+    super::tls::explain(out)
+}
+
+/// The SDK's default client (rustls with aws-lc, proxies from the environment),
+/// trusting `bundle` alone; for every request of the SDK, credentials included.
+fn https_client(
+    bundle: &super::tls::Bundle,
+) -> Result<aws_sdk_s3::config::SharedHttpClient, String> {
+    use aws_smithy_http_client::{proxy::ProxyConfig, tls, Builder, ConnectorBuilder};
+    let context = tls::TlsContext::builder()
+        .with_trust_store(tls::TrustStore::empty().with_pem_certificate(bundle.pem()))
+        .build()
+        .map_err(|e| format!("{}: {}", bundle.path.display(), error_chain(&e)))?;
+    Ok(
+        Builder::new().build_with_connector_fn(move |settings, components| {
+            let mut b = ConnectorBuilder::default()
+                .tls_provider(tls::Provider::Rustls(
+                    tls::rustls_provider::CryptoMode::AwsLc,
+                ))
+                .tls_context(context.clone());
+            b.set_connector_settings(settings.cloned());
+            if let Some(c) = components {
+                b.set_sleep_impl(c.sleep_impl());
+            }
+            b.set_proxy_config(Some(ProxyConfig::from_env()));
+            b.build()
+        }),
+    )
 }

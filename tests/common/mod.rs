@@ -903,37 +903,47 @@ pub struct HttpServer {
 
 impl HttpServer {
     pub fn start(dir: &std::path::Path) -> Self {
-        for _ in 0..10 {
-            let port = free_port();
-            let mut child = Command::new("python3")
-                .args([
-                    "-m",
-                    "http.server",
-                    &port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                ])
-                .arg("--directory")
-                .arg(dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            let t = Instant::now();
-            while t.elapsed() < Duration::from_secs(10) {
-                if child.try_wait().unwrap().is_some() {
-                    break;
-                }
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return HttpServer { child, port };
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("could not start python3 -m http.server");
+        let (child, port) = spawn_listening("python3 -m http.server", |port| {
+            let mut c = Command::new("python3");
+            c.args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .arg("--directory")
+            .arg(dir);
+            c
+        });
+        HttpServer { child, port }
     }
+}
+
+/// Starts the server `cmd` makes for a free port on 127.0.0.1 and waits until it
+/// listens; another port if the one picked was taken meanwhile.
+pub fn spawn_listening(what: &str, cmd: impl Fn(u16) -> Command) -> (Child, u16) {
+    for _ in 0..10 {
+        let port = free_port();
+        let mut child = cmd(port)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return (child, port);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("could not start {what}");
 }
 
 impl Drop for HttpServer {

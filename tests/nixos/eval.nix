@@ -38,6 +38,7 @@ in
     cacheSize = "10G";
     environmentFile = "/run/secrets/narfs";
     netrcFile = "/run/secrets/netrc";
+    sslCertFile = "/etc/ssl/company-ca.pem";
     extraArgs = [ "--jobs" "8" ];
   };
   minimal = evalWith {

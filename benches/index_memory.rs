@@ -3,7 +3,7 @@
 //! Run: `cargo bench --bench index_memory`.
 
 use narfs::formats::store_path::StorePath;
-use narfs::index::Index;
+use narfs::mount::inodes::Index;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 

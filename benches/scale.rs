@@ -182,7 +182,7 @@ fn main() {
         {
             println!(
                 "  a listing page: {}",
-                l.split("narfs::fs: ").nth(1).unwrap_or(l)
+                l.split("narfs::mount::fs: ").nth(1).unwrap_or(l)
             );
         }
         assert!(m.stop().success());

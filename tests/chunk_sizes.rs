@@ -46,11 +46,11 @@ fn indexed_cache(cache: &SignedCache, work: &Path) -> Vec<(u8, String)> {
                 std::fs::write(dir.join(format!("f{size}")), contents(shift, size)).unwrap();
             }
             let nar = nar_of(&dir);
-            let (packed, file) = narfs::seekable::pack(
+            let (packed, file) = narfs::publish::seekable::pack(
                 &nar[..],
                 Vec::new(),
                 BlockCompression::None,
-                narfs::seekable::DEFAULT_BLOCK_TARGET,
+                narfs::publish::seekable::DEFAULT_BLOCK_TARGET,
                 None,
             )
             .unwrap();

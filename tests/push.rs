@@ -77,7 +77,8 @@ fn pushed_closures_are_accepted_by_nix_and_narfs() {
             .unwrap();
         for b in &index.blocks {
             let comp = &object[b.comp_offset as usize..][..b.comp_len as usize];
-            let plain = narfs::seekable::decode_block(index.compression, comp, b.nar_len).unwrap();
+            let plain =
+                narfs::publish::seekable::decode_block(index.compression, comp, b.nar_len).unwrap();
             assert!(
                 plain == nar[b.nar_offset as usize..][..b.nar_len as usize],
                 "{name}"

@@ -673,7 +673,7 @@ print("other user got", n, "bytes")' "$sock"
             "other user got 0 bytes",
             &*format!(
                 "narfs: refusing to talk to {}: /run/narfs may be written by group or others (mode 0777)",
-                narfs::control::socket_path(&mnt).display()
+                narfs::mount::control::socket_path(&mnt).display()
             ),
             "stats ok again",
         ],

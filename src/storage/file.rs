@@ -43,7 +43,7 @@ impl Storage for FileStorage {
             return Err(err("a name with a NUL byte".into()));
         };
         let opened = tokio::task::spawn_blocking(move || {
-            let fd = crate::beneath::open_beneath(&root, &rel, true);
+            let fd = crate::storage::beneath::open_beneath(&root, &rel, true);
             if fd < 0 {
                 return Err(std::io::Error::last_os_error());
             }

@@ -2,7 +2,7 @@
 //! proxy in front of a bucket). HTTP cannot list a cache: paths are found by name.
 
 use super::{Body, ListPage, Storage, StorageError, Upload};
-use crate::cache_url::Credentials;
+use crate::storage::cache_url::Credentials;
 use async_trait::async_trait;
 use futures::TryStreamExt;
 use std::time::Duration;
@@ -148,7 +148,7 @@ impl Storage for HttpStorage {
 
     fn location(&self, key: &str) -> String {
         // the base holds no credentials; redact() hides secret-looking query values
-        crate::cache_url::redact(&self.url(key))
+        crate::storage::cache_url::redact(&self.url(key))
     }
 
     async fn exists(&self, key: &str) -> Result<bool, StorageError> {

@@ -1,6 +1,8 @@
 //! Where a binary cache's objects live. The only module that knows S3 or files: the
 //! rest of narfs sees keys relative to the cache root and byte streams.
 
+pub mod beneath;
+pub mod cache_url;
 mod file;
 mod http;
 pub mod netrc;
@@ -11,7 +13,7 @@ pub use file::FileStorage;
 pub use http::HttpStorage;
 pub use s3::S3Storage;
 
-use crate::cache_url::CacheUrl;
+use crate::storage::cache_url::CacheUrl;
 use async_trait::async_trait;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -294,7 +296,7 @@ async fn ranged(
 /// Refuses a key that could leave the cache root (a narinfo's unsigned URL is checked
 /// when parsed; this holds for every backend whatever asks).
 fn check_key(s: &dyn Storage, op: &'static str, key: &str) -> Result<(), StorageError> {
-    match crate::cache_url::unsafe_key(key) {
+    match crate::storage::cache_url::unsafe_key(key) {
         None => Ok(()),
         Some(why) => Err(StorageError {
             op,

@@ -6,7 +6,7 @@
 //! `account` ignored and `macdef` bodies skipped, tokens separated by any white
 //! space; a token may be double-quoted with `\` escapes (as curl allows).
 
-use crate::cache_url::Credentials;
+use crate::storage::cache_url::Credentials;
 use std::path::Path;
 
 /// Where Nix looks when nix.conf sets no `netrc-file`.

@@ -3,7 +3,7 @@
 //! requests whenever an endpoint is given.
 
 use super::{Body, ListPage, Storage, StorageError, Upload};
-use crate::cache_url::S3Url;
+use crate::storage::cache_url::S3Url;
 use async_trait::async_trait;
 use aws_sdk_s3::config::Region;
 use std::time::Duration;

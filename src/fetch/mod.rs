@@ -3,7 +3,17 @@
 //! cache's `store/` unless every check passed; each object is fetched once however many
 //! callers wait for it.
 
+pub mod blocks;
+pub mod decompress;
+pub mod metrics;
+pub mod pace;
+pub mod retry;
+pub mod singleflight;
+
 use crate::disk_cache::DiskCache;
+use crate::fetch::metrics::Metrics;
+use crate::fetch::retry::{Attempt, Guarded, Policy};
+use crate::fetch::singleflight::SingleFlight;
 use crate::formats::file_index::FileIndex;
 use crate::formats::hash::{Hasher, Sha256};
 use crate::formats::keys::TrustedKeys;
@@ -11,9 +21,6 @@ use crate::formats::listing::{parse_ls_reader, Entry, MAX_LISTING_BYTES};
 use crate::formats::nar;
 use crate::formats::narinfo::{Compression, NarInfo, MAX_NARINFO_BYTES};
 use crate::formats::store_path::StorePath;
-use crate::metrics::Metrics;
-use crate::retry::{Attempt, Guarded, Policy};
-use crate::singleflight::SingleFlight;
 use crate::storage::{Storage, StorageError};
 use std::io::{self, Read};
 use std::sync::{Arc, Mutex};
@@ -84,7 +91,7 @@ pub struct Fetcher {
     narinfos: SingleFlight<String, Lookup, FetchError>,
     listings: SingleFlight<String, Option<Arc<Entry>>, FetchError>,
     indexes: SingleFlight<String, Option<Arc<FileIndex>>, FetchError>,
-    blocks: std::sync::OnceLock<Arc<crate::blocks::BlockReader>>,
+    blocks: std::sync::OnceLock<Arc<crate::fetch::blocks::BlockReader>>,
     nars: SingleFlight<String, Arc<Content>, FetchError>,
     /// Missing narinfos by hash, least recently asked first out: bounded however
     /// many names mount users look up.
@@ -107,7 +114,7 @@ pub struct Fetcher {
     /// of lookups skips speculating rather than wait or buffer without limit.
     speculation_slots: Arc<tokio::sync::Semaphore>,
     /// Readers waiting for the network, for reference prefetches to make way.
-    demands: crate::pace::Demands,
+    demands: crate::fetch::pace::Demands,
     /// KiB of file index bodies being read and parsed at once (see `get_index`).
     index_bytes: Arc<tokio::sync::Semaphore>,
     /// The cache's `nix-cache-info` says `NarfsIndexes: 1`: only then is a path's
@@ -191,7 +198,7 @@ impl Fetcher {
         max: usize,
     ) -> Result<Option<Vec<u8>>, FetchError> {
         let policy = self.policy;
-        crate::retry::run(policy, &self.storage.location(key), |deadline| async move {
+        crate::fetch::retry::run(policy, &self.storage.location(key), |deadline| async move {
             let body = match self.storage.get(key).await {
                 Ok(Some(b)) => b,
                 Ok(None) => return Ok(None),
@@ -225,7 +232,7 @@ impl Fetcher {
     ) -> Result<Option<(Vec<u8>, Option<tokio::sync::OwnedSemaphorePermit>)>, FetchError> {
         use crate::formats::file_index::{header_len, verify_header, MAX_HEADER_BYTES};
         let policy = self.policy;
-        crate::retry::run(policy, &self.storage.location(key), |deadline| async move {
+        crate::fetch::retry::run(policy, &self.storage.location(key), |deadline| async move {
             let body = match self.storage.get(key).await {
                 Ok(Some(b)) => b,
                 Ok(None) => return Ok(None),
@@ -287,9 +294,9 @@ impl Fetcher {
 
     /// Reads chunks of indexed paths (with this fetcher's storage, disk cache, time
     /// budget and metrics).
-    pub fn blocks(&self) -> &Arc<crate::blocks::BlockReader> {
+    pub fn blocks(&self) -> &Arc<crate::fetch::blocks::BlockReader> {
         self.blocks.get_or_init(|| {
-            Arc::new(crate::blocks::BlockReader::new(
+            Arc::new(crate::fetch::blocks::BlockReader::new(
                 self.storage.clone(),
                 self.disk.clone(),
                 self.policy,
@@ -607,9 +614,10 @@ impl Fetcher {
     async fn fetch_narinfo(&self, hash: &str) -> Result<Lookup, FetchError> {
         let key = format!("{hash}.narinfo");
         let t0 = Instant::now();
-        let slot = crate::retry::permit(&self.narinfo_slots, self.policy.budget, "narinfo slot")
-            .await
-            .map_err(|e| FetchError::Busy(format!("{key}: {e}")))?;
+        let slot =
+            crate::fetch::retry::permit(&self.narinfo_slots, self.policy.budget, "narinfo slot")
+                .await
+                .map_err(|e| FetchError::Busy(format!("{key}: {e}")))?;
         let got = self.get_small_retrying(&key, MAX_NARINFO_BYTES).await;
         drop(slot);
         let Some(bytes) = got? else {
@@ -656,17 +664,20 @@ impl Fetcher {
         self.listings
             .run(info.store_path.hash_part().to_owned(), move || async move {
                 let key = format!("{}.ls", info.store_path.hash_part());
-                let _slot =
-                    crate::retry::permit(&me.listing_slots, me.policy.budget, "listing slot")
-                        .await
-                        .map_err(|e| FetchError::Busy(format!("{key}: {e}")))?;
+                let _slot = crate::fetch::retry::permit(
+                    &me.listing_slots,
+                    me.policy.budget,
+                    "listing slot",
+                )
+                .await
+                .map_err(|e| FetchError::Busy(format!("{key}: {e}")))?;
                 let Some(bytes) = me.get_small_retrying(&key, MAX_LISTING_BYTES).await? else {
                     return Ok(None);
                 };
                 // parsed off the runtime: a large listing takes a while
                 let nar_size = info.nar_size;
                 let parsed = tokio::task::spawn_blocking(move || {
-                    let json = crate::decompress::listing_reader(bytes, MAX_LISTING_BYTES);
+                    let json = crate::fetch::decompress::listing_reader(bytes, MAX_LISTING_BYTES);
                     parse_ls_reader(json, nar_size).map_err(|e| e.to_string())
                 })
                 .await
@@ -756,11 +767,11 @@ impl Fetcher {
             let free = self
                 .demands
                 .pace(&info.url)
-                .until_free(crate::pace::MAX_START_WAIT)
+                .until_free(crate::fetch::pace::MAX_START_WAIT)
                 .await;
             (!free, None)
         } else {
-            let slot = crate::retry::permit(
+            let slot = crate::fetch::retry::permit(
                 &self.downloads,
                 self.policy.budget,
                 "download slot (--jobs)",
@@ -794,7 +805,7 @@ impl Fetcher {
         let t0 = Instant::now();
         let location = self.storage.location(&info.url);
         let policy = self.policy;
-        let res = crate::retry::run_with(
+        let res = crate::fetch::retry::run_with(
             policy,
             &format!("{} (NAR {location})", info.store_path),
             false,
@@ -841,7 +852,11 @@ impl Fetcher {
     /// Opens the rest of object `key` from an offset (a Range GET to its end, whatever
     /// the unsigned FileSize says), guarded like the first stream; failures count as
     /// the stream's (`failed`), not the data's.
-    fn reopen(&self, key: &str, failed: Arc<std::sync::atomic::AtomicBool>) -> crate::pace::Reopen {
+    fn reopen(
+        &self,
+        key: &str,
+        failed: Arc<std::sync::atomic::AtomicBool>,
+    ) -> crate::fetch::pace::Reopen {
         let (storage, key, stall) = (self.storage.clone(), key.to_owned(), self.policy.stall);
         let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
         Box::new(move |offset| {
@@ -871,7 +886,7 @@ impl Fetcher {
         deadline: Instant,
         writer: Arc<Mutex<crate::disk_cache::BlobWriter>>,
         no_room: Arc<std::sync::atomic::AtomicBool>,
-        pace: Option<crate::pace::Pace>,
+        pace: Option<crate::fetch::pace::Pace>,
         owed: bool,
     ) -> Result<Entry, Attempt> {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -897,7 +912,7 @@ impl Fetcher {
             Some(pace) => {
                 // a reference prefetch: may let go of its connection and go on later
                 let reopen = self.reopen(&info.url, stream_failed.clone());
-                read_ahead(crate::pace::PacedBody::new(
+                read_ahead(crate::fetch::pace::PacedBody::new(
                     Box::pin(guarded),
                     pace,
                     reopen,
@@ -1151,7 +1166,7 @@ pub fn unpack_verified_into<R: Read + Send>(
     std::thread::scope(|scope| {
         let decoding = scope.spawn(move || -> Result<Hasher, String> {
             {
-                let mut decoder = crate::decompress::nar_reader(&compression, &mut file)?;
+                let mut decoder = crate::fetch::decompress::nar_reader(&compression, &mut file)?;
                 loop {
                     let mut buf = vec![0u8; CHUNK];
                     match decoder.read(&mut buf) {
@@ -1248,7 +1263,7 @@ mod tests {
     }
 
     fn compress(c: &Compression, data: &[u8]) -> Vec<u8> {
-        crate::decompress::compressed(c, data)
+        crate::fetch::decompress::compressed(c, data)
     }
 
     fn info_for(c: Compression, nar: &[u8], file: &[u8]) -> NarInfo {
@@ -1276,7 +1291,7 @@ mod tests {
     #[test]
     fn every_compression_round_trips() {
         let nar = sample_nar();
-        for c in crate::decompress::ALL {
+        for c in crate::fetch::decompress::ALL {
             let file = compress(&c, &nar);
             let info = info_for(c.clone(), &nar, &file);
             assert!(attempt(&info, &file).is_ok(), "{c:?}");

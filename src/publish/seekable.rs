@@ -361,7 +361,7 @@ pub fn block_reader<'a, R: Read + Send + 'a>(
         BlockCompression::Xz => crate::formats::narinfo::Compression::Xz,
         BlockCompression::Zstd => crate::formats::narinfo::Compression::Zstd,
     };
-    crate::decompress::nar_reader(&compression, comp)
+    crate::fetch::decompress::nar_reader(&compression, comp)
 }
 
 pub fn decode_block(c: BlockCompression, comp: &[u8], nar_len: u32) -> Result<Vec<u8>, String> {
@@ -440,7 +440,7 @@ mod tests {
                 BlockCompression::None => crate::formats::narinfo::Compression::None,
             };
             let mut whole = Vec::new();
-            crate::decompress::nar_reader(&whole_c, &out[..])
+            crate::fetch::decompress::nar_reader(&whole_c, &out[..])
                 .unwrap()
                 .read_to_end(&mut whole)
                 .unwrap();

@@ -229,11 +229,11 @@ pub fn pack(
     let file =
         tempfile::NamedTempFile::new_in(tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let (file, path) = file.into_parts();
-    let (packed, out) = crate::seekable::pack_path(
+    let (packed, out) = crate::publish::seekable::pack_path(
         &real,
         io::BufWriter::with_capacity(1 << 20, file),
         blocks,
-        crate::seekable::DEFAULT_BLOCK_TARGET,
+        crate::publish::seekable::DEFAULT_BLOCK_TARGET,
         None,
     )?;
     out.into_inner()
@@ -383,7 +383,7 @@ pub async fn mark_indexed(storage: &dyn Storage) -> Result<(), String> {
             .map_err(|_| format!("{}: not UTF-8 text", storage.location("nix-cache-info")))?,
         None => NIX_CACHE_INFO.to_owned(),
     };
-    if let Some(text) = crate::mount::with_indexed_line(&text) {
+    if let Some(text) = crate::mount::session::with_indexed_line(&text) {
         storage
             .put(
                 "nix-cache-info",

@@ -1,11 +1,11 @@
 //! `narfs mount`: check the cache answers, then serve it until unmounted or signalled.
 
-use crate::cache_url;
 use crate::disk_cache::DiskCache;
 use crate::fetch::Fetcher;
 use crate::formats::keys::TrustedKeys;
-use crate::fs::Fs;
-use crate::index::Index;
+use crate::mount::fs::Fs;
+use crate::mount::inodes::Index;
+use crate::storage::cache_url;
 use crate::storage::{self, get_small, Storage};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -198,7 +198,7 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
         );
     }
 
-    let policy = crate::retry::Policy {
+    let policy = crate::fetch::retry::Policy {
         budget: opts.timeout,
         stall: opts.timeout.min(Duration::from_secs(10)),
     };
@@ -212,7 +212,7 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
     let fs = Fs::new(
         index,
         fetcher,
-        crate::fs::FsOptions {
+        crate::mount::fs::FsOptions {
             prefetch_references: opts.prefetch_references,
             jobs: opts.jobs,
             use_listings: !no_open,
@@ -225,7 +225,7 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
             .block_on(tokio::net::TcpListener::bind(addr))
             .map_err(|e| MountError::Failed(format!("--metrics-addr {addr}: {e}")))?;
         let f = fs.clone();
-        rt.spawn(crate::metrics::serve(
+        rt.spawn(crate::fetch::metrics::serve(
             listener,
             Arc::new(move || f.metrics_text()),
         ));
@@ -233,7 +233,7 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
     }
     let _control = {
         let _rt = rt.enter();
-        match crate::control::listen(fs.clone(), &opts.mountpoint, opts.jobs) {
+        match crate::mount::control::listen(fs.clone(), &opts.mountpoint, opts.jobs) {
             Ok(c) => Some(c),
             Err(e) => {
                 tracing::warn!("no control socket (narfs prefetch and stats will not work): {e}");
@@ -266,15 +266,15 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
     config.n_threads = Some(4);
     config.clone_fd = true;
     let session = fuser::Session::new(
-        crate::fuse::NarFuse::new(
+        crate::mount::fuse::NarFuse::new(
             fs.clone(),
             rt.handle().clone(),
             if opts.passthrough {
-                crate::fuse::OpenMode::Passthrough
+                crate::mount::fuse::OpenMode::Passthrough
             } else if no_open {
-                crate::fuse::OpenMode::NoOpen
+                crate::mount::fuse::OpenMode::NoOpen
             } else {
-                crate::fuse::OpenMode::PageCache
+                crate::mount::fuse::OpenMode::PageCache
             },
         ),
         &opts.mountpoint,
@@ -286,13 +286,15 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
             opts.mountpoint.display()
         ))
     })?;
-    fs.set_invalidator(Arc::new(crate::fuse::KernelInvalidator(session.notifier())));
+    fs.set_invalidator(Arc::new(crate::mount::fuse::KernelInvalidator(
+        session.notifier(),
+    )));
     let bg = session
         .spawn()
         .map_err(|e| MountError::Failed(format!("cannot start the FUSE session: {e}")))?;
     tracing::info!(mountpoint = %opts.mountpoint.display(), ms = t0.elapsed().as_millis() as u64, "mounted");
     sd_notify("READY=1");
-    if let Some(p) = std::env::var_os(crate::helper::READY_ENV) {
+    if let Some(p) = std::env::var_os(crate::cli::fstab::READY_ENV) {
         // the foreground half of `--daemon` waits for this
         let _ = std::os::unix::net::UnixDatagram::unbound().and_then(|s| s.send_to(b"READY=1", p));
     }

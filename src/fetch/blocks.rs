@@ -6,13 +6,13 @@
 //! fails the chunks that need it (and nothing else); the next read tries again.
 
 use crate::disk_cache::{footprint, DiskCache};
+use crate::fetch::metrics::Metrics;
+use crate::fetch::retry::{Attempt, Guarded, Policy};
 use crate::fetch::Priority;
 use crate::formats::file_index::{Block, BlockCompression, FileIndex};
 use crate::formats::hash::Sha256;
 use crate::formats::listing::Entry;
 use crate::formats::store_path::StorePath;
-use crate::metrics::Metrics;
-use crate::retry::{Attempt, Guarded, Policy};
 use crate::storage::Storage;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use std::collections::HashMap;
@@ -122,7 +122,7 @@ pub struct BlockReader {
     /// Bounds runs under way (each holds its decoded blocks in memory).
     slots: Arc<tokio::sync::Semaphore>,
     /// Readers waiting, for reference prefetches to make way.
-    demands: crate::pace::Demands,
+    demands: crate::fetch::pace::Demands,
 }
 
 /// Runs at once: each holds at most a few blocks of at most 8 MiB decoded.
@@ -134,7 +134,7 @@ impl BlockReader {
         disk: Arc<DiskCache>,
         policy: Policy,
         metrics: Arc<Metrics>,
-        demands: crate::pace::Demands,
+        demands: crate::fetch::pace::Demands,
     ) -> Self {
         BlockReader {
             storage,
@@ -304,9 +304,10 @@ impl BlockReader {
         priority: Priority,
         progress: tokio::sync::watch::Sender<u64>,
     ) -> Result<Decoded, String> {
-        let _slot = crate::retry::permit(&self.slots, self.policy.budget, "block fetch slot")
-            .await
-            .map_err(|e| format!("{}: {e}", b.store_path))?;
+        let _slot =
+            crate::fetch::retry::permit(&self.slots, self.policy.budget, "block fetch slot")
+                .await
+                .map_err(|e| format!("{}: {e}", b.store_path))?;
         let (first, last) = (&b.blocks[range.start], &b.blocks[range.end - 1]);
         let comp_start = first.comp_offset;
         let comp_len = last.comp_offset + last.comp_len as u64 - comp_start;
@@ -342,7 +343,7 @@ impl BlockReader {
         let policy = self.policy;
         let (compression, store_path) = (b.compression, b.store_path.clone());
         let first_index = range.start;
-        let decoded = crate::retry::run(policy, &what, |deadline| {
+        let decoded = crate::fetch::retry::run(policy, &what, |deadline| {
             let (blocks, chunks, disk, writer, progress, store_path) = (
                 blocks.clone(),
                 chunks.clone(),
@@ -460,7 +461,7 @@ impl Streamed<'_> {
             let fault =
                 |e: String| format!("{}: block {}: {e}", self.store_path, self.first_index + k);
             let block_start = nar.len();
-            let mut plain = crate::seekable::block_reader(
+            let mut plain = crate::publish::seekable::block_reader(
                 self.compression,
                 (&mut *input).take(blk.comp_len as u64),
             )

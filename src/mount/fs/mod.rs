@@ -19,7 +19,7 @@ pub use handles::Opened;
 use crate::fetch::Fetcher;
 use crate::formats::hash::Sha256;
 use crate::formats::store_path::StorePath;
-use crate::index::{Index, Kind, NodeView, PathId, TreeSource, ROOT};
+use crate::mount::inodes::{Index, Kind, NodeView, PathId, TreeSource, ROOT};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -49,7 +49,7 @@ pub enum Need {
     /// The verified contents of a store path in the disk cache.
     Content(PathId),
     /// One chunk of a file of an indexed path.
-    Chunk(PathId, crate::blocks::ChunkAt),
+    Chunk(PathId, crate::fetch::blocks::ChunkAt),
     /// The end of the mount's first listing of the cache.
     Listing,
 }
@@ -133,7 +133,7 @@ pub struct Fs {
     /// Bounds background prefetches so demand reads keep download slots.
     prefetch: Option<Arc<tokio::sync::Semaphore>>,
     /// The block tables of paths read through their file index.
-    indexed: std::sync::Mutex<HashMap<PathId, Arc<crate::blocks::Blocks>>>,
+    indexed: std::sync::Mutex<HashMap<PathId, Arc<crate::fetch::blocks::Blocks>>>,
     /// False while a mount's first listing of the cache runs: the root's readdir waits
     /// for it, so the first `ls` shows the whole cache (lookups by name never wait).
     listed: tokio::sync::watch::Sender<bool>,
@@ -366,12 +366,14 @@ impl Fs {
     /// The mount's metrics in the Prometheus text format.
     pub fn metrics_text(&self) -> String {
         let disk = self.fetcher.disk();
-        self.fetcher.metrics().render(&crate::metrics::Gauges {
-            cache_bytes_used: disk.used(),
-            cache_bytes_quota: disk.quota(),
-            paths_known: self.index.path_count() as u64,
-            tcp_connections: crate::metrics::tcp_connections(),
-        })
+        self.fetcher
+            .metrics()
+            .render(&crate::fetch::metrics::Gauges {
+                cache_bytes_used: disk.used(),
+                cache_bytes_quota: disk.quota(),
+                paths_known: self.index.path_count() as u64,
+                tcp_connections: crate::fetch::metrics::tcp_connections(),
+            })
     }
 
     /// The mount is as big as its cache: `df` shows the quota, what the cache holds
@@ -413,7 +415,7 @@ impl Fs {
     /// nothing of a listing is ever cached), but it spares the kernel a round trip.
     /// Off the request path: the kernel may hold a directory lock while it waits for
     /// one of our replies.
-    fn invalidate(&self, stale: crate::index::Stale) {
+    fn invalidate(&self, stale: crate::mount::inodes::Stale) {
         if stale.is_empty() {
             return;
         }

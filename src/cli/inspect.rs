@@ -1,13 +1,13 @@
 //! `narfs ls`, `cat` and `verify`: a cache inspected without mounting, verified exactly
 //! as the mount verifies it (same fetcher, a throwaway cache directory).
 
-use crate::cache_url;
 use crate::disk_cache::DiskCache;
 use crate::fetch::{Fetcher, Lookup};
 use crate::formats::keys::{PublicKey, TrustedKeys};
 use crate::formats::listing::Entry;
 use crate::formats::narinfo::NarInfo;
 use crate::formats::store_path::{StorePath, STORE_DIR};
+use crate::storage::cache_url;
 use std::io::Write;
 use std::sync::Arc;
 
@@ -38,7 +38,7 @@ pub async fn session(
     let disk = Arc::new(DiskCache::open(dir.path()).map_err(|e| e.to_string())?);
     let netrc = crate::storage::load_netrc(netrc_file).map_err(|e| e.to_string())?;
     let storage = crate::storage::open(&parsed.url, netrc.as_ref(), ssl_cert_file).await?;
-    crate::mount::check_cache(&*storage, &parsed.url)
+    crate::mount::session::check_cache(&*storage, &parsed.url)
         .await
         .map_err(|e| e.to_string())?;
     let fetcher = Arc::new(Fetcher::new(
@@ -138,12 +138,12 @@ impl Session {
             ..
         }) = find_no_links(&tree, sub)
         {
-            let blocks = Arc::new(crate::blocks::Blocks::new(&ix));
+            let blocks = Arc::new(crate::fetch::blocks::Blocks::new(&ix));
             let chunk = ix.chunk_size();
             let reader = self.fetcher.blocks();
             let wanted = hashes.iter().enumerate().map(|(i, h)| {
                 let at = i as u64 * chunk;
-                crate::blocks::ChunkAt {
+                crate::fetch::blocks::ChunkAt {
                     nar_offset: off + at,
                     len: (size - at).min(chunk),
                     hash: *h,

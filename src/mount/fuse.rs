@@ -2,7 +2,7 @@
 //! their results into replies. Operations that need the network run as tasks on the
 //! tokio runtime and reply from there, so the request loop keeps serving others.
 
-use crate::fs::{Attr, Errno, FileKind, Fs, Outcome};
+use crate::mount::fs::{Attr, Errno, FileKind, Fs, Outcome};
 use fuser::{
     BackingId, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry,
@@ -62,7 +62,7 @@ struct BackingState {
 }
 
 impl Passthrough {
-    fn reply(&self, reply: ReplyOpen, ino: u64, opened: crate::fs::Opened) {
+    fn reply(&self, reply: ReplyOpen, ino: u64, opened: crate::mount::fs::Opened) {
         use std::sync::atomic::Ordering;
         if let (true, Some(file)) = (self.enabled.load(Ordering::Relaxed), &opened.backing) {
             let mut st = self.state.lock().unwrap();
@@ -147,7 +147,7 @@ impl NarFuse {
 /// Kernel cache invalidation through the session's notifier.
 pub struct KernelInvalidator(pub fuser::Notifier);
 
-impl crate::fs::Invalidator for KernelInvalidator {
+impl crate::mount::fs::Invalidator for KernelInvalidator {
     fn entry(&self, parent: u64, name: &[u8]) {
         if let Err(e) = self.0.inval_entry(INodeNo(parent), OsStr::from_bytes(name)) {
             tracing::debug!("invalidating {}: {e}", String::from_utf8_lossy(name));
@@ -184,7 +184,7 @@ fn to_attr(a: &Attr) -> FileAttr {
         uid: 0,
         gid: 0,
         rdev: 0,
-        blksize: crate::fs::BLOCK as u32,
+        blksize: crate::mount::fs::BLOCK as u32,
         flags: 0,
     }
 }
@@ -194,7 +194,7 @@ fn to_attr(a: &Attr) -> FileAttr {
 /// listing (the kernel asks again at every use, so once the NAR is verified it sees
 /// the NAR's answer, and a refuted inode answers ESTALE), briefly for the root.
 fn ttl_for(a: &Attr) -> Duration {
-    if a.ino == crate::index::ROOT {
+    if a.ino == crate::mount::inodes::ROOT {
         ROOT_TTL
     } else if a.verified {
         TTL
@@ -393,20 +393,24 @@ impl fuser::Filesystem for NarFuse {
         tracing::trace!(ino = ino.0, offset, "readdirplus");
         self.run(
             move |fs| match fs.readdir(ino.0, offset, 512) {
-                crate::fs::Outcome::Ready(Ok(entries)) => crate::fs::Outcome::Ready(Ok(entries
-                    .into_iter()
-                    .map(|e| {
-                        // a store path whose tree is not loaded yet gets no cached
-                        // attributes: the kernel looks it up when it is used
-                        let attr = match fs.getattr(e.ino) {
-                            crate::fs::Outcome::Ready(Ok(a)) => Some(a),
-                            _ => None,
-                        };
-                        (e, attr)
-                    })
-                    .collect::<Vec<_>>())),
-                crate::fs::Outcome::Ready(Err(e)) => crate::fs::Outcome::Ready(Err(e)),
-                crate::fs::Outcome::Need(n) => crate::fs::Outcome::Need(n),
+                crate::mount::fs::Outcome::Ready(Ok(entries)) => {
+                    crate::mount::fs::Outcome::Ready(Ok(entries
+                        .into_iter()
+                        .map(|e| {
+                            // a store path whose tree is not loaded yet gets no cached
+                            // attributes: the kernel looks it up when it is used
+                            let attr = match fs.getattr(e.ino) {
+                                crate::mount::fs::Outcome::Ready(Ok(a)) => Some(a),
+                                _ => None,
+                            };
+                            (e, attr)
+                        })
+                        .collect::<Vec<_>>()))
+                }
+                crate::mount::fs::Outcome::Ready(Err(e)) => {
+                    crate::mount::fs::Outcome::Ready(Err(e))
+                }
+                crate::mount::fs::Outcome::Need(n) => crate::mount::fs::Outcome::Need(n),
             },
             move |r| match r {
                 Ok(entries) => {
@@ -445,7 +449,7 @@ impl fuser::Filesystem for NarFuse {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let s = self.fs.statfs();
-        let block = crate::fs::BLOCK as u32;
+        let block = crate::mount::fs::BLOCK as u32;
         reply.statfs(s.blocks, s.free, s.free, s.files, 0, block, 255, block);
     }
 

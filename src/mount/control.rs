@@ -6,7 +6,7 @@
 //! - `prefetch BASENAME...` → `closure N BYTES`, then `ok BASENAME` or
 //!   `failed BASENAME WHY` per path, then `end FAILED`.
 
-use crate::fs::Fs;
+use crate::mount::fs::Fs;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -100,7 +100,7 @@ pub async fn index(
         .iter()
         .any(|(_, r)| matches!(r, Ok((_, Done::Indexed { .. } | Done::Already))));
     if indexed && !opts.dry_run {
-        if let Err(e) = crate::push::mark_indexed(&*storage).await {
+        if let Err(e) = crate::publish::push::mark_indexed(&*storage).await {
             report("", &Err(format!("nix-cache-info not updated: {e}")));
         }
     }
@@ -228,12 +228,12 @@ async fn index_one(
             hasher: Hasher::default(),
         };
         let (packed, w) = {
-            let nar = crate::decompress::nar_reader(&info2.compression, &mut file_hash)?;
-            crate::seekable::pack(
+            let nar = crate::fetch::decompress::nar_reader(&info2.compression, &mut file_hash)?;
+            crate::publish::seekable::pack(
                 nar,
                 std::io::BufWriter::with_capacity(1 << 20, file),
                 blocks,
-                crate::seekable::DEFAULT_BLOCK_TARGET,
+                crate::publish::seekable::DEFAULT_BLOCK_TARGET,
                 None,
             )
             .map_err(|e| format!("{}: bad NAR: {e}", info2.store_path))?

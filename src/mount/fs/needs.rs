@@ -4,7 +4,7 @@
 use super::{Errno, Fs, Need};
 use crate::fetch::{Lookup, Priority};
 use crate::formats::store_path::StorePath;
-use crate::index::{PathId, TreeSource};
+use crate::mount::inodes::{PathId, TreeSource};
 use futures::StreamExt;
 use std::sync::Arc;
 
@@ -279,7 +279,7 @@ impl Fs {
                 let info = self.info(id).await?;
                 // a signed file index: the verified tree, and chunks on demand
                 if let Ok(Some(index)) = self.fetcher.file_index(info.clone()).await {
-                    let blocks = Arc::new(crate::blocks::Blocks::new(&index));
+                    let blocks = Arc::new(crate::fetch::blocks::Blocks::new(&index));
                     self.indexed.lock().unwrap().insert(id, blocks);
                     let stale = self.index.attach_index(id, &index);
                     self.invalidate(stale);
@@ -305,7 +305,7 @@ impl Fs {
                             tracing::warn!(
                                 "{}: listings already hold {} nodes; its NAR will be used instead",
                                 info.store_path,
-                                crate::index::MAX_LISTING_NODES
+                                crate::mount::inodes::MAX_LISTING_NODES
                             );
                         }
                         Ok(Some(tree)) => {

@@ -5,7 +5,7 @@
 
 use super::{Errno, Fs, Need, Outcome};
 use crate::formats::hash::Sha256;
-use crate::index::{Kind, TreeSource};
+use crate::mount::inodes::{Kind, TreeSource};
 use std::sync::Arc;
 use Outcome::{Need as Wait, Ready};
 
@@ -37,7 +37,7 @@ impl crate::disk_cache::EvictionHooks for Fs {
     }
 
     fn evicted(&self, hash: &Sha256) {
-        crate::metrics::Metrics::inc(&self.fetcher.metrics().evictions);
+        crate::fetch::metrics::Metrics::inc(&self.fetcher.metrics().evictions);
         // its descriptor goes, so the space is really freed
         self.fd_cache.lock().unwrap().pop(hash);
     }
@@ -128,14 +128,18 @@ impl Fs {
     }
 
     /// What a chunk not on disk waits for: itself, for an indexed path; else the NAR.
-    fn missing(&self, path: crate::index::PathId, c: &crate::index::PlannedChunk) -> Need {
+    fn missing(
+        &self,
+        path: crate::mount::inodes::PathId,
+        c: &crate::mount::inodes::PlannedChunk,
+    ) -> Need {
         match (
             c.nar_offset,
             self.indexed.lock().unwrap().contains_key(&path),
         ) {
             (Some(nar_offset), true) => Need::Chunk(
                 path,
-                crate::blocks::ChunkAt {
+                crate::fetch::blocks::ChunkAt {
                     nar_offset,
                     len: c.len,
                     hash: c.hash,
@@ -171,7 +175,7 @@ impl Fs {
         let end = offset.saturating_add(size as u64).min(plan.size);
         let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
         for c in chunks {
-            let crate::index::PlannedChunk { at, len, hash, .. } = c;
+            let crate::mount::inodes::PlannedChunk { at, len, hash, .. } = c;
             let f = match self.blob(&hash) {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

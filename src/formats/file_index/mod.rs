@@ -429,7 +429,7 @@ impl FileIndex {
         let url = std::str::from_utf8(r.take(url_len)?)
             .map_err(|_| body_err("url is not UTF-8"))?
             .to_owned();
-        if let Some(why) = crate::cache_url::unsafe_key(&url) {
+        if let Some(why) = crate::storage::cache_url::unsafe_key(&url) {
             return Err(body_err(format!("url {:?}: {why}", cut(&url))));
         }
         let compression = match r.u8()? {

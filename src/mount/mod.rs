@@ -1,0 +1,5 @@
+pub mod control;
+pub mod fs;
+pub mod fuse;
+pub mod inodes;
+pub mod session;

@@ -1,0 +1,3 @@
+pub mod index;
+pub mod push;
+pub mod seekable;

@@ -99,7 +99,7 @@ fn main() {
     for i in 0..3 {
         let dest = dir.path().join(format!("out{i}"));
         let t = Instant::now();
-        narfs::fetch::unpack_verified(std::fs::File::open(&xz_path).unwrap(), &info, &dest)
+        narfs::fetch::unpack::unpack_verified(std::fs::File::open(&xz_path).unwrap(), &info, &dest)
             .unwrap();
         ours.push(t.elapsed().as_secs_f64());
         let t = Instant::now();

@@ -119,7 +119,7 @@ proptest! {
         let entry = nar::unpack(&mut &bytes[..], &d.path().join("dst")).unwrap();
         let again = nar::Writer::new(Vec::new()).dump_path(&d.path().join("dst")).unwrap();
         prop_assert_eq!(&bytes, &again);
-        let verified = narfs::fetch::unpack_verified(&bytes[..], &info_for(&bytes), &d.path().join("v")).unwrap();
+        let verified = narfs::fetch::unpack::unpack_verified(&bytes[..], &info_for(&bytes), &d.path().join("v")).unwrap();
         prop_assert!(verified.same_shape(&entry));
     }
 
@@ -139,7 +139,7 @@ proptest! {
         }
         let _ = nar::unpack(&mut &m[..], &d.path().join("raw"));
         let out = d.path().join("checked");
-        match narfs::fetch::unpack_verified(&m[..], &info, &out) {
+        match narfs::fetch::unpack::unpack_verified(&m[..], &info, &out) {
             Ok(_) => prop_assert_eq!(&m, &bytes, "a changed archive passed verification"),
             Err(_) => prop_assert!(m != bytes),
         }

@@ -78,7 +78,7 @@ fn pushed_closures_are_accepted_by_nix_and_narfs() {
         for b in &index.blocks {
             let comp = &object[b.comp_offset as usize..][..b.comp_len as usize];
             let plain =
-                narfs::publish::seekable::decode_block(index.compression, comp, b.nar_len).unwrap();
+                narfs::fetch::decompress::decode_block(index.compression, comp, b.nar_len).unwrap();
             assert!(
                 plain == nar[b.nar_offset as usize..][..b.nar_len as usize],
                 "{name}"

@@ -4,6 +4,7 @@
 //! module turns that form into `narfs mount --daemon ...` arguments; `daemon` starts
 //! the mount in the background and returns when it is serving.
 
+use crate::mount::session::READY_ENV;
 use std::ffi::OsString;
 use std::path::Path;
 use std::time::Duration;
@@ -195,9 +196,6 @@ pub fn daemon(log: &Path) -> Result<(), (u8, String)> {
         }
     }
 }
-
-/// Set in a background mount's environment: where it says it is serving.
-pub const READY_ENV: &str = "NARFS_READY_SOCKET";
 
 #[cfg(test)]
 mod tests {

@@ -38,9 +38,7 @@ pub async fn session(
     let disk = Arc::new(DiskCache::open(dir.path()).map_err(|e| e.to_string())?);
     let netrc = crate::storage::load_netrc(netrc_file).map_err(|e| e.to_string())?;
     let storage = crate::storage::open(&parsed.url, netrc.as_ref(), ssl_cert_file).await?;
-    crate::mount::session::check_cache(&*storage, &parsed.url)
-        .await
-        .map_err(|e| e.to_string())?;
+    crate::storage::cache_info::check_cache(&*storage, &parsed.url).await?;
     let fetcher = Arc::new(Fetcher::new(
         storage,
         trusted,
@@ -117,7 +115,7 @@ impl Session {
             }
         }
         self.fetcher
-            .content(info.clone(), crate::fetch::Priority::Demand)
+            .content(info.clone(), crate::fetch::pace::Priority::Demand)
             .await
             .map(|c| c.tree.clone())
             .map_err(|e| e.to_string())
@@ -151,7 +149,7 @@ impl Session {
             });
             use futures::StreamExt;
             let mut runs = futures::stream::iter(wanted)
-                .map(|c| reader.chunk(&blocks, c, crate::fetch::Priority::Demand))
+                .map(|c| reader.chunk(&blocks, c, crate::fetch::pace::Priority::Demand))
                 .buffered(4);
             while let Some(r) = runs.next().await {
                 r?;
@@ -163,7 +161,7 @@ impl Session {
     /// The path's verified tree, its contents in the disk cache.
     pub async fn content(&self, info: &Arc<NarInfo>) -> Result<Arc<Entry>, String> {
         self.fetcher
-            .content(info.clone(), crate::fetch::Priority::Demand)
+            .content(info.clone(), crate::fetch::pace::Priority::Demand)
             .await
             .map(|c| c.tree.clone())
             .map_err(|e| e.to_string())
@@ -326,7 +324,7 @@ pub async fn verify_one(s: &Session, sp: &StorePath) -> Result<StorePath, String
         .map_err(|e| format!("{sp}: {e}"))?;
     let content = s
         .fetcher
-        .content(info, crate::fetch::Priority::Demand)
+        .content(info, crate::fetch::pace::Priority::Demand)
         .await
         .map_err(|e| e.to_string())?;
     // what a mount would read through the index must be what the NAR holds

@@ -867,7 +867,7 @@ pub fn main() -> ExitCode {
             inspect(cmd)
         }
         Cmd::Mount(a) => {
-            let child = std::env::var_os(crate::cli::fstab::READY_ENV).is_some();
+            let child = std::env::var_os(crate::mount::session::READY_ENV).is_some();
             if a.daemon && !child {
                 let Some(cache_dir) = a.cache_dir.clone().or_else(default_cache_dir) else {
                     eprintln!(

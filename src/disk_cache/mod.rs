@@ -489,7 +489,7 @@ impl DiskCache {
         let bytes = crate::formats::file_index::encode_tree(
             tree,
             nar_size,
-            crate::formats::file_index::DEFAULT_CHUNK_SHIFT,
+            crate::formats::nar::DEFAULT_CHUNK_SHIFT,
         );
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let tmp = self.dir.join("tmp").join(format!("tree.{n}"));
@@ -505,7 +505,7 @@ impl DiskCache {
         .ok()?;
         match crate::formats::file_index::decode_tree(&bytes) {
             Ok((tree, size, shift))
-                if size == nar_size && shift == crate::formats::file_index::DEFAULT_CHUNK_SHIFT =>
+                if size == nar_size && shift == crate::formats::nar::DEFAULT_CHUNK_SHIFT =>
             {
                 Some(tree)
             }
@@ -778,7 +778,7 @@ mod tests {
         let tree = crate::formats::nar::parse(
             &mut &nar[..],
             &mut crate::formats::nar::TreeOnly,
-            crate::formats::file_index::DEFAULT_CHUNK_SHIFT,
+            crate::formats::nar::DEFAULT_CHUNK_SHIFT,
         )
         .unwrap();
         let h = Sha256::digest(&nar);

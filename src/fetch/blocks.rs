@@ -7,8 +7,8 @@
 
 use crate::disk_cache::{footprint, DiskCache};
 use crate::fetch::metrics::Metrics;
+use crate::fetch::pace::Priority;
 use crate::fetch::retry::{Attempt, Guarded, Policy};
-use crate::fetch::Priority;
 use crate::formats::file_index::{Block, BlockCompression, FileIndex};
 use crate::formats::hash::Sha256;
 use crate::formats::listing::Entry;
@@ -362,7 +362,7 @@ impl BlockReader {
                 self.metrics.block_fetched(comp_len);
                 let guarded = Guarded::new(body, policy.stall, deadline);
                 let transport = guarded.failed.clone();
-                let reader = crate::fetch::read_ahead(guarded.take(comp_len));
+                let reader = crate::fetch::stream::read_ahead(guarded.take(comp_len));
                 // decoded as the bytes come: each chunk is stored (and its readers
                 // let go) as soon as it is whole and its hash matched
                 tokio::task::spawn_blocking(move || {
@@ -461,7 +461,7 @@ impl Streamed<'_> {
             let fault =
                 |e: String| format!("{}: block {}: {e}", self.store_path, self.first_index + k);
             let block_start = nar.len();
-            let mut plain = crate::publish::seekable::block_reader(
+            let mut plain = crate::fetch::decompress::block_reader(
                 self.compression,
                 (&mut *input).take(blk.comp_len as u64),
             )

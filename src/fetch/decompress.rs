@@ -1,6 +1,7 @@
 //! The compressions Nix writes NARs and listings with, as readers: one place, so NARs
 //! and listings accept the same set (Nix's `compression=` and `ls-compression=`).
 
+use crate::formats::file_index::BlockCompression;
 use crate::formats::narinfo::Compression;
 use std::io::Read;
 #[cfg(test)]
@@ -51,6 +52,42 @@ fn reader<'a, R: Read + Send + 'a>(
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(r)),
         Compression::Unknown(c) => return Err(format!("unsupported compression '{c}'")),
     })
+}
+
+/// A decoder of one block of a seekable NAR read from `comp` (which must end where
+/// the block does).
+pub fn block_reader<'a, R: Read + Send + 'a>(
+    c: BlockCompression,
+    comp: R,
+) -> Result<Box<dyn Read + Send + 'a>, String> {
+    let compression = match c {
+        BlockCompression::None => Compression::None,
+        BlockCompression::Xz => Compression::Xz,
+        BlockCompression::Zstd => Compression::Zstd,
+    };
+    nar_reader(&compression, comp)
+}
+
+/// Decodes one block (its compressed bytes) into exactly `nar_len` bytes: more or
+/// fewer is an error, and decoding stops at `nar_len + 1` however well it compresses.
+pub fn decode_block(c: BlockCompression, comp: &[u8], nar_len: u32) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(nar_len as usize);
+    block_reader(c, comp)?
+        .take(nar_len as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("the block does not decode: {e}"))?;
+    if out.len() != nar_len as usize {
+        return Err(format!(
+            "the block decodes to {}{} bytes, not {nar_len}",
+            if out.len() > nar_len as usize {
+                "more than "
+            } else {
+                ""
+            },
+            out.len().min(nar_len as usize)
+        ));
+    }
+    Ok(out)
 }
 
 /// A listing's JSON, as a stream. Nix may store listings compressed
@@ -237,5 +274,21 @@ mod tests {
         assert!(bomb.len() < 4096);
         let e = listing_json(bomb, 1 << 20).unwrap_err();
         assert!(e.contains("more than 1048576 bytes of JSON"), "{e}");
+    }
+
+    #[test]
+    fn a_block_that_decodes_to_other_sizes_is_refused() {
+        let comp = compressed(&Compression::Xz, &[7u8; 1000]);
+        assert!(decode_block(BlockCompression::Xz, &comp, 1000).is_ok());
+        assert!(decode_block(BlockCompression::Xz, &comp, 999)
+            .unwrap_err()
+            .contains("more than"));
+        assert!(decode_block(BlockCompression::Xz, &comp, 1001)
+            .unwrap_err()
+            .contains("1000 bytes"));
+        assert!(decode_block(BlockCompression::Xz, &comp[..20], 1000).is_err());
+        // a bomb: stops at nar_len + 1
+        let bomb = compressed(&Compression::Zstd, &vec![0u8; 50 << 20]);
+        assert!(decode_block(BlockCompression::Zstd, &bomb, 4096).is_err());
     }
 }

@@ -18,6 +18,16 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::watch;
 
+/// Who wants a NAR: a reader waiting for it; a traversal about to read it (it looked
+/// into the path); or reference prefetch guessing it will be wanted, which makes way
+/// for readers (see below). Only a reader may evict anything from the disk cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Priority {
+    Demand,
+    Ahead,
+    Prefetch,
+}
+
 /// How long a prefetch keeps its connection while a reader waits: most readers are
 /// served from the disk cache or a small object in less.
 pub const GRACE: Duration = Duration::from_millis(100);

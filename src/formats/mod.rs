@@ -8,4 +8,5 @@ pub mod listing;
 pub mod nar;
 pub mod narinfo;
 pub mod nixbase32;
+pub mod object_key;
 pub mod store_path;

@@ -178,7 +178,7 @@ impl NarInfo {
                 )?,
                 "URL" => {
                     // unsigned: it may only name a key under the cache's root
-                    if let Some(why) = crate::storage::cache_url::unsafe_key(value) {
+                    if let Some(why) = super::object_key::unsafe_key(value) {
                         return Err(NarInfoError::Url(truncate(value), why));
                     }
                     set(&mut url, "URL", value.to_owned())?
@@ -207,7 +207,7 @@ impl NarInfo {
                 "Sig" => sigs.push(value.to_owned()),
                 "CA" => set(&mut ca, "CA", value.to_owned())?,
                 // an unusable hint is no reason to refuse the narinfo: it is ignored
-                "NarfsIndex" if crate::storage::cache_url::unsafe_key(value).is_none() => {
+                "NarfsIndex" if super::object_key::unsafe_key(value).is_none() => {
                     set(&mut index, "NarfsIndex", value.to_owned())?
                 }
                 _ => {}

@@ -5,11 +5,16 @@ use crate::fetch::Fetcher;
 use crate::formats::keys::TrustedKeys;
 use crate::mount::fs::Fs;
 use crate::mount::inodes::Index;
+use crate::storage;
+use crate::storage::cache_info::check_cache;
 use crate::storage::cache_url;
-use crate::storage::{self, get_small, Storage};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Set in a background mount's environment (by `narfs mount --daemon` and the mount(8)
+/// form): where the mount says it is serving.
+pub const READY_ENV: &str = "NARFS_READY_SOCKET";
 
 pub struct MountOptions {
     pub cache_url: String,
@@ -73,69 +78,6 @@ fn parse_keys(keys: &[String]) -> Result<TrustedKeys, MountError> {
     Ok(t)
 }
 
-/// What a cache's `nix-cache-info` tells narfs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CacheInfo {
-    /// `NarfsIndexes: 1`: paths were pushed or indexed with signed file indexes. Unsigned,
-    /// so it only picks between two modes that are both safe (see `OpenMode`).
-    pub indexed: bool,
-}
-
-/// The `nix-cache-info` line `narfs push` and `narfs index` add (nix ignores keys it
-/// does not know).
-pub const INDEXED_KEY: &str = "NarfsIndexes";
-
-/// `text` of a `nix-cache-info` with the `NarfsIndexes: 1` line, or `None` if it has it.
-pub fn with_indexed_line(text: &str) -> Option<String> {
-    if text
-        .lines()
-        .any(|l| l.split_once(':').map(|(k, v)| (k, v.trim())) == Some((INDEXED_KEY, "1")))
-    {
-        return None;
-    }
-    let mut out = text.to_owned();
-    if !out.is_empty() && !out.ends_with('\n') {
-        out.push('\n');
-    }
-    out += &format!("{INDEXED_KEY}: 1\n");
-    Some(out)
-}
-
-/// Fetches `nix-cache-info` and checks the store directory: a wrong URL, bucket or
-/// endpoint fails here, before anything is mounted.
-pub async fn check_cache(
-    storage: &dyn Storage,
-    url: &cache_url::CacheUrl,
-) -> Result<CacheInfo, MountError> {
-    let info = get_small(storage, "nix-cache-info", 64 * 1024)
-        .await
-        .map_err(|e| MountError::Failed(format!("cannot reach the cache {url}: {e}")))?
-        .ok_or_else(|| {
-            MountError::Failed(format!(
-                "{url} is not a Nix binary cache: {} does not exist or may not be read (check the bucket, prefix, endpoint and credentials)",
-                storage.location("nix-cache-info")
-            ))
-        })?;
-    let text = String::from_utf8_lossy(&info);
-    let store_dir = text
-        .lines()
-        .find_map(|l| l.strip_prefix("StoreDir:"))
-        .map(str::trim);
-    let indexed = text
-        .lines()
-        .any(|l| l.split_once(':').map(|(k, v)| (k, v.trim())) == Some((INDEXED_KEY, "1")));
-    match store_dir {
-        Some("/nix/store") => Ok(CacheInfo { indexed }),
-        Some(other) => Err(MountError::Failed(format!(
-            "{url} is a cache for store directory {other}, not /nix/store"
-        ))),
-        None => Err(MountError::Failed(format!(
-            "{} has no StoreDir line",
-            storage.location("nix-cache-info")
-        ))),
-    }
-}
-
 pub fn run(opts: MountOptions) -> Result<(), MountError> {
     let parsed = cache_url::parse(&opts.cache_url).map_err(|e| MountError::Usage(e.to_string()))?;
     for w in &parsed.warnings {
@@ -186,7 +128,9 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
             opts.ssl_cert_file.as_deref(),
         ))
         .map_err(MountError::Usage)?;
-    let info = rt.block_on(check_cache(&*storage, &parsed.url))?;
+    let info = rt
+        .block_on(check_cache(&*storage, &parsed.url))
+        .map_err(MountError::Failed)?;
     tracing::info!(url = %parsed.url, ms = t0.elapsed().as_millis() as u64, "cache answered");
     // A cache whose paths have file indexes is read without a round trip per open;
     // listings are then not used (paths without an index show verified metadata
@@ -294,7 +238,7 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
         .map_err(|e| MountError::Failed(format!("cannot start the FUSE session: {e}")))?;
     tracing::info!(mountpoint = %opts.mountpoint.display(), ms = t0.elapsed().as_millis() as u64, "mounted");
     sd_notify("READY=1");
-    if let Some(p) = std::env::var_os(crate::cli::fstab::READY_ENV) {
+    if let Some(p) = std::env::var_os(READY_ENV) {
         // the foreground half of `--daemon` waits for this
         let _ = std::os::unix::net::UnixDatagram::unbound().and_then(|s| s.send_to(b"READY=1", p));
     }

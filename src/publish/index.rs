@@ -218,7 +218,7 @@ async fn index_one(
                 storage.location(&info.url)
             )
         })?;
-    let reader = crate::fetch::read_ahead(body);
+    let reader = crate::fetch::stream::read_ahead(body);
     let out = tempfile::NamedTempFile::new_in(tmp).map_err(|e| e.to_string())?;
     let (file, path) = out.into_parts();
     let info2 = info.clone();
@@ -280,7 +280,7 @@ async fn index_one(
         compression: blocks,
         file_size: packed.file_size,
         file_hash: packed.file_hash,
-        chunk_shift: crate::formats::file_index::DEFAULT_CHUNK_SHIFT,
+        chunk_shift: crate::formats::nar::DEFAULT_CHUNK_SHIFT,
         blocks: packed.blocks.clone(),
         root: packed.tree,
     };

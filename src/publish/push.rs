@@ -260,7 +260,7 @@ pub fn pack(
         compression: blocks,
         file_size: packed.file_size,
         file_hash: packed.file_hash,
-        chunk_shift: crate::formats::file_index::DEFAULT_CHUNK_SHIFT,
+        chunk_shift: crate::formats::nar::DEFAULT_CHUNK_SHIFT,
         blocks: packed.blocks,
         root: packed.tree.clone(),
     });
@@ -383,7 +383,7 @@ pub async fn mark_indexed(storage: &dyn Storage) -> Result<(), String> {
             .map_err(|_| format!("{}: not UTF-8 text", storage.location("nix-cache-info")))?,
         None => NIX_CACHE_INFO.to_owned(),
     };
-    if let Some(text) = crate::mount::session::with_indexed_line(&text) {
+    if let Some(text) = crate::storage::cache_info::with_indexed_line(&text) {
         storage
             .put(
                 "nix-cache-info",

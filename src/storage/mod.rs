@@ -2,6 +2,7 @@
 //! rest of narfs sees keys relative to the cache root and byte streams.
 
 pub mod beneath;
+pub mod cache_info;
 pub mod cache_url;
 mod file;
 mod http;
@@ -296,7 +297,7 @@ async fn ranged(
 /// Refuses a key that could leave the cache root (a narinfo's unsigned URL is checked
 /// when parsed; this holds for every backend whatever asks).
 fn check_key(s: &dyn Storage, op: &'static str, key: &str) -> Result<(), StorageError> {
-    match crate::storage::cache_url::unsafe_key(key) {
+    match crate::formats::object_key::unsafe_key(key) {
         None => Ok(()),
         Some(why) => Err(StorageError {
             op,

@@ -15,8 +15,6 @@ use super::store_path::StorePath;
 pub const VERSION: u32 = 1;
 /// Never a prefix of Nix's narinfo fingerprint (`1;/nix/store/...`).
 pub const FINGERPRINT_PREFIX: &str = "narfs-index-1;";
-/// 1 MiB chunks.
-pub const DEFAULT_CHUNK_SHIFT: u8 = 20;
 const MAGIC: &[u8; 4] = b"NIB1";
 const MAX_HEADER: usize = 16 << 10;
 const MAX_SIGS: usize = 16;
@@ -107,16 +105,11 @@ fn body_err(s: impl Into<String>) -> IndexError {
     IndexError::Body(s.into())
 }
 
-/// Chunks of a file of `size` bytes.
 /// Where `narfs push` and `narfs index` put a path's index: next to its narinfo. A
 /// narinfo's `NarfsIndex:` line names it; this name only lets a reader ask for it
 /// before that narinfo arrived.
 pub fn object_key(hash_part: &str) -> String {
     format!("{hash_part}.narfs-index")
-}
-
-pub fn chunk_count(size: u64, shift: u8) -> u64 {
-    size.div_ceil(1u64 << shift)
 }
 
 /// The signed header fields, parsed.
@@ -429,7 +422,7 @@ impl FileIndex {
         let url = std::str::from_utf8(r.take(url_len)?)
             .map_err(|_| body_err("url is not UTF-8"))?
             .to_owned();
-        if let Some(why) = crate::storage::cache_url::unsafe_key(&url) {
+        if let Some(why) = super::object_key::unsafe_key(&url) {
             return Err(body_err(format!("url {:?}: {why}", cut(&url))));
         }
         let compression = match r.u8()? {
@@ -562,7 +555,7 @@ fn node(
                     "a file of {size} bytes in a NAR of {nar_size}"
                 )));
             }
-            let n = chunk_count(size, shift) as usize;
+            let n = super::nar::chunk_count(size, shift) as usize;
             if n > r.left() / 32 {
                 return Err(body_err("truncated in a file's chunk hashes"));
             }

@@ -15,6 +15,15 @@ use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8] = b"nix-archive-1";
 
+/// 1 MiB chunks: the unit a file's contents are hashed and stored in, and read in
+/// by a mount (the file index records the shift it was written with).
+pub const DEFAULT_CHUNK_SHIFT: u8 = 20;
+
+/// Chunks of a file of `size` bytes.
+pub fn chunk_count(size: u64, shift: u8) -> u64 {
+    size.div_ceil(1u64 << shift)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum NarError {
     #[error("{0}")]
@@ -224,11 +233,7 @@ pub fn parse<R: Read>(r: &mut R, sink: &mut dyn Sink, chunk_shift: u8) -> Result
 /// can remove them. On error, `dest` may hold a partial tree: the caller owns cleanup
 /// (it unpacks into a temporary directory).
 pub fn unpack<R: Read>(r: &mut R, dest: &Path) -> Result<Entry, NarError> {
-    parse(
-        r,
-        &mut DiskSink::new(dest),
-        super::file_index::DEFAULT_CHUNK_SHIFT,
-    )
+    parse(r, &mut DiskSink::new(dest), DEFAULT_CHUNK_SHIFT)
 }
 
 /// Writes the tree under `dest`, never outside it: names cannot contain `/` or be

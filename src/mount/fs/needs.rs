@@ -2,7 +2,8 @@
 //! listing or the NAR) and contents, and the prefetch that guesses what is next.
 
 use super::{Errno, Fs, Need};
-use crate::fetch::{Lookup, Priority};
+use crate::fetch::pace::Priority;
+use crate::fetch::Lookup;
 use crate::formats::store_path::StorePath;
 use crate::mount::inodes::{PathId, TreeSource};
 use futures::StreamExt;

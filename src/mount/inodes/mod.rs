@@ -327,7 +327,7 @@ impl Index {
             tree,
             source,
             nar_hash,
-            crate::formats::file_index::DEFAULT_CHUNK_SHIFT,
+            crate::formats::nar::DEFAULT_CHUNK_SHIFT,
         )
     }
 
@@ -640,7 +640,7 @@ impl Inner {
     fn new_tree(&mut self, id: PathId, name: Box<[u8]>) -> (u32, u64) {
         self.trees.push(Tree {
             path: id,
-            chunk_shift: crate::formats::file_index::DEFAULT_CHUNK_SHIFT,
+            chunk_shift: crate::formats::nar::DEFAULT_CHUNK_SHIFT,
             first: 0,
             nodes: Box::new([Node {
                 parent: TOP,

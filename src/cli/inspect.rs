@@ -1,6 +1,7 @@
 //! `narfs ls`, `cat` and `verify`: a cache inspected without mounting, verified exactly
 //! as the mount verifies it (same fetcher, a throwaway cache directory).
 
+use super::{fail, init_logging_at, runtime, Keys};
 use crate::disk_cache::DiskCache;
 use crate::fetch::{Fetcher, Lookup};
 use crate::formats::keys::{PublicKey, TrustedKeys};
@@ -9,7 +10,193 @@ use crate::formats::narinfo::NarInfo;
 use crate::formats::store_path::{StorePath, STORE_DIR};
 use crate::storage::cache_url;
 use std::io::Write;
+use std::process::ExitCode;
 use std::sync::Arc;
+
+#[derive(clap::Args)]
+pub struct LsArgs {
+    #[command(flatten)]
+    keys: Keys,
+    /// Long listing: type, mode, size and link targets
+    #[arg(short, long)]
+    long: bool,
+    /// Recurse into directories
+    #[arg(short = 'R', long)]
+    recursive: bool,
+    cache_url: String,
+    /// /nix/store/<hash>-<name>[/SUBPATH]
+    path: String,
+}
+
+#[derive(clap::Args)]
+pub struct CatArgs {
+    #[command(flatten)]
+    keys: Keys,
+    cache_url: String,
+    /// /nix/store/<hash>-<name>/FILE
+    path: String,
+}
+
+#[derive(clap::Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    keys: Keys,
+    cache_url: String,
+    paths: Vec<String>,
+}
+
+pub fn ls(a: LsArgs) -> ExitCode {
+    // like nix store cat: only what was asked for, unless -v
+    init_logging_at(a.keys.verbose, None);
+    let LsArgs {
+        keys,
+        long,
+        recursive,
+        cache_url,
+        path,
+    } = a;
+    runtime().block_on(async move {
+        let (s, info, sub) = match open_path(
+            &cache_url,
+            &keys.all(),
+            keys.netrc_file.as_deref(),
+            keys.ssl_cert_file.as_deref(),
+            &path,
+        )
+        .await
+        {
+            Ok(v) => v,
+            Err(e) => return fail(e),
+        };
+        let tree = match s.tree(&info, long).await {
+            Ok(t) => t,
+            Err(e) => return fail(e),
+        };
+        let Some(e) = find(&tree, &sub) else {
+            return fail(format!("{path}: no such file or directory"));
+        };
+        let shown = if sub.is_empty() {
+            ".".to_owned()
+        } else {
+            format!("./{}", sub.join("/"))
+        };
+        let mut out = std::io::stdout().lock();
+        match print_ls(&mut out, e, &shown, long, recursive, true) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        }
+    })
+}
+
+pub fn cat(a: CatArgs) -> ExitCode {
+    // like nix store cat: only what was asked for, unless -v
+    init_logging_at(a.keys.verbose, None);
+    let CatArgs {
+        keys,
+        cache_url,
+        path,
+    } = a;
+    runtime().block_on(async move {
+        let (s, info, sub) = match open_path(
+            &cache_url,
+            &keys.all(),
+            keys.netrc_file.as_deref(),
+            keys.ssl_cert_file.as_deref(),
+            &path,
+        )
+        .await
+        {
+            Ok(v) => v,
+            Err(e) => return fail(e),
+        };
+        let tree = match s.file(&info, &sub).await {
+            Ok(t) => t,
+            Err(e) => return fail(e),
+        };
+        // names inside the path only; a symlink in it points at the host's
+        // /nix/store, not at the cache, and is not followed
+        for i in 0..sub.len() {
+            if let Some(crate::formats::listing::Entry::Symlink { .. }) = find(&tree, &sub[..i]) {
+                return fail(format!("{path}: {} is a symbolic link", sub[i - 1]));
+            }
+        }
+        match find(&tree, &sub) {
+            Some(e @ crate::formats::listing::Entry::Regular { .. }) => {
+                let mut out = std::io::stdout().lock();
+                match s.write_file(e, &mut out) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => fail(format!("{path}: {e}")),
+                }
+            }
+            Some(crate::formats::listing::Entry::Symlink { .. }) => {
+                fail(format!("{path}: a symbolic link"))
+            }
+            Some(_) => fail(format!("{path}: not a regular file")),
+            None => fail(format!("{path}: no such file")),
+        }
+    })
+}
+
+pub fn verify(a: VerifyArgs) -> ExitCode {
+    // like nix store cat: only what was asked for, unless -v
+    init_logging_at(a.keys.verbose, None);
+    let VerifyArgs {
+        keys,
+        cache_url,
+        paths,
+    } = a;
+    runtime().block_on(async move {
+        let s = match session(
+            &cache_url,
+            &keys.all(),
+            keys.netrc_file.as_deref(),
+            keys.ssl_cert_file.as_deref(),
+        )
+        .await
+        {
+            Ok(s) => s,
+            Err(e) => return fail(e),
+        };
+        let mut targets: Vec<Target> = paths
+            .iter()
+            .map(|p| match split_path(p) {
+                Ok((sp, _)) => Target::Path(sp),
+                Err(e) => Target::Bad(e),
+            })
+            .collect();
+        if paths.is_empty() {
+            match all_hashes(s.fetcher()).await {
+                Ok(h) => targets.extend(h.into_iter().map(Target::Hash)),
+                Err(e) => return fail(e),
+            }
+        }
+        let mut failed = 0usize;
+        let mut ok = 0usize;
+        for t in targets {
+            let r = match t {
+                Target::Path(sp) => verify_one(&s, &sp).await,
+                Target::Hash(h) => verify_hash(&s, &h).await,
+                Target::Bad(e) => Err(e),
+            };
+            match r {
+                Ok(sp) => {
+                    ok += 1;
+                    println!("ok {sp}");
+                }
+                Err(e) => {
+                    failed += 1;
+                    println!("FAILED {e}");
+                }
+            }
+        }
+        eprintln!("{ok} verified, {failed} failed");
+        if failed > 0 {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        }
+    })
+}
 
 pub struct Session {
     fetcher: Arc<Fetcher>,

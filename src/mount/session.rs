@@ -169,7 +169,7 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
             .block_on(tokio::net::TcpListener::bind(addr))
             .map_err(|e| MountError::Failed(format!("--metrics-addr {addr}: {e}")))?;
         let f = fs.clone();
-        rt.spawn(crate::fetch::metrics::serve(
+        rt.spawn(crate::mount::metrics::serve(
             listener,
             Arc::new(move || f.metrics_text()),
         ));

@@ -7,11 +7,12 @@
 //! network.
 //!
 //! Here: the types and the metadata operations. `handles`: opens, reads and what they
-//! pin. `needs`: satisfying needs (narinfos, trees, contents) and prefetch. `scan`:
-//! listing the cache's root.
+//! pin. `needs`: satisfying needs (narinfos, trees, contents). `prefetch`: fetching
+//! what is likely wanted next. `scan`: listing the cache's root.
 
 mod handles;
 mod needs;
+mod prefetch;
 mod scan;
 
 pub use handles::Opened;

@@ -1,4 +1,6 @@
-//! The cache directory: verified file contents, trees and records, kept across mounts.
+//! The cache directory: verified file contents, trees and records, kept across mounts,
+//! and the quota over them. May use `formats` only: what reaches it was verified by
+//! `fetch`, and what it hands back is verified again where the layout below says.
 //!
 //! Layout (format 2):
 //! - `blobs/<hh>/<sha256 hex>`: file contents by hash, chunk by chunk, stored once for

@@ -1,5 +1,6 @@
-//! Nix's formats, each in its own strict module. No I/O here: everything parses from
-//! bytes or streams so that it can be tested against fixtures written by the real Nix.
+//! Nix's formats and narfs's file index, each in its own strict module; uses no other
+//! layer. No network here: everything parses from bytes or streams (the NAR reader
+//! may unpack into a directory) so that it is tested against fixtures the real Nix wrote.
 
 pub mod file_index;
 pub mod hash;

@@ -1,5 +1,6 @@
-//! Where a binary cache's objects live. The only module that knows S3 or files: the
-//! rest of narfs sees keys relative to the cache root and byte streams.
+//! Everything that speaks a protocol: cache URLs, S3, http(s), local files, netrc and
+//! TLS trust, and what `nix-cache-info` says. May use `formats` only. The rest of
+//! narfs sees keys relative to the cache root and byte streams, behind `Storage`.
 
 pub mod beneath;
 pub mod cache_info;

@@ -1,6 +1,6 @@
 //! `narfs index`: seekable NARs and signed file indexes for paths already in a cache.
 
-use super::{fail, init_logging, runtime, Keys};
+use super::{fail, init_logging, jobs_or_cpus, runtime, secret_key, writable_cache, Keys};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -56,27 +56,9 @@ fn index(
 ) -> Result<usize, String> {
     use crate::formats::file_index::BlockCompression;
     use crate::publish::index::Done;
-    let url = crate::storage::cache_url::parse(cache_url).map_err(|e| e.to_string())?;
-    for w in &url.warnings {
-        eprintln!("narfs: warning: {w}");
-    }
-    if matches!(url.url, crate::storage::cache_url::CacheUrl::Http { .. }) {
-        return Err(format!(
-            "{}: narfs does not write to HTTP caches; index the s3:// or file:// cache behind it",
-            crate::storage::cache_url::redact(cache_url)
-        ));
-    }
-    let text =
-        std::fs::read_to_string(key_file).map_err(|e| format!("{}: {e}", key_file.display()))?;
-    let key = crate::formats::keys::SecretKey::parse(text.trim())
-        .map_err(|e| format!("{}: {e}", key_file.display()))?;
-    let mut trusted = crate::formats::keys::TrustedKeys::default();
-    for k in keys.all() {
-        trusted.add(
-            crate::formats::keys::PublicKey::parse(&k)
-                .map_err(|e| format!("invalid trusted public key: {e}"))?,
-        );
-    }
+    let url = writable_cache(cache_url, "index")?;
+    let key = secret_key(key_file)?;
+    let trusted = keys.trusted()?;
     let compression = match compression {
         None => None,
         Some("xz") => Some(BlockCompression::Xz),
@@ -96,9 +78,7 @@ fn index(
         key,
         trusted,
         compression,
-        jobs: jobs.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
-        }),
+        jobs: jobs_or_cpus(jobs),
         dry_run,
     };
     let report = |hash: &str, r: &crate::publish::index::Outcome| match r {

@@ -4,7 +4,6 @@
 use super::{fail, init_logging_at, runtime, Keys};
 use crate::disk_cache::DiskCache;
 use crate::fetch::{Fetcher, Lookup};
-use crate::formats::keys::{PublicKey, TrustedKeys};
 use crate::formats::listing::Entry;
 use crate::formats::narinfo::NarInfo;
 use crate::formats::store_path::{StorePath, STORE_DIR};
@@ -46,129 +45,61 @@ pub struct VerifyArgs {
 }
 
 pub fn ls(a: LsArgs) -> ExitCode {
-    // like nix store cat: only what was asked for, unless -v
-    init_logging_at(a.keys.verbose, None);
-    let LsArgs {
-        keys,
-        long,
-        recursive,
-        cache_url,
-        path,
-    } = a;
-    runtime().block_on(async move {
-        let (s, info, sub) = match open_path(
-            &cache_url,
-            &keys.all(),
-            keys.netrc_file.as_deref(),
-            keys.ssl_cert_file.as_deref(),
-            &path,
-        )
-        .await
-        {
-            Ok(v) => v,
-            Err(e) => return fail(e),
-        };
-        let tree = match s.tree(&info, long).await {
-            Ok(t) => t,
-            Err(e) => return fail(e),
-        };
-        let Some(e) = find(&tree, &sub) else {
-            return fail(format!("{path}: no such file or directory"));
-        };
+    inspecting(a.keys.verbose, async move {
+        let (s, info, sub) = open_path(&a.cache_url, &a.keys, &a.path).await?;
+        let tree = s.tree(&info, a.long).await?;
+        let e =
+            find(&tree, &sub).ok_or_else(|| format!("{}: no such file or directory", a.path))?;
         let shown = if sub.is_empty() {
             ".".to_owned()
         } else {
             format!("./{}", sub.join("/"))
         };
         let mut out = std::io::stdout().lock();
-        match print_ls(&mut out, e, &shown, long, recursive, true) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(e),
-        }
+        print_ls(&mut out, e, &shown, a.long, a.recursive, true).map_err(|e| e.to_string())?;
+        Ok(ExitCode::SUCCESS)
     })
 }
 
 pub fn cat(a: CatArgs) -> ExitCode {
-    // like nix store cat: only what was asked for, unless -v
-    init_logging_at(a.keys.verbose, None);
-    let CatArgs {
-        keys,
-        cache_url,
-        path,
-    } = a;
-    runtime().block_on(async move {
-        let (s, info, sub) = match open_path(
-            &cache_url,
-            &keys.all(),
-            keys.netrc_file.as_deref(),
-            keys.ssl_cert_file.as_deref(),
-            &path,
-        )
-        .await
-        {
-            Ok(v) => v,
-            Err(e) => return fail(e),
-        };
-        let tree = match s.file(&info, &sub).await {
-            Ok(t) => t,
-            Err(e) => return fail(e),
-        };
+    inspecting(a.keys.verbose, async move {
+        let path = &a.path;
+        let (s, info, sub) = open_path(&a.cache_url, &a.keys, path).await?;
+        let tree = s.file(&info, &sub).await?;
         // names inside the path only; a symlink in it points at the host's
         // /nix/store, not at the cache, and is not followed
         for i in 0..sub.len() {
-            if let Some(crate::formats::listing::Entry::Symlink { .. }) = find(&tree, &sub[..i]) {
-                return fail(format!("{path}: {} is a symbolic link", sub[i - 1]));
+            if let Some(Entry::Symlink { .. }) = find(&tree, &sub[..i]) {
+                return Err(format!("{path}: {} is a symbolic link", sub[i - 1]));
             }
         }
         match find(&tree, &sub) {
-            Some(e @ crate::formats::listing::Entry::Regular { .. }) => {
+            Some(e @ Entry::Regular { .. }) => {
                 let mut out = std::io::stdout().lock();
-                match s.write_file(e, &mut out) {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => fail(format!("{path}: {e}")),
-                }
+                s.write_file(e, &mut out)
+                    .map_err(|e| format!("{path}: {e}"))?;
+                Ok(ExitCode::SUCCESS)
             }
-            Some(crate::formats::listing::Entry::Symlink { .. }) => {
-                fail(format!("{path}: a symbolic link"))
-            }
-            Some(_) => fail(format!("{path}: not a regular file")),
-            None => fail(format!("{path}: no such file")),
+            Some(Entry::Symlink { .. }) => Err(format!("{path}: a symbolic link")),
+            Some(_) => Err(format!("{path}: not a regular file")),
+            None => Err(format!("{path}: no such file")),
         }
     })
 }
 
 pub fn verify(a: VerifyArgs) -> ExitCode {
-    // like nix store cat: only what was asked for, unless -v
-    init_logging_at(a.keys.verbose, None);
-    let VerifyArgs {
-        keys,
-        cache_url,
-        paths,
-    } = a;
-    runtime().block_on(async move {
-        let s = match session(
-            &cache_url,
-            &keys.all(),
-            keys.netrc_file.as_deref(),
-            keys.ssl_cert_file.as_deref(),
-        )
-        .await
-        {
-            Ok(s) => s,
-            Err(e) => return fail(e),
-        };
-        let mut targets: Vec<Target> = paths
+    inspecting(a.keys.verbose, async move {
+        let s = session(&a.cache_url, &a.keys).await?;
+        let mut targets: Vec<Target> = a
+            .paths
             .iter()
             .map(|p| match split_path(p) {
                 Ok((sp, _)) => Target::Path(sp),
                 Err(e) => Target::Bad(e),
             })
             .collect();
-        if paths.is_empty() {
-            match all_hashes(s.fetcher()).await {
-                Ok(h) => targets.extend(h.into_iter().map(Target::Hash)),
-                Err(e) => return fail(e),
-            }
+        if a.paths.is_empty() {
+            targets.extend(all_hashes(s.fetcher()).await?.into_iter().map(Target::Hash));
         }
         let mut failed = 0usize;
         let mut ok = 0usize;
@@ -190,12 +121,22 @@ pub fn verify(a: VerifyArgs) -> ExitCode {
             }
         }
         eprintln!("{ok} verified, {failed} failed");
-        if failed > 0 {
+        Ok(if failed > 0 {
             ExitCode::FAILURE
         } else {
             ExitCode::SUCCESS
-        }
+        })
     })
+}
+
+/// Runs one inspecting command; an `Err` is its message to the user.
+fn inspecting(
+    verbose: u8,
+    command: impl std::future::Future<Output = Result<ExitCode, String>>,
+) -> ExitCode {
+    // like nix store cat: only what was asked for, unless -v
+    init_logging_at(verbose, None);
+    runtime().block_on(async { command.await.unwrap_or_else(fail) })
 }
 
 pub struct Session {
@@ -204,27 +145,21 @@ pub struct Session {
 }
 
 /// Sets up storage and verification for one command; `Err` is a message for the user.
-pub async fn session(
-    url: &str,
-    keys: &[String],
-    netrc_file: Option<&std::path::Path>,
-    ssl_cert_file: Option<&std::path::Path>,
-) -> Result<Session, String> {
+pub async fn session(url: &str, keys: &Keys) -> Result<Session, String> {
     let parsed = cache_url::parse(url).map_err(|e| e.to_string())?;
     for w in &parsed.warnings {
         tracing::warn!("{w}");
     }
-    let mut trusted = TrustedKeys::default();
-    for k in keys {
-        trusted.add(PublicKey::parse(k).map_err(|e| format!("invalid trusted public key: {e}"))?);
-    }
+    let trusted = keys.trusted()?;
     if trusted.is_empty() {
         return Err("no trusted public key given: pass --trusted-public-key NAME:BASE64 (or set NARFS_TRUSTED_PUBLIC_KEYS)".into());
     }
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let disk = Arc::new(DiskCache::open(dir.path()).map_err(|e| e.to_string())?);
-    let netrc = crate::storage::load_netrc(netrc_file).map_err(|e| e.to_string())?;
-    let storage = crate::storage::open(&parsed.url, netrc.as_ref(), ssl_cert_file).await?;
+    let netrc =
+        crate::storage::load_netrc(keys.netrc_file.as_deref()).map_err(|e| e.to_string())?;
+    let storage =
+        crate::storage::open(&parsed.url, netrc.as_ref(), keys.ssl_cert_file.as_deref()).await?;
     crate::storage::cache_info::check_cache(&*storage, &parsed.url).await?;
     let fetcher = Arc::new(Fetcher::new(
         storage,
@@ -239,13 +174,11 @@ pub async fn session(
 /// `arg` as path components.
 pub async fn open_path(
     url: &str,
-    keys: &[String],
-    netrc_file: Option<&std::path::Path>,
-    ssl_cert_file: Option<&std::path::Path>,
+    keys: &Keys,
     arg: &str,
 ) -> Result<(Session, Arc<NarInfo>, Vec<String>), String> {
     let (sp, sub) = split_path(arg)?;
-    let s = session(url, keys, netrc_file, ssl_cert_file).await?;
+    let s = session(url, keys).await?;
     let info = s.info(&sp).await?;
     Ok((s, info, sub))
 }

@@ -2,15 +2,16 @@
 //! here the dispatch and what several share (trusted keys, logging, the runtime).
 //! May use every layer.
 
-pub mod fstab;
+mod fstab;
 mod index;
-pub mod inspect;
+mod inspect;
 mod keygen;
 mod mount;
 mod prefetch;
 mod push;
 mod stats;
 
+use crate::formats::keys::{PublicKey, SecretKey, TrustedKeys};
 use clap::{ArgAction, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -81,6 +82,49 @@ impl Keys {
         }
         keys
     }
+
+    /// The keys given, parsed; `Err` names the one that is not a key.
+    fn trusted(&self) -> Result<TrustedKeys, String> {
+        let mut trusted = TrustedKeys::default();
+        for k in self.all() {
+            trusted
+                .add(PublicKey::parse(&k).map_err(|e| format!("invalid trusted public key: {e}"))?);
+        }
+        Ok(trusted)
+    }
+}
+
+/// The cache a write-side command (`verb`: push, index) writes to, its warnings said:
+/// s3:// or file://, never an HTTP cache (narfs does not write over HTTP).
+fn writable_cache(
+    cache_url: &str,
+    verb: &str,
+) -> Result<crate::storage::cache_url::Parsed, String> {
+    use crate::storage::cache_url;
+    let url = cache_url::parse(cache_url).map_err(|e| e.to_string())?;
+    for w in &url.warnings {
+        eprintln!("narfs: warning: {w}");
+    }
+    if matches!(url.url, cache_url::CacheUrl::Http { .. }) {
+        return Err(format!(
+            "{}: narfs does not write to HTTP caches; {verb} the s3:// or file:// cache behind it",
+            cache_url::redact(cache_url)
+        ));
+    }
+    Ok(url)
+}
+
+/// The secret key in `file` (as `narfs keygen` or nix writes it).
+fn secret_key(file: &std::path::Path) -> Result<SecretKey, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    SecretKey::parse(text.trim()).map_err(|e| format!("{}: {e}", file.display()))
+}
+
+/// `--jobs`, or as many as there are CPUs.
+fn jobs_or_cpus(jobs: Option<usize>) -> usize {
+    jobs.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
+    })
 }
 
 /// Logging for commands that report as they go (mount, push, index): info and up,

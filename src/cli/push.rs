@@ -1,7 +1,7 @@
 //! `narfs push`: closures from the local store to a cache, as `nix copy --to` does,
 //! with a progress bar on a terminal.
 
-use super::{fail, init_logging, runtime};
+use super::{fail, init_logging, jobs_or_cpus, runtime, secret_key, writable_cache};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -111,16 +111,7 @@ fn push(
     paths: &[String],
 ) -> Result<crate::publish::push::Summary, String> {
     use crate::formats::narinfo::Compression;
-    let url = crate::storage::cache_url::parse(cache_url).map_err(|e| e.to_string())?;
-    for w in &url.warnings {
-        eprintln!("narfs: warning: {w}");
-    }
-    if matches!(url.url, crate::storage::cache_url::CacheUrl::Http { .. }) {
-        return Err(format!(
-            "{}: narfs does not write to HTTP caches; push to the s3:// or file:// cache behind it",
-            crate::storage::cache_url::redact(cache_url)
-        ));
-    }
+    let url = writable_cache(cache_url, "push to")?;
     let compression = compression
         .or_else(|| url_param(cache_url, "compression"))
         .unwrap_or_else(|| "xz".to_owned());
@@ -131,24 +122,13 @@ fn push(
         "none" => Compression::None,
         other => return Err(format!("unknown compression '{other}' (xz, zstd or none)")),
     };
-    let key = match &key_file {
-        Some(f) => {
-            let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
-            Some(
-                crate::formats::keys::SecretKey::parse(text.trim())
-                    .map_err(|e| format!("{}: {e}", f.display()))?,
-            )
-        }
-        None => None,
-    };
+    let key = key_file.as_deref().map(secret_key).transpose()?;
     let infos = crate::publish::push::query_closure(store.as_deref(), paths)?;
     let opts = crate::publish::push::PushOptions {
         store,
         key,
         compression,
-        jobs: jobs.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
-        }),
+        jobs: jobs_or_cpus(jobs),
         index: !no_index,
     };
     let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {

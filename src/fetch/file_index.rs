@@ -4,7 +4,7 @@
 
 use super::{FetchError, Fetcher};
 use crate::fetch::metrics::Metrics;
-use crate::fetch::retry::{Attempt, Guarded};
+use crate::fetch::retry::Attempt;
 use crate::formats::file_index::FileIndex;
 use crate::formats::narinfo::NarInfo;
 use std::sync::Arc;
@@ -25,28 +25,22 @@ impl Fetcher {
     ) -> Result<Option<(Vec<u8>, Option<tokio::sync::OwnedSemaphorePermit>)>, FetchError> {
         use crate::formats::file_index::{header_len, verify_header, MAX_HEADER_BYTES};
         let policy = self.policy;
-        crate::fetch::retry::run(policy, &self.storage.location(key), |deadline| async move {
-            let body = match self.storage.get(key).await {
-                Ok(Some(b)) => b,
-                Ok(None) => return Ok(None),
-                Err(e) => return Err(Attempt::Transient(e.to_string())),
-            };
+        self.get_retrying(key, |mut body| async move {
             let failed = |e: std::io::Error| {
                 Attempt::Transient(format!("GET {}: {e}", self.storage.location(key)))
             };
-            let mut body = Guarded::new(body, policy.stall, deadline);
             let mut buf = Vec::with_capacity(4096);
             let len = loop {
                 if let Some(len) = header_len(&buf) {
                     break len;
                 }
                 if buf.len() >= MAX_HEADER_BYTES {
-                    return Ok(Some((buf, None)));
+                    return Ok((buf, None));
                 }
                 let mut chunk = [0u8; 4096];
                 let want = chunk.len().min(MAX_HEADER_BYTES - buf.len());
                 match body.read(&mut chunk[..want]).await.map_err(failed)? {
-                    0 => return Ok(Some((buf, None))),
+                    0 => return Ok((buf, None)),
                     n => buf.extend_from_slice(&chunk[..n]),
                 }
             };
@@ -57,7 +51,7 @@ impl Fetcher {
                 info.nar_size,
                 &self.keys,
             ) else {
-                return Ok(Some((buf, None)));
+                return Ok((buf, None));
             };
             let kib = (h.body_size.div_ceil(1024) as u32).max(1);
             let permit = tokio::time::timeout(
@@ -79,10 +73,9 @@ impl Fetcher {
                 .read_to_end(&mut buf)
                 .await
                 .map_err(failed)?;
-            Ok(Some((buf, Some(permit))))
+            Ok((buf, Some(permit)))
         })
         .await
-        .map_err(FetchError::Other)
     }
 
     /// The path's file index, if its narinfo names one and it verifies (trusted key,

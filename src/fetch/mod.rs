@@ -186,6 +186,32 @@ impl Fetcher {
         self
     }
 
+    /// Object `key`, read by `read` from its body (guarded against stalls and the
+    /// attempt's deadline), with retries; `Ok(None)` if it does not exist.
+    async fn get_retrying<T, Fut>(
+        &self,
+        key: &str,
+        read: impl Fn(Guarded<crate::storage::Body>) -> Fut,
+    ) -> Result<Option<T>, FetchError>
+    where
+        Fut: std::future::Future<Output = Result<T, Attempt>>,
+    {
+        let policy = self.policy;
+        let read = &read;
+        crate::fetch::retry::run(policy, &self.storage.location(key), |deadline| async move {
+            let body = match self.storage.get(key).await {
+                Ok(Some(b)) => b,
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(Attempt::Transient(e.to_string())),
+            };
+            read(Guarded::new(body, policy.stall, deadline))
+                .await
+                .map(Some)
+        })
+        .await
+        .map_err(FetchError::Other)
+    }
+
     /// A small object, whole (at most `max + 1` bytes), with retries; `Ok(None)` if it
     /// does not exist.
     async fn get_small_retrying(
@@ -193,26 +219,18 @@ impl Fetcher {
         key: &str,
         max: usize,
     ) -> Result<Option<Vec<u8>>, FetchError> {
-        let policy = self.policy;
-        crate::fetch::retry::run(policy, &self.storage.location(key), |deadline| async move {
-            let body = match self.storage.get(key).await {
-                Ok(Some(b)) => b,
-                Ok(None) => return Ok(None),
-                Err(e) => return Err(Attempt::Transient(e.to_string())),
-            };
+        self.get_retrying(key, |body| async move {
             let mut buf = Vec::new();
-            Guarded::new(body, policy.stall, deadline)
-                .take(max as u64 + 1)
+            body.take(max as u64 + 1)
                 .read_to_end(&mut buf)
                 .await
                 .map_err(|e| {
                     Attempt::Transient(format!("GET {}: {e}", self.storage.location(key)))
                 })?;
             // More than `max` bytes come back as `max + 1`: the parser refuses them.
-            Ok(Some(buf))
+            Ok(buf)
         })
         .await
-        .map_err(FetchError::Other)
     }
 
     /// Reads chunks of indexed paths (with this fetcher's storage, disk cache, time

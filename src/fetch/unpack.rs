@@ -268,14 +268,8 @@ mod tests {
         // the narinfo claims a 1 KiB NAR
         let mut w = liblzma::write::XzEncoder::new(Vec::new(), 1);
         let mut head = nar::Writer::new(Vec::new());
-        for s in [
-            &b"nix-archive-1"[..],
-            b"(",
-            b"type",
-            b"regular",
-            b"contents",
-        ] {
-            head.raw_string(s).unwrap();
+        for s in ["nix-archive-1", "(", "type", "regular", "contents"] {
+            head.raw_string(s.as_bytes()).unwrap();
         }
         let mut head = head.into_inner();
         head.extend_from_slice(&(1u64 << 30).to_le_bytes());

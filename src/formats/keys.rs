@@ -23,7 +23,8 @@ pub enum KeyError {
     Invalid { name: String },
 }
 
-fn split(s: &str) -> Result<(&str, Vec<u8>), KeyError> {
+/// `NAME:BASE64` of a key of `N` bytes.
+fn split<const N: usize>(s: &str) -> Result<(&str, [u8; N]), KeyError> {
     let s = s.trim();
     let (name, b64) = s
         .split_once(':')
@@ -32,7 +33,12 @@ fn split(s: &str) -> Result<(&str, Vec<u8>), KeyError> {
     let bytes = B64.decode(b64).map_err(|_| KeyError::Base64 {
         name: name.to_owned(),
     })?;
-    Ok((name, bytes))
+    let arr = bytes.as_slice().try_into().map_err(|_| KeyError::Length {
+        name: name.to_owned(),
+        expected: N,
+        got: bytes.len(),
+    })?;
+    Ok((name, arr))
 }
 
 #[derive(Clone, Debug)]
@@ -43,12 +49,7 @@ pub struct PublicKey {
 
 impl PublicKey {
     pub fn parse(s: &str) -> Result<Self, KeyError> {
-        let (name, bytes) = split(s)?;
-        let arr: [u8; 32] = bytes.as_slice().try_into().map_err(|_| KeyError::Length {
-            name: name.to_owned(),
-            expected: 32,
-            got: bytes.len(),
-        })?;
+        let (name, arr) = split::<32>(s)?;
         let key = VerifyingKey::from_bytes(&arr).map_err(|_| KeyError::Invalid {
             name: name.to_owned(),
         })?;
@@ -85,12 +86,7 @@ pub struct SecretKey {
 
 impl SecretKey {
     pub fn parse(s: &str) -> Result<Self, KeyError> {
-        let (name, bytes) = split(s)?;
-        let arr: [u8; 64] = bytes.as_slice().try_into().map_err(|_| KeyError::Length {
-            name: name.to_owned(),
-            expected: 64,
-            got: bytes.len(),
-        })?;
+        let (name, arr) = split::<64>(s)?;
         let key = SigningKey::from_keypair_bytes(&arr).map_err(|_| KeyError::Invalid {
             name: name.to_owned(),
         })?;

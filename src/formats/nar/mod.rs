@@ -61,19 +61,25 @@ fn show(b: &[u8]) -> String {
     format!("{s:?}")
 }
 
+/// A failure to read the archive: where it ends too early (`truncated` says how), or
+/// the reader's own error.
+fn read_error(e: io::Error, offset: u64, truncated: &str) -> NarError {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        NarError::Invalid {
+            offset,
+            what: truncated.into(),
+        }
+    } else {
+        NarError::Io(e)
+    }
+}
+
 impl<R: Read> Reader<'_, R> {
     fn exact(&mut self, n: usize) -> Result<(), NarError> {
         self.buf.resize(n, 0);
-        self.r.read_exact(&mut self.buf).map_err(|e| {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                NarError::Invalid {
-                    offset: self.pos,
-                    what: "archive is truncated".into(),
-                }
-            } else {
-                NarError::Io(e)
-            }
-        })?;
+        self.r
+            .read_exact(&mut self.buf)
+            .map_err(|e| read_error(e, self.pos, "archive is truncated"))?;
         self.pos += n as u64;
         Ok(())
     }
@@ -98,6 +104,15 @@ impl<R: Read> Reader<'_, R> {
         Ok(())
     }
 
+    /// The `len` bytes of a string, left in `self.buf`, and its padding.
+    fn contents_of(&mut self, len: u64) -> Result<(), NarError> {
+        self.exact(len as usize)?;
+        let s = std::mem::take(&mut self.buf);
+        self.padding(len)?;
+        self.buf = s;
+        Ok(())
+    }
+
     /// A string of at most `max` bytes, left in `self.buf`.
     fn string(&mut self, max: usize, what: &'static str) -> Result<(), NarError> {
         let at = self.pos;
@@ -108,11 +123,7 @@ impl<R: Read> Reader<'_, R> {
                 what: format!("{what} of {len} bytes is longer than {max}"),
             });
         }
-        self.exact(len as usize)?;
-        let s = std::mem::take(&mut self.buf);
-        self.padding(len)?;
-        self.buf = s;
-        Ok(())
+        self.contents_of(len)
     }
 
     /// A tag string (at most 32 bytes), left in `self.buf`.
@@ -126,24 +137,11 @@ impl<R: Read> Reader<'_, R> {
                 found: format!("a string of {len} bytes"),
             });
         }
-        self.exact(len as usize)?;
-        let s = std::mem::take(&mut self.buf);
-        self.padding(len)?;
-        self.buf = s;
-        Ok(())
+        self.contents_of(len)
     }
 
     fn tag(&mut self, expected: &'static str) -> Result<(), NarError> {
-        let at = self.pos;
-        self.tag_string(expected)?;
-        if self.buf != expected.as_bytes() {
-            return Err(NarError::Tag {
-                offset: at,
-                expected,
-                found: show(&self.buf),
-            });
-        }
-        Ok(())
+        self.choice(&[expected], expected).map(|_| ())
     }
 
     /// Reads the next tag, which must be one of `choices`.
@@ -437,16 +435,8 @@ impl Parse<'_> {
             while in_chunk > 0 {
                 let n = in_chunk.min(self.copy_buf.len() as u64) as usize;
                 let buf = &mut self.copy_buf[..n];
-                rd.r.read_exact(buf).map_err(|e| {
-                    if e.kind() == io::ErrorKind::UnexpectedEof {
-                        NarError::Invalid {
-                            offset: rd.pos,
-                            what: "archive is truncated inside a file".into(),
-                        }
-                    } else {
-                        NarError::Io(e)
-                    }
-                })?;
+                rd.r.read_exact(buf)
+                    .map_err(|e| read_error(e, rd.pos, "archive is truncated inside a file"))?;
                 hasher.update(&*buf);
                 self.sink.file_data(buf).map_err(write_error)?;
                 rd.pos += n as u64;
@@ -542,17 +532,22 @@ mod tests {
         symlink("/nonexistent", root.join("dangling")).unwrap();
     }
 
+    fn dump(path: &Path) -> Vec<u8> {
+        Writer::new(Vec::new()).dump_path(path).unwrap()
+    }
+
+    /// The NAR of `sample_tree` (made in `dir/src`).
+    fn sample_nar(dir: &Path) -> Vec<u8> {
+        sample_tree(&dir.join("src"));
+        dump(&dir.join("src"))
+    }
+
     #[test]
     fn round_trip_through_writer_and_reader() {
         let d = tempfile::tempdir().unwrap();
-        sample_tree(&d.path().join("src"));
-        let bytes = Writer::new(Vec::new())
-            .dump_path(&d.path().join("src"))
-            .unwrap();
+        let bytes = sample_nar(d.path());
         let tree = unpack(&mut &bytes[..], &d.path().join("dst")).unwrap();
-        let again = Writer::new(Vec::new())
-            .dump_path(&d.path().join("dst"))
-            .unwrap();
+        let again = dump(&d.path().join("dst"));
         assert_eq!(bytes, again);
         assert_eq!(tree.count(), 9);
         // read-only, executable or not (what the umask leaves of 0555 and 0444)
@@ -565,10 +560,7 @@ mod tests {
     #[test]
     fn lay_out_matches_the_archive() {
         let d = tempfile::tempdir().unwrap();
-        sample_tree(&d.path().join("src"));
-        let bytes = Writer::new(Vec::new())
-            .dump_path(&d.path().join("src"))
-            .unwrap();
+        let bytes = sample_nar(d.path());
         let tree = unpack(&mut &bytes[..], &d.path().join("dst")).unwrap();
         let mut laid = tree.clone();
         fn forget(e: &mut Entry) {
@@ -587,9 +579,7 @@ mod tests {
     fn top_level_file_and_symlink() {
         let d = tempfile::tempdir().unwrap();
         fs::write(d.path().join("f"), b"asdf").unwrap();
-        let bytes = Writer::new(Vec::new())
-            .dump_path(&d.path().join("f"))
-            .unwrap();
+        let bytes = dump(&d.path().join("f"));
         let t = unpack(&mut &bytes[..], &d.path().join("g")).unwrap();
         assert!(matches!(
             t,
@@ -602,34 +592,23 @@ mod tests {
         ));
         assert_eq!(fs::read(d.path().join("g")).unwrap(), b"asdf");
         symlink("x", d.path().join("l")).unwrap();
-        let bytes = Writer::new(Vec::new())
-            .dump_path(&d.path().join("l"))
-            .unwrap();
+        let bytes = dump(&d.path().join("l"));
         assert!(matches!(try_unpack(&bytes).unwrap(), Entry::Symlink { .. }));
     }
 
+    /// A directory of files holding "x", named `names` in that order (the writer
+    /// checks neither names nor order).
     fn dir_with(names: &[&[u8]]) -> Vec<u8> {
-        let mut v = nar(&[b"nix-archive-1", b"(", b"type", b"directory"]);
-        for n in names {
-            for p in [
-                &b"entry"[..],
-                b"(",
-                b"name",
-                n,
-                b"node",
-                b"(",
-                b"type",
-                b"regular",
-                b"contents",
-            ] {
-                s(&mut v, p);
-            }
-            s(&mut v, b"x");
-            s(&mut v, b")");
-            s(&mut v, b")");
-        }
-        s(&mut v, b")");
-        v
+        let file = Entry::Regular {
+            size: 1,
+            executable: false,
+            chunks: None,
+            nar_offset: None,
+        };
+        let entries = names.iter().map(|n| ((*n).into(), file.clone())).collect();
+        Writer::new(Vec::new())
+            .dump_entry(&Entry::Directory { entries }, &mut |_| Ok(b"x".to_vec()))
+            .unwrap()
     }
 
     #[test]
@@ -695,18 +674,8 @@ mod tests {
         let mut v = nar(&[b"nix-archive-1"]);
         let depth = MAX_DEPTH + 5;
         for _ in 0..depth {
-            for p in [
-                &b"("[..],
-                b"type",
-                b"directory",
-                b"entry",
-                b"(",
-                b"name",
-                b"d",
-                b"node",
-            ] {
-                s(&mut v, p);
-            }
+            v.extend(nar(&[b"(", b"type", b"directory"]));
+            v.extend(nar(&[b"entry", b"(", b"name", b"d", b"node"]));
         }
         assert!(matches!(try_unpack(&v), Err(NarError::TooDeep)));
     }
@@ -714,10 +683,7 @@ mod tests {
     #[test]
     fn never_panics_or_escapes_on_mutations() {
         let d = tempfile::tempdir().unwrap();
-        sample_tree(&d.path().join("src"));
-        let bytes = Writer::new(Vec::new())
-            .dump_path(&d.path().join("src"))
-            .unwrap();
+        let bytes = sample_nar(d.path());
         let out = tempfile::tempdir().unwrap();
         let mut n = 0;
         for i in (0..bytes.len()).step_by(7) {

@@ -525,6 +525,13 @@ fn hash_key(hash: &str) -> Option<[u8; 20]> {
 mod tests {
     use super::*;
 
+    /// Adds the store path `basename`: it, its id and its top's inode.
+    fn added(index: &Index, basename: &str) -> (StorePath, PathId, u64) {
+        let sp = StorePath::from_basename(basename).unwrap();
+        let id = index.add_path(&sp);
+        (sp, id, index.path_ino(id))
+    }
+
     fn tree(size: u64) -> Entry {
         Entry::Directory {
             entries: vec![(
@@ -542,9 +549,7 @@ mod tests {
     #[test]
     fn trees_are_replaced_only_by_a_disagreeing_or_different_nar() {
         let index = Index::default();
-        let sp = StorePath::from_basename("00000000000000000000000000000000-p").unwrap();
-        let id = index.add_path(&sp);
-        let top = index.path_ino(id);
+        let (sp, id, top) = added(&index, "00000000000000000000000000000000-p");
         let (h1, h2) = (Sha256::digest(b"one"), Sha256::digest(b"two"));
         let child = |top| index.child(top, b"f").unwrap();
 
@@ -586,9 +591,7 @@ mod tests {
         assert_eq!(index.path_of(listed), Some(id));
 
         // a listing of the old narinfo, then the NAR of a newer one: rebuilt too
-        let sp = StorePath::from_basename("11111111111111111111111111111111-q").unwrap();
-        let id = index.add_path(&sp);
-        let top = index.path_ino(id);
+        let (_, id, top) = added(&index, "11111111111111111111111111111111-q");
         assert!(index
             .attach_tree(id, &tree(3), TreeSource::Listing, &h1)
             .is_empty());
@@ -603,9 +606,7 @@ mod tests {
     #[test]
     fn a_top_that_is_not_a_directory_gets_its_own_inode() {
         let index = Index::default();
-        let sp = StorePath::from_basename("00000000000000000000000000000000-f").unwrap();
-        let id = index.add_path(&sp);
-        let top = index.path_ino(id);
+        let (sp, id, top) = added(&index, "00000000000000000000000000000000-f");
         let file = Entry::Regular {
             size: 3,
             executable: true,

@@ -3,6 +3,9 @@
 //! `xz -dc NAR.xz | sha256sum` on the same archive. Medians of 5 runs (3 for the NAR).
 //! Run: `cargo bench --bench hot` (under `cargo test` it runs small, as a smoke test).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use narfs::formats::hash::Sha256;
 use narfs::formats::keys::{SecretKey, TrustedKeys};
 use narfs::formats::narinfo::{Compression, NarInfo};
@@ -79,20 +82,8 @@ fn main() {
     enc.write_all(&nar).unwrap();
     enc.finish().unwrap();
     let xz = std::fs::read(&xz_path).unwrap();
-    let info = NarInfo {
-        store_path: StorePath::from_basename("00000000000000000000000000000000-bench").unwrap(),
-        url: "nar/x".into(),
-        compression: Compression::Xz,
-        file_hash: Some(Sha256::digest(&xz)),
-        file_size: Some(xz.len() as u64),
-        nar_hash: Sha256::digest(&nar),
-        nar_size: nar.len() as u64,
-        references: vec![],
-        deriver: None,
-        sigs: vec![],
-        ca: None,
-        index: None,
-    };
+    let sp = StorePath::from_basename("00000000000000000000000000000000-bench").unwrap();
+    let info = common::narinfo_of(&sp, "nar/x", Compression::Xz, &nar, Some(&xz));
     let mb = nar.len() as f64 / 1e6;
     let mut ours = Vec::new();
     let mut floor = Vec::new();

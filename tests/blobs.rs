@@ -39,12 +39,16 @@ fn identical_files_take_disk_space_once_for_every_path_and_every_cache() {
 
     let tmpfs = Tmpfs::new("64m");
     let base = fs_used(&tmpfs.0);
-    let m = Mounted::start(
-        &s3.url(s3.port, "h"),
-        &[&first.public_key()],
-        Some(&tmpfs.0),
-        &[],
-    );
+    // a cache mounted with the one cache directory on the tmpfs
+    let mount = |prefix: &str, cache: &SignedCache| {
+        Mounted::start(
+            &s3.url(s3.port, prefix),
+            &[&cache.public_key()],
+            Some(&tmpfs.0),
+            &[],
+        )
+    };
+    let m = mount("h", &first);
     assert!(std::fs::read(m.p(&one).join("lib/big.so")).unwrap() == big);
     assert!(std::fs::read(m.p(&two).join("share/big.so")).unwrap() == big);
     assert_eq!(
@@ -62,12 +66,7 @@ fn identical_files_take_disk_space_once_for_every_path_and_every_cache() {
     );
     // the same file from another cache: its NAR is fetched and verified, but nothing
     // of it is stored again
-    let m = Mounted::start(
-        &s3.url(s3.port, "other"),
-        &[&second.public_key()],
-        Some(&tmpfs.0),
-        &[],
-    );
+    let m = mount("other", &second);
     assert!(std::fs::read(m.p(&three).join("big.so")).unwrap() == big);
     assert_eq!(blob_files(&tmpfs.0), 5);
     assert!(fs_used(&tmpfs.0) - base < used + 16384);

@@ -19,15 +19,8 @@ const SIZES: [u64; 7] = [0, 1, 4095, 4096, 4097, (2 << 20) + 3, (3 << 20) + 5];
 /// Pseudo-random bytes, different for every file of every path: a chunk read in the
 /// wrong place can never match by chance.
 fn contents(shift: u8, size: u64) -> Vec<u8> {
-    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (shift as u64) << 40 ^ size;
-    (0..size)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    // (a seed of its own for each: `noise` sets the lowest bit)
+    noise(size as usize, ((shift as u64) << 40 ^ size) << 1)
 }
 
 /// A path per chunk shift, with its seekable NAR (one uncompressed file of blocks)

@@ -110,26 +110,15 @@ fn ls_and_cat_without_mounting() {
     ]);
     assert_eq!(code, 1);
     assert!(err.contains(&app) && err.contains("rejected"), "{err}");
+    let cat = |path: &str| out(&["cat", "--trusted-public-key", &f.public_key, &url, path]);
     // never through a symlink to the host's /nix/store
-    let (code, _, err) = out(&[
-        "cat",
-        "--trusted-public-key",
-        &f.public_key,
-        &url,
-        &format!("{app}/lib/greet.sh"),
-    ]);
+    let (code, _, err) = cat(&format!("{app}/lib/greet.sh"));
     assert_eq!(code, 1);
     assert!(err.contains("symbolic link"), "{err}");
     let single = format!("/nix/store/{}", f.path("narfs-test-single.txt"));
-    let (code, text, _) = out(&["cat", "--trusted-public-key", &f.public_key, &url, &single]);
+    let (code, text, _) = cat(&single);
     assert_eq!((code, text.as_str()), (0, "asdf"));
-    let (code, _, err) = out(&[
-        "cat",
-        "--trusted-public-key",
-        &f.public_key,
-        &url,
-        &format!("{app}/bin/nope"),
-    ]);
+    let (code, _, err) = cat(&format!("{app}/bin/nope"));
     assert_eq!(code, 1);
     assert!(err.contains("no such file"), "{err}");
 }

@@ -111,15 +111,12 @@ fn kill_9_mid_download_then_remount_serves_identical_content() {
     let p = m.p(&rel);
     let reader = std::thread::spawn(move || read_err(&p));
     // wait until blobs are being written (a marker of unflushed writes), then crash
-    let t = Instant::now();
-    while std::fs::read_dir(cache_dir.path().join("pending"))
-        .unwrap()
-        .count()
-        == 0
-    {
-        assert!(t.elapsed() < Duration::from_secs(20));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for("unflushed blobs", Duration::from_secs(20), || {
+        std::fs::read_dir(cache_dir.path().join("pending"))
+            .unwrap()
+            .count()
+            > 0
+    });
     std::thread::sleep(Duration::from_millis(300));
     m.kill9();
     assert!(
@@ -182,21 +179,14 @@ fn a_full_disk_fails_that_path_only() {
         std::fs::read(m.p(f.path("narfs-test-single.txt"))).unwrap(),
         b"asdf"
     );
-    assert_eq!(
-        run(&mut Command::new(
-            m.p(f.path("narfs-test-app")).join("bin/app")
-        )),
-        "hello from lib\n"
-    );
+    m.runs_the_app();
 }
 
 #[test]
 fn credentials_never_reach_the_logs() {
     let f = fixture();
     let e = env();
-    let base = tempfile::tempdir().unwrap();
-    let mnt = base.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
+    let (base, mnt) = mountpoint();
     let log = base.path().join("log");
     let mut child = narfs()
         .env("RUST_LOG", "trace")
@@ -215,14 +205,7 @@ fn credentials_never_reach_the_logs() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let p = mnt.join(f.path("narfs-test-single.txt"));
-    let t = Instant::now();
-    while std::fs::read(&p).ok().as_deref() != Some(b"asdf") {
-        assert!(t.elapsed() < Duration::from_secs(20));
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    run(Command::new("fusermount3").arg("-u").arg(&mnt));
-    wait_timeout(&mut child, Duration::from_secs(10));
+    serve_then_unmount(&mnt, &mut child);
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         text.len() > 10_000,
@@ -253,9 +236,7 @@ fn drop_page_cache() -> bool {
 
 #[test]
 fn the_disk_quota_holds_while_reading_three_times_its_size_twice() {
-    let s3 = S3Server::start();
-    let dir = s3.root.join(BUCKET).join("q");
-    let (key, names) = generate_nar_cache(&dir, 9, 2 << 20);
+    let (s3, _, key, names) = generated("q", 9, 2 << 20, 0);
     let proxy = Proxy::start(s3.port);
     let quota: u64 = 6 << 20;
     let m = Mounted::start(
@@ -297,9 +278,7 @@ fn the_disk_quota_holds_while_reading_three_times_its_size_twice() {
 
 #[test]
 fn an_open_file_is_never_evicted_and_a_path_over_the_quota_is_still_served() {
-    let s3 = S3Server::start();
-    let dir = s3.root.join(BUCKET).join("q");
-    let (key, names) = generate_nar_cache(&dir, 3, 4 << 20);
+    let (s3, dir, key, names) = generated("q", 3, 4 << 20, 0);
     for passthrough in [false, true] {
         let extra: &[&str] = if passthrough {
             &["--cache-size", "3M", "--passthrough"]

@@ -16,10 +16,10 @@ fn a_b_c() -> (S3Server, Proxy, SignedCache, String, [String; 3], Vec<u8>) {
     let s3 = S3Server::start();
     let c = SignedCache::new(&s3);
     let b_nar = file_nar(&noise(48 << 20, 11));
-    let b = c.put("prefetched-b", &b_nar, Compression::None, &b_nar, |_| {});
+    let b = c.put_nar("prefetched-b", &b_nar);
     let c_data = noise(24 << 20, 12);
     let c_nar = file_nar(&c_data);
-    let cc = c.put("read-c", &c_nar, Compression::None, &c_nar, |_| {});
+    let cc = c.put_nar("read-c", &c_nar);
     let a_nar = file_nar(b"a\n");
     let b_path = StorePath::from_basename(&b).unwrap();
     let a = c.put("reader-a", &a_nar, Compression::None, &a_nar, |i| {
@@ -48,7 +48,7 @@ fn a_paused_reference_prefetch_never_holds_room_a_reader_needs() {
         );
         let m = Mounted::start(
             &url,
-            &[&cache.sk.public().to_nix_string()],
+            &[&cache.public_key()],
             None,
             &[
                 "--cache-size",
@@ -231,12 +231,7 @@ fn junk_named_as_file_indexes_costs_bounded_memory() {
             )
         })
         .collect();
-    let m = Mounted::start(
-        &s3.url(s3.port, "h"),
-        &[&c.sk.public().to_nix_string()],
-        None,
-        &["--refresh-interval", "0"],
-    );
+    let m = c.mount(&s3, &["--refresh-interval", "0"]);
     assert_eq!(m.wait_root(64).len(), 64);
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(names.len()));
     let readers: Vec<_> = names
@@ -304,25 +299,11 @@ fn a_miss_costs_one_request_and_caches_nix_wrote_get_no_index_requests() {
         m.log_text()
     );
     drop(m);
-    let asked: Vec<String> = e
-        .proxy
-        .requests()
-        .into_iter()
-        .filter(|r| r.contains(".narfs-index"))
-        .collect();
+    let asked = e.proxy.requests_with(".narfs-index");
     assert!(asked.is_empty(), "{asked:?}");
 
     // a cache with file indexes, once its listing is complete: the same
-    let s3 = S3Server::start();
-    let dir = tempfile::tempdir().unwrap();
-    let key = push_closure(&s3, dir.path());
-    let proxy = Proxy::start(s3.port);
-    let m = Mounted::start(
-        &s3.url(proxy.port, "ix"),
-        &[&key],
-        None,
-        &["--refresh-interval", "0"],
-    );
+    let (_s3, proxy, m) = indexed_mount("xz", &["--refresh-interval", "0"]);
     m.wait_root(f.paths.len());
     m.wait_log("listed the cache");
     proxy.clear();
@@ -437,11 +418,9 @@ fn a_copy_in_another_mount_namespace_is_served_until_sigterm() {
         .spawn()
         .unwrap();
     let ns = format!("/proc/{}/ns/mnt", holder.id());
-    let t = Instant::now();
-    while std::fs::read_link(&ns).ok().is_none_or(|n| n == own_ns) {
-        assert!(t.elapsed() < Duration::from_secs(10), "unshare never ran");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for("unshare to run", Duration::from_secs(10), || {
+        std::fs::read_link(&ns).ok().is_some_and(|n| n != own_ns)
+    });
     let (code, _, err) = out(Command::new("fusermount3").arg("-u").arg(&m.mnt));
     assert_eq!(code, 0, "{err}");
     assert!(!is_mounted(&m.mnt));
@@ -481,19 +460,9 @@ fn range_replies_are_checked_against_what_was_asked() {
         let dir = tempfile::tempdir().unwrap();
         let key = push_closure(&s3, dir.path());
         let proxy = Proxy::start(s3.port);
-        let narinfo = std::fs::read_to_string(
-            s3.root
-                .join(BUCKET)
-                .join("ix")
-                .join(format!("{}.narinfo", f.hash("narfs-test-big"))),
-        )
-        .unwrap();
-        let url = narinfo
-            .lines()
-            .find_map(|l| l.strip_prefix("URL: "))
-            .unwrap()
-            .to_owned();
-        let object = std::fs::read(s3.root.join(BUCKET).join("ix").join(&url)).unwrap();
+        let ix = s3.root.join(BUCKET).join("ix");
+        let url = narinfo_field_in(&ix, f.hash("narfs-test-big"), "URL");
+        let object = std::fs::read(ix.join(&url)).unwrap();
         let whole = lie.starts_with("200");
         proxy.fault(
             &url,

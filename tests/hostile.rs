@@ -8,35 +8,27 @@ mod common;
 use common::*;
 use narfs::formats::hash::Sha256;
 use narfs::formats::keys::SecretKey;
+use narfs::formats::listing::Entry;
 use narfs::formats::nar::Writer;
 use narfs::formats::narinfo::{Compression, NarInfo};
 use std::io::Write;
 
 fn dir_nar(names: &[&[u8]]) -> Vec<u8> {
-    let mut w = Writer::new(Vec::new());
-    for p in [&b"nix-archive-1"[..], b"(", b"type", b"directory"] {
-        w.raw_string(p).unwrap();
-    }
+    let mut nar = strings(&[b"nix-archive-1", b"(", b"type", b"directory"]);
     for n in names {
-        for p in [
-            &b"entry"[..],
-            b"(",
-            b"name",
-            n,
-            b"node",
-            b"(",
+        // a file holding "x"
+        nar.extend(strings(&[b"entry", b"(", b"name", n, b"node", b"("]));
+        nar.extend(strings(&[
             b"type",
             b"regular",
             b"contents",
             b"x",
             b")",
             b")",
-        ] {
-            w.raw_string(p).unwrap();
-        }
+        ]));
     }
-    w.raw_string(b")").unwrap();
-    w.into_inner()
+    nar.extend(strings(&[b")"]));
+    nar
 }
 
 fn symlink_nar(target: &[u8]) -> Vec<u8> {
@@ -51,31 +43,22 @@ fn symlink_nar(target: &[u8]) -> Vec<u8> {
     ])
 }
 
+/// A file holding "x" at the bottom of `depth` directories named `d`.
 fn deep_nar(depth: usize) -> Vec<u8> {
-    let mut w = Writer::new(Vec::new());
-    w.raw_string(b"nix-archive-1").unwrap();
+    let mut e = Entry::Regular {
+        size: 1,
+        executable: false,
+        chunks: None,
+        nar_offset: None,
+    };
     for _ in 0..depth {
-        for p in [
-            &b"("[..],
-            b"type",
-            b"directory",
-            b"entry",
-            b"(",
-            b"name",
-            b"d",
-            b"node",
-        ] {
-            w.raw_string(p).unwrap();
-        }
+        e = Entry::Directory {
+            entries: vec![((*b"d").into(), e)],
+        };
     }
-    for p in [&b"("[..], b"type", b"regular", b"contents", b"x", b")"] {
-        w.raw_string(p).unwrap();
-    }
-    for _ in 0..depth {
-        w.raw_string(b")").unwrap();
-        w.raw_string(b")").unwrap();
-    }
-    w.into_inner()
+    Writer::new(Vec::new())
+        .dump_entry(&e, &mut |_| Ok(b"x".to_vec()))
+        .unwrap()
 }
 
 /// xz of a NAR header claiming a 256 MiB file, then 256 MiB of zeros: a few hundred
@@ -96,14 +79,8 @@ fn bomb() -> Vec<u8> {
 fn hostile_nars_are_refused_and_repairs_picked_up() {
     let s3 = S3Server::start();
     let cache = SignedCache::new(&s3);
-    let key = cache.sk.public().to_nix_string();
     let neighbour = cache.put_good("neighbour");
-    let m = Mounted::start(
-        &s3.url(s3.port, "h"),
-        &[&key],
-        None,
-        &["--refresh-interval", "0", "--timeout", "5"],
-    );
+    let m = cache.mount(&s3, &["--refresh-interval", "0", "--timeout", "5"]);
 
     let none = |nar: Vec<u8>| (nar.clone(), Compression::None, nar);
     // each case's signed NAR is its own: a NAR already verified (the same NarHash)
@@ -238,25 +215,14 @@ fn hostile_narinfos_are_refused_and_repairs_picked_up() {
     let s3 = S3Server::start();
     let cache = SignedCache::new(&s3);
     let dir = cache.dir.clone();
-    let key = cache.sk.public().to_nix_string();
-    let m = Mounted::start(
-        &s3.url(s3.port, "h"),
-        &[&key],
-        None,
-        &["--refresh-interval", "0"],
-    );
+    let m = cache.mount(&s3, &["--refresh-interval", "0"]);
     let untrusted = SecretKey::from_seed("someone-else", [3; 32]);
 
     type Edit = Box<dyn Fn(&str) -> String>;
     let cases: Vec<(&str, Edit, &str)> = vec![
         (
             "unsigned",
-            Box::new(|t: &str| {
-                t.lines()
-                    .filter(|l| !l.starts_with("Sig:"))
-                    .map(|l| format!("{l}\n"))
-                    .collect()
-            }),
+            Box::new(|t: &str| without_lines(t, "Sig:")),
             "no signatures",
         ),
         (
@@ -280,12 +246,7 @@ fn hostile_narinfos_are_refused_and_repairs_picked_up() {
         ),
         (
             "missing-narhash",
-            Box::new(|t: &str| {
-                t.lines()
-                    .filter(|l| !l.starts_with("NarHash"))
-                    .map(|l| format!("{l}\n"))
-                    .collect()
-            }),
+            Box::new(|t: &str| without_lines(t, "NarHash")),
             "NarHash is missing",
         ),
         (
@@ -360,17 +321,17 @@ fn hostile_narinfos_are_refused_and_repairs_picked_up() {
 fn an_unpacked_copy_is_served_only_under_its_own_nar_hash() {
     let s3 = S3Server::start();
     let cache = SignedCache::new(&s3);
-    let key = cache.sk.public().to_nix_string();
+    let key = cache.public_key();
     let cache_dir = tempfile::tempdir().unwrap();
     let first = file_nar(b"first push\n");
-    let base = cache.put("repushed", &first, Compression::None, &first, |_| {});
+    let base = cache.put_nar("repushed", &first);
     {
         let m = Mounted::start(&s3.url(s3.port, "h"), &[&key], Some(cache_dir.path()), &[]);
         assert_eq!(std::fs::read(m.p(&base)).unwrap(), b"first push\n");
     }
     // the same store path pushed again with other contents (a non-reproducible build)
     let second = file_nar(b"second push\n");
-    cache.put("repushed", &second, Compression::None, &second, |_| {});
+    cache.put_nar("repushed", &second);
     std::fs::remove_dir_all(cache_dir.path().join("narinfo")).unwrap();
     let m = Mounted::start(&s3.url(s3.port, "h"), &[&key], Some(cache_dir.path()), &[]);
     assert_eq!(std::fs::read(m.p(&base)).unwrap(), b"second push\n");
@@ -412,17 +373,11 @@ fn repush_and_evict(
 fn a_path_pushed_again_with_other_contents_gets_its_new_tree() {
     let s3 = S3Server::start();
     let cache = SignedCache::new(&s3);
-    let key = cache.sk.public().to_nix_string();
     let a = tree_nar(&[("bin/tool", "A\n"), ("share/a", "a\n")]);
-    let name = cache.put("repushed", &a, Compression::None, &a, |_| {});
+    let name = cache.put_nar("repushed", &a);
     let neighbour = cache.put_good("neighbour");
     // room for the two files of the path, not for the neighbour's as well
-    let m = Mounted::start(
-        &s3.url(s3.port, "h"),
-        &[&key],
-        None,
-        &["--refresh-interval", "0", "--cache-size", "8K"],
-    );
+    let m = cache.mount(&s3, &["--refresh-interval", "0", "--cache-size", "8K"]);
     let top = m.p(&name);
     let names = |d: &std::path::Path| {
         let mut v: Vec<String> = std::fs::read_dir(d)
@@ -485,16 +440,10 @@ fn a_path_pushed_again_with_other_contents_gets_its_new_tree() {
 fn a_single_file_path_pushed_again_is_read_afresh() {
     let s3 = S3Server::start();
     let cache = SignedCache::new(&s3);
-    let key = cache.sk.public().to_nix_string();
     let a = file_nar(b"AAAA\n");
-    let name = cache.put("solo", &a, Compression::None, &a, |_| {});
+    let name = cache.put_nar("solo", &a);
     let neighbour = cache.put_good("neighbour");
-    let m = Mounted::start(
-        &s3.url(s3.port, "h"),
-        &[&key],
-        None,
-        &["--refresh-interval", "0", "--cache-size", "4K"],
-    );
+    let m = cache.mount(&s3, &["--refresh-interval", "0", "--cache-size", "4K"]);
     assert_eq!(std::fs::read(m.p(&name)).unwrap(), b"AAAA\n");
     repush_and_evict(&cache, &m, "solo", &a, &file_nar(b"BBBB\n"), &neighbour);
     let t = std::time::Instant::now();

@@ -95,7 +95,7 @@ fn missing_path_is_asked_for_once_within_the_ttl() {
     assert_eq!(e.proxy.gets("0000000000000000000000000000000a.narinfo"), 1);
     // with a zero TTL every lookup asks again, and a path pushed later appears
     let single = f.path("narfs-test-single.txt");
-    let key = e.object(&format!("{}.narinfo", f.hash("narfs-test-single.txt")));
+    let key = e.object_of("narfs-test-single.txt", "narinfo");
     let saved = std::fs::read(&key).unwrap();
     std::fs::remove_file(&key).unwrap();
     let m2 = Mounted::start(
@@ -135,14 +135,9 @@ fn lookups_work_without_list_rights_and_new_paths_appear_on_refresh() {
         "hello from lib\n"
     );
     // and the rest appears with the next listing, without remounting
-    let t = Instant::now();
-    while m.wait_root(0).len() < f.paths.len() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "new paths never appeared"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for("the new paths", Duration::from_secs(10), || {
+        m.wait_root(0).len() >= f.paths.len()
+    });
 }
 
 #[test]
@@ -174,12 +169,7 @@ fn remount_serves_from_disk_without_gets() {
     assert_eq!(m.wait_root(f.paths.len()).len(), f.paths.len());
     eprintln!("root listing after remount: {} ms", t.elapsed().as_millis());
     run(Command::new("cat").arg(m.p(f.path("narfs-test-app")).join("bin/app")));
-    let gets: Vec<String> = e
-        .proxy
-        .requests()
-        .into_iter()
-        .filter(|r| r.contains(".nar"))
-        .collect();
+    let gets = e.proxy.requests_with(".nar");
     assert!(gets.is_empty(), "{gets:?}");
     // a different trusted key does not inherit what the first one verified
     drop(m);
@@ -200,19 +190,19 @@ fn listing_disagreeing_with_the_nar_loses() {
     let f = fixture();
     let e = env();
     // a .ls claiming a different size and an extra file
-    let ls = e.object(&format!("{}.ls", f.hash("narfs-test-lib")));
-    let text = std::fs::read_to_string(&ls).unwrap();
-    let lie = text
-        .replace(
-            "\"greet.sh\":{\"type\":\"regular\",\"size\":35",
-            "\"greet.sh\":{\"type\":\"regular\",\"size\":99",
-        )
-        .replace(
-            "\"entries\":{\"greet.sh\"",
-            "\"entries\":{\"extra\":{\"type\":\"regular\",\"size\":1},\"greet.sh\"",
-        );
-    assert_ne!(lie, text);
-    std::fs::write(&ls, lie).unwrap();
+    e.edit_object_of("narfs-test-lib", "ls", |text| {
+        let lie = text
+            .replace(
+                "\"greet.sh\":{\"type\":\"regular\",\"size\":35",
+                "\"greet.sh\":{\"type\":\"regular\",\"size\":99",
+            )
+            .replace(
+                "\"entries\":{\"greet.sh\"",
+                "\"entries\":{\"extra\":{\"type\":\"regular\",\"size\":1},\"greet.sh\"",
+            );
+        assert_ne!(lie, text);
+        lie
+    });
     let m = Mounted::start(&e.url, &[&f.public_key], None, &[]);
     let lib = m.p(f.path("narfs-test-lib")).join("lib");
     assert_eq!(std::fs::metadata(lib.join("greet.sh")).unwrap().len(), 99);
@@ -256,22 +246,22 @@ fn listing_sizes_never_shorten_or_empty_a_file() {
     drop(m);
 
     let e = env();
-    let ls = e.object(&format!("{}.ls", f.hash("narfs-test-lib")));
-    let text = std::fs::read_to_string(&ls).unwrap();
-    let lie = text
-        .replace(
-            "\"a file with spaces\":{\"type\":\"regular\",\"size\":11",
-            "\"a file with spaces\":{\"type\":\"regular\",\"size\":0",
-        )
-        .replace(
-            "\"greet.sh\":{\"type\":\"regular\",\"size\":35",
-            "\"greet.sh\":{\"type\":\"regular\",\"size\":5",
+    e.edit_object_of("narfs-test-lib", "ls", |text| {
+        let lie = text
+            .replace(
+                "\"a file with spaces\":{\"type\":\"regular\",\"size\":11",
+                "\"a file with spaces\":{\"type\":\"regular\",\"size\":0",
+            )
+            .replace(
+                "\"greet.sh\":{\"type\":\"regular\",\"size\":35",
+                "\"greet.sh\":{\"type\":\"regular\",\"size\":5",
+            );
+        assert_eq!(
+            lie.matches("\"size\":0").count(),
+            text.matches("\"size\":0").count() + 1
         );
-    assert_eq!(
-        lie.matches("\"size\":0").count(),
-        text.matches("\"size\":0").count() + 1
-    );
-    std::fs::write(&ls, lie).unwrap();
+        lie
+    });
     let m = Mounted::start(&e.url, &[&f.public_key], None, &args);
     let lib = m.p(f.path("narfs-test-lib"));
     let spaces = lib.join("share/a file with spaces");
@@ -325,15 +315,11 @@ fn malformed_listing_falls_back_to_the_nar() {
     let f = fixture();
     let e = env();
     std::fs::write(
-        e.object(&format!("{}.ls", f.hash("narfs-test-app"))),
+        e.object_of("narfs-test-app", "ls"),
         b"{\"version\":7,\"root\":{\"type\":\"regular\",\"size\":1}}",
     )
     .unwrap();
-    std::fs::write(
-        e.object(&format!("{}.ls", f.hash("narfs-test-lib"))),
-        b"\xff\xfe garbage",
-    )
-    .unwrap();
+    std::fs::write(e.object_of("narfs-test-lib", "ls"), b"\xff\xfe garbage").unwrap();
     let m = Mounted::start(&e.url, &[&f.public_key], None, &[]);
     for name in ["narfs-test-app", "narfs-test-lib"] {
         assert_eq!(shape(&m.p(f.path(name))), shape(&f.real(name)), "{name}");
@@ -431,8 +417,7 @@ fn a_forged_listing_never_redirects_a_symlink_or_a_path() {
     let e = env();
     // the listing claims bin/app-link points to /tmp/evil, and that the app's
     // `lib` symlink is a directory holding `secret`
-    let ls = e.object(&format!("{}.ls", f.hash("narfs-test-app")));
-    let text = std::fs::read_to_string(&ls).unwrap();
+    e.edit_object_of("narfs-test-app", "ls", |text| {
     let forged = text
         .replace("\"app-link\":{\"type\":\"symlink\",\"target\":\"app\"}", "\"app-link\":{\"type\":\"symlink\",\"target\":\"/tmp/evil\"}")
         .replace(
@@ -443,7 +428,8 @@ fn a_forged_listing_never_redirects_a_symlink_or_a_path() {
         forged.contains("/tmp/evil") && forged.contains("secret"),
         "{forged}"
     );
-    std::fs::write(&ls, forged).unwrap();
+    forged
+    });
     let m = Mounted::start(
         &e.url,
         &[&f.public_key],

@@ -16,39 +16,49 @@ fn object(s3: &S3Server, key: &str) -> PathBuf {
 
 /// NAR requests (whole or ranges), not narinfos.
 fn nar_gets(p: &Proxy) -> Vec<String> {
-    p.requests()
+    p.requests_with("/nar/")
         .into_iter()
-        .filter(|r| r.starts_with("GET ") && r.contains("/nar/"))
+        .filter(|r| r.starts_with("GET "))
         .collect()
+}
+
+/// `ls -lR` of a mount of the fixture's closure, each path's shape as in the store,
+/// and no NAR asked for; returns the listing.
+fn listed_without_nars(m: &Mounted, proxy: &Proxy) -> String {
+    let f = fixture();
+    m.wait_root(f.paths.len());
+    let ls = run(Command::new("ls").arg("-lR").arg(&m.mnt));
+    for name in f.paths.keys() {
+        assert_eq!(shape(&m.p(f.path(name))), shape(&f.real(name)), "{name}");
+    }
+    assert_eq!(nar_gets(proxy), Vec::<String>::new());
+    ls
+}
+
+/// Reads the small file of the big path, which takes Range GETs of its blocks alone;
+/// returns the bytes they fetched.
+fn small_file_by_its_blocks(m: &Mounted, proxy: &Proxy) -> u64 {
+    let small = m.p(fixture().path("narfs-test-big")).join("data/small.txt");
+    assert_eq!(std::fs::read_to_string(&small).unwrap(), "small\n");
+    let gets = nar_gets(proxy);
+    assert!(
+        !gets.is_empty() && gets.iter().all(|g| g.contains(" range=bytes=")),
+        "{gets:?}"
+    );
+    proxy.range_bytes("/nar/")
 }
 
 #[test]
 fn indexed_paths_list_without_nars_and_read_files_by_their_blocks() {
     let f = fixture();
-    let s3 = S3Server::start();
-    let tmp = tempfile::tempdir().unwrap();
-    let pk = push_closure(&s3, tmp.path());
-    let proxy = Proxy::start(s3.port);
-    let m = Mounted::start(&s3.url(proxy.port, "ix"), &[&pk], None, &[]);
-    m.wait_root(f.paths.len());
+    let (_s3, proxy, m) = indexed_mount("xz", &[]);
     // ls -lR with link targets: every name, mode, size and target, no NAR at all
-    let ls = run(Command::new("ls").arg("-lR").arg(&m.mnt));
+    let ls = listed_without_nars(&m, &proxy);
     assert!(ls.contains("app-link -> app"), "{ls}");
-    for name in f.paths.keys() {
-        assert_eq!(shape(&m.p(f.path(name))), shape(&f.real(name)), "{name}");
-    }
-    assert_eq!(nar_gets(&proxy), Vec::<String>::new());
     assert_eq!(proxy.gets(".narfs-index"), f.paths.len());
     // a small file of the big path: its blocks only, with a Range GET
     let big_nar = f.narinfo_field("narfs-test-big", "NarSize");
-    let small = m.p(f.path("narfs-test-big")).join("data/small.txt");
-    assert_eq!(std::fs::read_to_string(&small).unwrap(), "small\n");
-    let gets = nar_gets(&proxy);
-    assert!(
-        !gets.is_empty() && gets.iter().all(|g| g.contains(" range=bytes=")),
-        "{gets:?}"
-    );
-    let fetched = proxy.range_bytes("/nar/");
+    let fetched = small_file_by_its_blocks(&m, &proxy);
     assert!(
         fetched < 2 << 20,
         "{fetched} bytes fetched for a 6-byte file of a {big_nar}-byte NAR"
@@ -62,60 +72,62 @@ fn indexed_paths_list_without_nars_and_read_files_by_their_blocks() {
             .arg(f.real(name)));
     }
     assert!(nar_gets(&proxy).iter().all(|g| g.contains(" range=")));
-    assert_eq!(
-        run(&mut Command::new(
-            m.p(f.path("narfs-test-app")).join("bin/app")
-        )),
-        "hello from lib\n"
-    );
+    m.runs_the_app();
     assert!(m.stat("block_requests_total{result=\"fetched\"}") > 0);
     assert_eq!(m.stat("nar_requests_total{result=\"fetched\"}"), 0);
 }
 
-#[test]
-fn a_block_that_decodes_to_other_bytes_fails_its_files_only_until_repaired() {
+/// The big path pushed with `compression`, its NAR object spoiled by `spoil`, mounted:
+/// the file whose block is bad (numbers.txt) fails with EIO, the other file of the path
+/// is served; once the object is repaired the file reads whole without a remount.
+/// Returns the log of the spoiled reads.
+fn spoiled_nar_fails_one_file_until_repaired(
+    compression: &str,
+    spoil: impl Fn(&mut [u8]),
+) -> String {
     let f = fixture();
     let s3 = S3Server::start();
     let tmp = tempfile::tempdir().unwrap();
-    let pk = push_closure(&s3, tmp.path());
-    // the big path's NAR object, its first block (numbers.txt) spoiled
-    let url = {
-        let info = std::fs::read_to_string(object(
-            &s3,
-            &format!("{}.narinfo", f.hash("narfs-test-big")),
-        ))
-        .unwrap();
-        info.lines()
-            .find_map(|l| l.strip_prefix("URL: "))
-            .unwrap()
-            .to_owned()
-    };
+    let pk = push_closure_with(&s3, tmp.path(), compression);
+    let url = narinfo_field_in(
+        &s3.root.join(BUCKET).join("ix"),
+        f.hash("narfs-test-big"),
+        "URL",
+    );
     let good = std::fs::read(object(&s3, &url)).unwrap();
     let mut bad = good.clone();
-    for b in &mut bad[100..200] {
-        *b ^= 0x55;
-    }
+    spoil(&mut bad);
     std::fs::write(object(&s3, &url), &bad).unwrap();
     let m = Mounted::start(&s3.url(s3.port, "ix"), &[&pk], None, &["--timeout", "3"]);
     let big = m.p(f.path("narfs-test-big"));
-    // the file whose block is bad: EIO; the other file of the path: served
     assert_eq!(read_err(&big.join("data/numbers.txt")), Some(libc::EIO));
     assert_eq!(
         std::fs::read_to_string(big.join("data/small.txt")).unwrap(),
         "small\n"
     );
     let log = m.log_text();
-    assert!(
-        log.contains(&format!("/nix/store/{}", f.path("narfs-test-big"))),
-        "{log}"
-    );
-    assert!(log.contains("the block does not decode"), "{log}");
     // repaired: read again without a remount
     std::fs::write(object(&s3, &url), &good).unwrap();
     assert!(
         std::fs::read(big.join("data/numbers.txt")).unwrap()
             == std::fs::read(f.real("narfs-test-big").join("data/numbers.txt")).unwrap()
     );
+    log
+}
+
+#[test]
+fn a_block_that_decodes_to_other_bytes_fails_its_files_only_until_repaired() {
+    // its first block (numbers.txt) spoiled
+    let log = spoiled_nar_fails_one_file_until_repaired("xz", |bad| {
+        for b in &mut bad[100..200] {
+            *b ^= 0x55;
+        }
+    });
+    assert!(
+        log.contains(&format!("/nix/store/{}", fixture().path("narfs-test-big"))),
+        "{log}"
+    );
+    assert!(log.contains("the block does not decode"), "{log}");
 }
 
 #[test]
@@ -227,42 +239,14 @@ fn forged_indexes_are_ignored_and_the_nar_is_read() {
 #[test]
 fn a_block_that_decodes_to_other_bytes_than_signed_fails_that_file() {
     // uncompressed blocks: a byte of numbers.txt changed decodes fine, to other bytes
-    let f = fixture();
-    let s3 = S3Server::start();
-    let tmp = tempfile::tempdir().unwrap();
-    let pk = push_closure_with(&s3, tmp.path(), "none");
-    let info = std::fs::read_to_string(object(
-        &s3,
-        &format!("{}.narinfo", f.hash("narfs-test-big")),
-    ))
-    .unwrap();
-    let url = info
-        .lines()
-        .find_map(|l| l.strip_prefix("URL: "))
-        .unwrap()
-        .to_owned();
-    let good = std::fs::read(object(&s3, &url)).unwrap();
-    let mut bad = good.clone();
-    let at = bad.windows(8).position(|w| w == b"\n123456\n").unwrap();
-    bad[at + 1] = b'9';
-    std::fs::write(object(&s3, &url), &bad).unwrap();
-    let m = Mounted::start(&s3.url(s3.port, "ix"), &[&pk], None, &["--timeout", "3"]);
-    let big = m.p(f.path("narfs-test-big"));
-    assert_eq!(read_err(&big.join("data/numbers.txt")), Some(libc::EIO));
-    assert_eq!(
-        std::fs::read_to_string(big.join("data/small.txt")).unwrap(),
-        "small\n"
-    );
-    let log = m.log_text();
+    let log = spoiled_nar_fails_one_file_until_repaired("none", |bad| {
+        let at = bad.windows(8).position(|w| w == b"\n123456\n").unwrap();
+        bad[at + 1] = b'9';
+    });
     assert!(log.contains("than the signed index says"), "{log}");
     assert!(
         log.contains("do not match their hash in the signed index"),
         "{log}"
-    );
-    std::fs::write(object(&s3, &url), &good).unwrap();
-    assert!(
-        std::fs::read(big.join("data/numbers.txt")).unwrap()
-            == std::fs::read(f.real("narfs-test-big").join("data/numbers.txt")).unwrap()
     );
 }
 
@@ -301,13 +285,17 @@ fn a_cache_nix_wrote_is_indexed_in_place_and_nix_still_reads_it() {
             .args(extra)
             .arg(&url))
     };
+    // indexes with `extra`, and says `said` of every path
+    let every_path = |extra: &[&str], said: &str| {
+        let (code, _, err) = index(extra);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(err.matches(said).count(), f.paths.len(), "{err}");
+    };
     let before = narinfos(&s3, "nix");
     assert_eq!(before.len(), f.paths.len());
 
     // --dry-run says what it would do and changes nothing
-    let (code, _, err) = index(&["--dry-run"]);
-    assert_eq!(code, 0, "{err}");
-    assert_eq!(err.matches("would index ").count(), f.paths.len(), "{err}");
+    every_path(&["--dry-run"], "would index ");
     assert_eq!(narinfos(&s3, "nix"), before);
 
     // a key the narinfos are not signed by, and no other: nothing is touched
@@ -318,13 +306,7 @@ fn a_cache_nix_wrote_is_indexed_in_place_and_nix_still_reads_it() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("missing.sec"), "{err}");
 
-    let (code, _, err) = index(&[]);
-    assert_eq!(code, 0, "{err}");
-    assert_eq!(
-        err.matches("indexed /nix/store/").count(),
-        f.paths.len(),
-        "{err}"
-    );
+    every_path(&[], "indexed /nix/store/");
     let after = narinfos(&s3, "nix");
     let mut replaced = 0;
     for (hash, old) in &before {
@@ -359,13 +341,7 @@ fn a_cache_nix_wrote_is_indexed_in_place_and_nix_still_reads_it() {
     assert!(replaced >= 1);
 
     // again: nothing to do
-    let (code, _, err) = index(&[]);
-    assert_eq!(code, 0, "{err}");
-    assert_eq!(
-        err.matches("already indexed ").count(),
-        f.paths.len(),
-        "{err}"
-    );
+    every_path(&[], "already indexed ");
     assert_eq!(narinfos(&s3, "nix"), after);
 
     // the real nix copies the closure back from it, with the key it trusted before
@@ -384,20 +360,8 @@ fn a_cache_nix_wrote_is_indexed_in_place_and_nix_still_reads_it() {
     let purl = s3.url(proxy.port, "nix");
     {
         let m = Mounted::start(&purl, &[&f.public_key], None, &[]);
-        m.wait_root(f.paths.len());
-        run(Command::new("ls").arg("-lR").arg(&m.mnt));
-        for name in f.paths.keys() {
-            assert_eq!(shape(&m.p(f.path(name))), shape(&f.real(name)), "{name}");
-        }
-        assert_eq!(nar_gets(&proxy), Vec::<String>::new());
-        let small = m.p(f.path("narfs-test-big")).join("data/small.txt");
-        assert_eq!(std::fs::read_to_string(&small).unwrap(), "small\n");
-        let gets = nar_gets(&proxy);
-        assert!(
-            !gets.is_empty() && gets.iter().all(|g| g.contains(" range=bytes=")),
-            "{gets:?}"
-        );
-        assert!(proxy.range_bytes("/nar/") < 2 << 20);
+        listed_without_nars(&m, &proxy);
+        assert!(small_file_by_its_blocks(&m, &proxy) < 2 << 20);
     }
 
     // narfs ls and cat: the index, no NAR; a file by its blocks only
@@ -442,11 +406,7 @@ fn a_cache_nix_wrote_is_indexed_in_place_and_nix_still_reads_it() {
 fn a_slice_of_a_big_file_costs_about_its_own_size() {
     use std::io::{Read, Seek, SeekFrom};
     let f = fixture();
-    let s3 = S3Server::start();
-    let tmp = tempfile::tempdir().unwrap();
-    let pk = push_closure_with(&s3, tmp.path(), "none");
-    let proxy = Proxy::start(s3.port);
-    let m = Mounted::start(&s3.url(proxy.port, "ix"), &[&pk], None, &[]);
+    let (_s3, proxy, m) = indexed_mount("none", &[]);
     let rel = "data/numbers.txt";
     let real = std::fs::read(f.real("narfs-test-big").join(rel)).unwrap();
     assert!(real.len() > 20 << 20);
@@ -475,11 +435,7 @@ fn a_slice_of_a_big_file_costs_about_its_own_size() {
 fn blocks_cut_off_midway_are_fetched_again_and_served_whole() {
     use common::proxy::Fault;
     let f = fixture();
-    let s3 = S3Server::start();
-    let tmp = tempfile::tempdir().unwrap();
-    let pk = push_closure(&s3, tmp.path());
-    let proxy = Proxy::start(s3.port);
-    let m = Mounted::start(&s3.url(proxy.port, "ix"), &[&pk], None, &[]);
+    let (_s3, proxy, m) = indexed_mount("xz", &[]);
     let big = m.p(f.path("narfs-test-big"));
     // the first block responses die after a few KiB (while the decoder is streaming
     // them), one more gets a 500
@@ -500,9 +456,7 @@ fn a_cache_with_indexes_is_read_without_opens_and_never_from_a_listing() {
     let f = fixture();
     let s3 = S3Server::start();
     let tmp = tempfile::tempdir().unwrap();
-    let (sk, pk) = (tmp.path().join("ix.sec"), tmp.path().join("ix.pub"));
-    run(narfs().args(["keygen", "ix-1"]).arg(&sk).arg(&pk));
-    let pk = std::fs::read_to_string(pk).unwrap().trim().to_owned();
+    let (sk, pk) = keygen(tmp.path(), "ix-1");
     let push = |extra: &[&str], name: &str| {
         let (code, _, err) = out(narfs()
             .args(["push", "--store", &f.store, "--key-file"])
@@ -548,10 +502,7 @@ fn a_cache_with_indexes_is_read_without_opens_and_never_from_a_listing() {
         std::fs::read_to_string(m.p(f.path("narfs-test-big")).join("data/small.txt")).unwrap(),
         "small\n"
     );
-    let out = run(&mut Command::new(
-        m.p(f.path("narfs-test-app")).join("bin/app"),
-    ));
-    assert_eq!(out, "hello from lib\n");
+    m.runs_the_app();
     drop(m);
     // --page-cache keeps the open round trip and uses the listing (its size given
     // with no cache time, refuted once the NAR is read)

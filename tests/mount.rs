@@ -221,14 +221,9 @@ fn untrusted_key_hides_everything() {
 fn unsigned_narinfo_is_not_served_and_neighbours_are() {
     let f = fixture();
     let e = env();
-    let key = e.object(&format!("{}.narinfo", f.hash("narfs-test-single.txt")));
-    let text = std::fs::read_to_string(&key).unwrap();
-    let unsigned: String = text
-        .lines()
-        .filter(|l| !l.starts_with("Sig:"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    std::fs::write(&key, unsigned).unwrap();
+    e.edit_object_of("narfs-test-single.txt", "narinfo", |t| {
+        without_lines(t, "Sig:")
+    });
     let m = Mounted::start(&e.url, &[&f.public_key], None, &[]);
     m.wait_log("listed the cache");
     let names = m.wait_root(f.paths.len() - 1);
@@ -251,8 +246,8 @@ fn narinfo_for_another_path_is_rejected() {
     let e = env();
     // the app's (validly signed) narinfo stored under the single file's key
     std::fs::copy(
-        e.object(&format!("{}.narinfo", f.hash("narfs-test-app"))),
-        e.object(&format!("{}.narinfo", f.hash("narfs-test-single.txt"))),
+        e.object_of("narfs-test-app", "narinfo"),
+        e.object_of("narfs-test-single.txt", "narinfo"),
     )
     .unwrap();
     let m = Mounted::start(&e.url, &[&f.public_key], None, &[]);
@@ -303,7 +298,7 @@ fn flip_one_byte(e: &Env, name: &str, needle: &[u8]) -> String {
             &format!("FileSize: {}", f.narinfo_field(name, "FileSize")),
             &format!("FileSize: {}", bad.len()),
         );
-    std::fs::write(e.object(&format!("{}.narinfo", f.hash(name))), info).unwrap();
+    std::fs::write(e.object_of(name, "narinfo"), info).unwrap();
     new_url
 }
 
@@ -350,7 +345,7 @@ fn nar_with_one_byte_flipped_is_never_served() {
     std::fs::copy(
         f.cache
             .join(format!("{}.narinfo", f.hash("narfs-test-lib"))),
-        e.object(&format!("{}.narinfo", f.hash("narfs-test-lib"))),
+        e.object_of("narfs-test-lib", "narinfo"),
     )
     .unwrap();
     assert_eq!(
@@ -365,30 +360,22 @@ fn remount_reuses_the_cache_dir() {
     let e = env();
     let cache_dir = tempfile::tempdir().unwrap();
     let app = f.path("narfs-test-app").to_owned();
-    {
-        let m = Mounted::start(
+    let mount = || {
+        Mounted::start(
             &e.url,
             &[&f.public_key],
             Some(cache_dir.path()),
             &["--prefetch-references", "false"],
-        );
-        assert_eq!(
-            run(&mut Command::new(m.p(&app).join("bin/app"))),
-            "hello from lib\n"
-        );
+        )
+    };
+    {
+        let m = mount();
+        m.runs_the_app();
         assert!(m.stop().success());
     }
     e.proxy.clear();
-    let m = Mounted::start(
-        &e.url,
-        &[&f.public_key],
-        Some(cache_dir.path()),
-        &["--prefetch-references", "false"],
-    );
-    assert_eq!(
-        run(&mut Command::new(m.p(&app).join("bin/app"))),
-        "hello from lib\n"
-    );
+    let m = mount();
+    m.runs_the_app();
     assert_eq!(e.proxy.downloads(".nar.xz"), 0, "{:?}", e.proxy.requests());
     assert_eq!(
         e.proxy.gets(&format!("{}.narinfo", &app[..32])),
@@ -495,54 +482,41 @@ fn malformed_input_exits_2_with_a_message() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("key 'bad'"));
 }
 
+/// `narfs mount` of the fixture's file:// cache at `mnt` (in the foreground), its cache
+/// directory in `base`; the caller gives the keys.
+fn mount_command(base: &Path, mnt: &Path) -> Command {
+    let mut c = narfs();
+    c.arg("mount")
+        .arg("--cache-dir")
+        .arg(base.join("c"))
+        .arg(format!("file://{}", fixture().cache.display()))
+        .arg(mnt)
+        .stderr(std::process::Stdio::null());
+    c
+}
+
 #[test]
 fn exits_0_when_unmounted_from_outside_and_keys_from_env_work() {
     let f = fixture();
-    let base = tempfile::tempdir().unwrap();
-    let mnt = base.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let mut child = narfs()
+    let (base, mnt) = mountpoint();
+    let mut child = mount_command(base.path(), &mnt)
         .env("NARFS_TRUSTED_PUBLIC_KEYS", &f.public_key)
-        .arg("mount")
-        .arg("--cache-dir")
-        .arg(base.path().join("c"))
-        .arg(format!("file://{}", f.cache.display()))
-        .arg(&mnt)
-        .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let p = mnt.join(f.path("narfs-test-single.txt"));
-    let t = Instant::now();
-    while std::fs::read(&p).ok().as_deref() != Some(b"asdf") {
-        assert!(t.elapsed() < Duration::from_secs(20));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    run(Command::new("fusermount3").arg("-u").arg(&mnt));
-    assert!(wait_timeout(&mut child, Duration::from_secs(10)).success());
+    assert!(serve_then_unmount(&mnt, &mut child).success());
 }
 
 #[test]
 fn tells_systemd_when_ready_and_stopping() {
     let f = fixture();
-    let base = tempfile::tempdir().unwrap();
-    let mnt = base.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
+    let (base, mnt) = mountpoint();
     let sock_path = base.path().join("notify");
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    let mut child = narfs()
+    let mut child = mount_command(base.path(), &mnt)
         .env("NOTIFY_SOCKET", &sock_path)
-        .args([
-            "mount",
-            "--trusted-public-key",
-            &f.public_key,
-            "--cache-dir",
-        ])
-        .arg(base.path().join("c"))
-        .arg(format!("file://{}", f.cache.display()))
-        .arg(&mnt)
-        .stderr(std::process::Stdio::null())
+        .args(["--trusted-public-key", &f.public_key])
         .spawn()
         .unwrap();
     let mut buf = [0u8; 64];
@@ -578,12 +552,7 @@ fn passthrough_mode_serves_the_same_bytes() {
             .display()
     );
     assert_eq!(run(Command::new("python3").args(["-c", &py])), "42\n");
-    assert_eq!(
-        run(&mut Command::new(
-            m.p(f.path("narfs-test-app")).join("bin/app")
-        )),
-        "hello from lib\n"
-    );
+    m.runs_the_app();
 }
 
 #[test]
@@ -794,19 +763,13 @@ fn a_traversal_of_many_paths_fetches_what_it_listed_and_nothing_else() {
 
 /// The object key (`nar/…`) a generated narinfo names.
 fn nar_url(dir: &Path, basename: &str) -> String {
-    let text = std::fs::read_to_string(dir.join(format!("{}.narinfo", &basename[..32]))).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("URL: "))
-        .unwrap()
-        .to_owned()
+    narinfo_field_in(dir, basename, "URL")
 }
 
 #[test]
 fn reference_prefetch_makes_way_for_readers_and_goes_on_for_its_own() {
     // gen-0 references gen-1: reading gen-0 prefetches gen-1, whose NAR comes slowly
-    let s3 = S3Server::start();
-    let dir = s3.root.join(BUCKET).join("p");
-    let (key, names) = generate_nar_cache_refs(&dir, 3, 4 << 20, 1);
+    let (s3, dir, key, names) = generated("p", 3, 4 << 20, 1);
     let proxy = common::proxy::Proxy::start(s3.port);
     let (slow, waited) = (nar_url(&dir, &names[1]), nar_url(&dir, &names[2]));
     proxy.fault(&slow, common::proxy::Fault::Trickle(2 << 20), 1);

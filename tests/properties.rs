@@ -44,6 +44,23 @@ fn node() -> impl Strategy<Value = Node> {
     })
 }
 
+/// The key the indexes of these properties are signed with.
+fn signer() -> narfs::formats::keys::SecretKey {
+    narfs::formats::keys::SecretKey::from_seed("prop-1", [1; 32])
+}
+
+fn trusting(sk: &narfs::formats::keys::SecretKey) -> narfs::formats::keys::TrustedKeys {
+    let mut keys = narfs::formats::keys::TrustedKeys::default();
+    keys.add(sk.public());
+    keys
+}
+
+/// `tree` made at `dir`, and its NAR.
+fn made(tree: &Node, dir: &Path) -> Vec<u8> {
+    materialize(tree, dir);
+    nar::Writer::new(Vec::new()).dump_path(dir).unwrap()
+}
+
 /// A file index of `nar` (one uncompressed block), 4 KiB chunks, signed with `sk`.
 fn index_of(nar: &[u8], sk: &narfs::formats::keys::SecretKey) -> (FileIndex, Vec<u8>) {
     let mut root = nar::parse(&mut &nar[..], &mut nar::TreeOnly, 12).unwrap();
@@ -92,20 +109,8 @@ fn materialize(n: &Node, p: &Path) {
 }
 
 fn info_for(nar: &[u8]) -> NarInfo {
-    NarInfo {
-        store_path: StorePath::from_basename("00000000000000000000000000000000-p").unwrap(),
-        url: "nar/x".into(),
-        compression: Compression::None,
-        file_hash: None,
-        file_size: None,
-        nar_hash: Sha256::digest(nar),
-        nar_size: nar.len() as u64,
-        references: vec![],
-        deriver: None,
-        sigs: vec![],
-        ca: None,
-        index: None,
-    }
+    let sp = StorePath::from_basename("00000000000000000000000000000000-p").unwrap();
+    common::narinfo_of(&sp, "nar/x", Compression::None, nar, None)
 }
 
 proptest! {
@@ -114,8 +119,7 @@ proptest! {
     #[test]
     fn random_trees_round_trip(tree in node()) {
         let d = tempfile::tempdir().unwrap();
-        materialize(&tree, &d.path().join("src"));
-        let bytes = nar::Writer::new(Vec::new()).dump_path(&d.path().join("src")).unwrap();
+        let bytes = made(&tree, &d.path().join("src"));
         let entry = nar::unpack(&mut &bytes[..], &d.path().join("dst")).unwrap();
         let again = nar::Writer::new(Vec::new()).dump_path(&d.path().join("dst")).unwrap();
         prop_assert_eq!(&bytes, &again);
@@ -129,8 +133,7 @@ proptest! {
         edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
     ) {
         let d = tempfile::tempdir().unwrap();
-        materialize(&tree, &d.path().join("src"));
-        let bytes = nar::Writer::new(Vec::new()).dump_path(&d.path().join("src")).unwrap();
+        let bytes = made(&tree, &d.path().join("src"));
         let info = info_for(&bytes);
         let mut m = bytes.clone();
         for (i, b) in &edits {
@@ -238,13 +241,8 @@ proptest! {
     #[test]
     fn file_index_round_trips_with_its_nar(tree in node()) {
         let d = tempfile::tempdir().unwrap();
-        let src = d.path().join("t");
-        materialize(&tree, &src);
-        let nar = nar::Writer::new(Vec::new()).dump_path(&src).unwrap();
-        let sk = narfs::formats::keys::SecretKey::from_seed("prop-1", [1; 32]);
-        let mut keys = narfs::formats::keys::TrustedKeys::default();
-        keys.add(sk.public());
-        let (index, bytes) = index_of(&nar, &sk);
+        let (src, sk, keys) = (d.path().join("t"), signer(), trusting(&signer()));
+        let (index, bytes) = index_of(&made(&tree, &src), &sk);
         let (back, _) = FileIndex::parse_verified(&bytes, &index.store_path, &index.nar_hash, index.nar_size, &keys).unwrap();
         prop_assert_eq!(&back, &index);
         let mut store = std::collections::HashMap::new();
@@ -262,13 +260,8 @@ proptest! {
     #[test]
     fn mutated_file_indexes_never_verify(tree in node(), at in any::<prop::sample::Index>(), bit in 0u8..8, cut in any::<prop::sample::Index>()) {
         let d = tempfile::tempdir().unwrap();
-        let src = d.path().join("t");
-        materialize(&tree, &src);
-        let nar = nar::Writer::new(Vec::new()).dump_path(&src).unwrap();
-        let sk = narfs::formats::keys::SecretKey::from_seed("prop-1", [1; 32]);
-        let mut keys = narfs::formats::keys::TrustedKeys::default();
-        keys.add(sk.public());
-        let (index, bytes) = index_of(&nar, &sk);
+        let keys = trusting(&signer());
+        let (index, bytes) = index_of(&made(&tree, &d.path().join("t")), &signer());
         let verify = |b: &[u8]| FileIndex::parse_verified(b, &index.store_path, &index.nar_hash, index.nar_size, &keys);
         let mut flipped = bytes.clone();
         let i = at.index(flipped.len());
@@ -300,13 +293,8 @@ proptest! {
     #[test]
     fn signed_but_malformed_bodies_never_panic(tree in node(), at in any::<prop::sample::Index>(), byte in any::<u8>(), cut in any::<prop::sample::Index>()) {
         let d = tempfile::tempdir().unwrap();
-        let src = d.path().join("t");
-        materialize(&tree, &src);
-        let nar = nar::Writer::new(Vec::new()).dump_path(&src).unwrap();
-        let sk = narfs::formats::keys::SecretKey::from_seed("prop-1", [1; 32]);
-        let mut keys = narfs::formats::keys::TrustedKeys::default();
-        keys.add(sk.public());
-        let (index, _) = index_of(&nar, &sk);
+        let (sk, keys) = (signer(), trusting(&signer()));
+        let (index, _) = index_of(&made(&tree, &d.path().join("t")), &sk);
         let body = index.body();
         let mut changed = body.clone();
         let i = at.index(changed.len());

@@ -4,20 +4,7 @@
 mod common;
 
 use common::*;
-use std::path::Path;
 use std::process::Command;
-
-fn keygen(dir: &Path, name: &str) -> (String, String) {
-    let (sk, pk) = (
-        dir.join(format!("{name}.sec")),
-        dir.join(format!("{name}.pub")),
-    );
-    run(narfs().arg("keygen").arg(name).arg(&sk).arg(&pk));
-    (
-        sk.display().to_string(),
-        std::fs::read_to_string(pk).unwrap().trim().to_owned(),
-    )
-}
 
 #[test]
 fn pushed_closures_are_accepted_by_nix_and_narfs() {
@@ -27,11 +14,15 @@ fn pushed_closures_are_accepted_by_nix_and_narfs() {
     let (sk, pk) = keygen(tmp.path(), "push-test-1");
     let url = s3.url(s3.port, "pushed");
     let app = format!("/nix/store/{}", f.path("narfs-test-app"));
-    let (code, _, err) = out(narfs()
-        .args(["push", "--store", &f.store, "--key-file", &sk])
-        .arg(&url)
-        .arg(&app));
-    assert_eq!(code, 0, "{err}");
+    let push = || {
+        let (code, _, err) = out(narfs()
+            .args(["push", "--store", &f.store, "--key-file", &sk])
+            .arg(&url)
+            .arg(&app));
+        assert_eq!(code, 0, "{err}");
+        err
+    };
+    let err = push();
     assert!(err.contains("4 paths pushed"), "{err}");
     assert!(err.contains("0 already in the cache"), "{err}");
     let cache = s3.root.join(BUCKET).join("pushed");
@@ -118,11 +109,7 @@ fn pushed_closures_are_accepted_by_nix_and_narfs() {
     );
 
     // a second push finds everything there
-    let (code, _, err) = out(narfs()
-        .args(["push", "--store", &f.store, "--key-file", &sk])
-        .arg(&url)
-        .arg(&app));
-    assert_eq!(code, 0, "{err}");
+    let err = push();
     assert!(err.contains("0 paths pushed"), "{err}");
     assert!(err.contains("4 already in the cache"), "{err}");
 }

@@ -33,10 +33,8 @@ fn http_caches_are_read_by_name() {
     assert!(std::fs::read_dir(&m.mnt).unwrap().count() >= 3);
     // an untrusted key sees nothing, as with S3
     let tmp = tempfile::tempdir().unwrap();
-    let (sk, pk) = (tmp.path().join("sk"), tmp.path().join("pk"));
-    run(narfs().args(["keygen", "other-1"]).arg(&sk).arg(&pk));
-    let other = std::fs::read_to_string(&pk).unwrap();
-    let m2 = Mounted::start(&url, &[other.trim()], None, &[]);
+    let (_, other) = keygen(tmp.path(), "other-1");
+    let m2 = Mounted::start(&url, &[&other], None, &[]);
     assert_eq!(
         read_err(&m2.p(f.path("narfs-test-lib"))),
         Some(libc::ENOENT)
@@ -69,8 +67,7 @@ fn http_get(port: u16, path: &str) -> String {
 fn prefetch_stats_and_metrics() {
     let f = fixture();
     let e = env();
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
+    let (port, addr) = free_addr();
     let m = Mounted::start(
         &e.url,
         &[&f.public_key],
@@ -158,17 +155,6 @@ fn prefetch_stats_and_metrics() {
     assert!(err.contains("no narfs mount answers for /tmp"), "{err}");
 }
 
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn fstab_form_mounts_in_the_background() {
     let f = fixture();
@@ -210,19 +196,27 @@ fn fstab_form_mounts_in_the_background() {
     let log = cache.join("narfs.log");
     assert!(std::fs::read_to_string(&log).unwrap().contains("mounted"));
     run(Command::new("umount").arg(&mnt));
-    wait_for("the background mount to exit", || {
-        std::fs::read_to_string(&log)
-            .unwrap()
-            .contains("unmounted from outside")
-    });
+    wait_for(
+        "the background mount to exit",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap()
+                .contains("unmounted from outside")
+        },
+    );
     let mnt_s = mnt.to_str().unwrap().to_owned();
-    wait_for("the background mount to exit", || {
-        !Command::new("pgrep")
-            .args(["-f", &mnt_s])
-            .status()
-            .unwrap()
-            .success()
-    });
+    wait_for(
+        "the background mount to exit",
+        Duration::from_secs(20),
+        || {
+            !Command::new("pgrep")
+                .args(["-f", &mnt_s])
+                .status()
+                .unwrap()
+                .success()
+        },
+    );
 
     // the same form, run directly, with options narfs does not know or a cache
     // that does not answer: a clear error, nothing mounted

@@ -266,7 +266,7 @@ fn a_forged_listing_of_millions_of_entries_costs_bounded_memory() {
         put("fat", huge_listing(100_000, 200).into_bytes()),
     ];
     drop(million);
-    let m = Mounted::start(&s3.url(s3.port, "h"), &[&cache.public_key()], None, &[]);
+    let m = cache.mount(&s3, &[]);
     let readers: Vec<_> = bombs
         .iter()
         .map(|b| {
@@ -621,9 +621,7 @@ fn the_control_socket_answers_its_user_alone() {
     // modes on purpose cannot touch other mounts
     let f = fixture();
     let e = env();
-    let base = tempfile::tempdir().unwrap();
-    let mnt = base.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
+    let (base, mnt) = mountpoint();
     std::fs::create_dir_all("/run/narfs").unwrap();
     let script = r#"
         set -u
@@ -729,8 +727,7 @@ fn narfs_ls_escapes_names_and_shows_only_verified_link_targets() {
 fn slow_metrics_clients_do_not_hold_up_a_scrape() {
     let f = fixture();
     let e = env();
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
+    let (_, addr) = free_addr();
     let m = Mounted::start(&e.url, &[&f.public_key], None, &["--metrics-addr", &addr]);
     m.wait_log("serving metrics");
     // clients that connect and then say nothing, or send half a request
@@ -770,9 +767,7 @@ fn the_quota_holds_at_every_moment_and_prefetch_never_evicts() {
     // a closure of 12 paths of 2 MiB, each referencing the next three (so every open
     // prefetches), read twice in order through a 10 MiB quota, the cache directory
     // measured every few milliseconds meanwhile
-    let s3 = S3Server::start();
-    let dir = s3.root.join(BUCKET).join("q");
-    let (key, names) = generate_nar_cache_refs(&dir, 12, 2 << 20, 3);
+    let (s3, _, key, names) = generated("q", 12, 2 << 20, 3);
     let proxy = common::proxy::Proxy::start(s3.port);
     let quota: u64 = 10 << 20;
     let tmpfs = Tmpfs::new("64m");
@@ -883,12 +878,7 @@ fn a_cache_directory_swapped_under_a_running_mount_is_never_read() {
         std::fs::read_to_string(&greet).unwrap(),
         "greet() { echo \"hello from lib\"; }\n"
     );
-    assert_eq!(
-        run(&mut std::process::Command::new(
-            m.p(f.path("narfs-test-app")).join("bin/app")
-        )),
-        "hello from lib\n"
-    );
+    m.runs_the_app();
 }
 
 #[test]
@@ -912,7 +902,7 @@ fn listings_together_cost_bounded_memory() {
         })
         .collect();
     let good = cache.put_good("neighbour");
-    let m = Mounted::start(&s3.url(s3.port, "h"), &[&cache.public_key()], None, &[]);
+    let m = cache.mount(&s3, &[]);
     let mut listed = 0;
     for n in &names {
         // a directory listed from its listing, or an error once listings are full
@@ -931,7 +921,6 @@ fn listings_together_cost_bounded_memory() {
 
 /// An HTTP cache that answers every narinfo with 1 MiB of junk.
 fn junk_narinfo_server() -> (std::process::Child, u16) {
-    let port = free_port();
     let script = r#"
 import http.server, socketserver, sys
 class H(http.server.BaseHTTPRequestHandler):
@@ -945,16 +934,11 @@ class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True; request_queue_size = 4096
 S(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 "#;
-    let child = std::process::Command::new("python3")
-        .args(["-c", script, &port.to_string()])
-        .spawn()
-        .unwrap();
-    let t = std::time::Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(t.elapsed() < std::time::Duration::from_secs(10));
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    (child, port)
+    spawn_listening("the junk narinfo server", |port| {
+        let mut c = std::process::Command::new("python3");
+        c.args(["-c", script, &port.to_string()]);
+        c
+    })
 }
 
 #[test]
@@ -985,9 +969,7 @@ fn a_flood_of_lookups_of_huge_narinfos_costs_bounded_memory() {
 
 #[test]
 fn parallel_downloads_keep_the_quota_and_it_is_restored_after() {
-    let s3 = S3Server::start();
-    let dir = s3.root.join(BUCKET).join("q");
-    let (key, names) = generate_nar_cache(&dir, 6, 3 << 20);
+    let (s3, _, key, names) = generated("q", 6, 3 << 20, 0);
     let quota: u64 = 5 << 20;
     for mode in [&[][..], &["--no-open"][..]] {
         let mut args = vec!["--cache-size", "5M", "--jobs", "4"];

@@ -1,13 +1,7 @@
 # The benchmark corpus: real software trees from this machine copied into store paths
 # (tens of MB, thousands of files, symlinks), with references between them.
 let
-  mk = name: script: derivation {
-    inherit name;
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    args = [ "-c" script ];
-    PATH = "/usr/bin:/bin";
-  };
+  mk = import ../../tests/fixtures/mk.nix;
   copy = name: src: mk name ''
     set -e
     mkdir -p $out

@@ -8,13 +8,7 @@
 #                     three modules of bench-stdlibs; bin/py runs Python on bench-stdlibs
 { rustlib }:
 let
-  mk = name: script: derivation {
-    inherit name;
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    args = [ "-c" script ];
-    PATH = "/usr/bin:/bin";
-  };
+  mk = import ../../tests/fixtures/mk.nix;
   stdlibs = patch: mk "bench-stdlibs${patch}" ''
     set -e
     mkdir -p $out/lib

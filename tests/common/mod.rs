@@ -76,12 +76,18 @@ impl Fixture {
         std::fs::read_to_string(self.cache.join(format!("{}.narinfo", self.hash(name)))).unwrap()
     }
     pub fn narinfo_field(&self, name: &str, field: &str) -> String {
-        self.narinfo(name)
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{field}: ")))
-            .unwrap()
-            .to_owned()
+        narinfo_field_in(&self.cache, self.hash(name), field)
     }
+}
+
+/// The value of `field` in the narinfo of `basename` (or its hash part) in the cache
+/// directory `dir`.
+pub fn narinfo_field_in(dir: &Path, basename: &str, field: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("{}.narinfo", &basename[..32])))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}: ")).map(str::to_owned))
+        .unwrap_or_else(|| panic!("no {field} in the narinfo of {basename}"))
 }
 
 pub fn fixture() -> &'static Fixture {
@@ -94,7 +100,10 @@ pub fn fixture() -> &'static Fixture {
 /// place under a lock, so parallel test binaries never see half of it.
 fn build_fixture() -> Fixture {
     let nix_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/closure.nix");
-    let src = std::fs::read(&nix_file).unwrap();
+    // (the derivation helper it imports is part of what it builds)
+    let src = [&nix_file, &nix_file.with_file_name("mk.nix")]
+        .map(|p| std::fs::read(p).unwrap())
+        .concat();
     let key = &narfs::formats::hash::Sha256::digest(&src).to_nix_string()[7..19];
     let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
     std::fs::create_dir_all(base).unwrap();
@@ -184,15 +193,16 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A free port on 127.0.0.1, and its `HOST:PORT` (for `--metrics-addr`).
+pub fn free_addr() -> (u16, String) {
+    let port = free_port();
+    (port, format!("127.0.0.1:{port}"))
+}
+
 fn wait_port(port: u16) {
-    let t = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "port {port} never opened"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&format!("port {port}"), Duration::from_secs(20), || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
 }
 
 /// A real s3s-fs server on 127.0.0.1; objects are files under `root/<bucket>/`.
@@ -306,6 +316,47 @@ impl Env {
     pub fn object(&self, key: &str) -> PathBuf {
         self.s3.root.join(BUCKET).join("cache").join(key)
     }
+
+    /// The object `HASH.EXT` of the fixture's path `name` (`ls`, `narinfo`).
+    pub fn object_of(&self, name: &str, ext: &str) -> PathBuf {
+        self.object(&format!("{}.{ext}", fixture().hash(name)))
+    }
+
+    /// Rewrites that object with what `edit` makes of its text.
+    pub fn edit_object_of(&self, name: &str, ext: &str, edit: impl FnOnce(&str) -> String) {
+        let path = self.object_of(name, ext);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, edit(&text)).unwrap();
+    }
+}
+
+/// Polls `done` every 20 ms until it holds; fails the test, naming `what`, once
+/// `limit` passed (no test may hang).
+pub fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !done() {
+        assert!(t.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until the mount at `mnt` serves the fixture's single file, unmounts it from
+/// outside, and waits (10 s at most) for the narfs that served it to exit.
+pub fn serve_then_unmount(mnt: &Path, narfs: &mut Child) -> ExitStatus {
+    let p = mnt.join(fixture().path("narfs-test-single.txt"));
+    wait_for("the mount", Duration::from_secs(20), || {
+        std::fs::read(&p).ok().as_deref() == Some(b"asdf")
+    });
+    run(Command::new("fusermount3").arg("-u").arg(mnt));
+    wait_timeout(narfs, Duration::from_secs(10))
+}
+
+/// An empty directory to mount on (`mnt`), in a temporary directory of its own.
+pub fn mountpoint() -> (tempfile::TempDir, PathBuf) {
+    let base = tempfile::tempdir().unwrap();
+    let mnt = base.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    (base, mnt)
 }
 
 /// A running `narfs mount`.
@@ -445,6 +496,13 @@ impl Mounted {
             .trim()
             .parse()
             .unwrap()
+    }
+
+    /// Runs the fixture's program from the mount, which prints what its library (another
+    /// store path) says.
+    pub fn runs_the_app(&self) {
+        let app = self.p(fixture().path("narfs-test-app")).join("bin/app");
+        assert_eq!(run(&mut Command::new(app)), "hello from lib\n");
     }
 
     pub fn log_text(&self) -> String {
@@ -736,6 +794,20 @@ pub fn generate_nar_cache_refs(
     )
 }
 
+/// A server holding under `prefix` a cache `generate_nar_cache_refs` made: the server,
+/// the cache's directory, its key and its paths' basenames.
+pub fn generated(
+    prefix: &str,
+    n: usize,
+    bytes: usize,
+    refs: usize,
+) -> (S3Server, PathBuf, String, Vec<String>) {
+    let s3 = S3Server::start();
+    let dir = s3.root.join(BUCKET).join(prefix);
+    let (key, names) = generate_nar_cache_refs(&dir, n, bytes, refs);
+    (s3, dir, key, names)
+}
+
 /// `n` pseudo-random bytes (xorshift from `seed`): contents that do not compress.
 pub fn noise(n: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
@@ -819,20 +891,7 @@ impl SignedCache {
         let url = format!("nar/{}.nar", &file_hash.to_nix_string()[7..]);
         std::fs::create_dir_all(self.dir.join("nar")).unwrap();
         std::fs::write(self.dir.join(&url), file).unwrap();
-        let mut info = narfs::formats::narinfo::NarInfo {
-            store_path: sp.clone(),
-            url,
-            compression,
-            file_hash: Some(file_hash),
-            file_size: Some(file.len() as u64),
-            nar_hash: narfs::formats::hash::Sha256::digest(nar),
-            nar_size: nar.len() as u64,
-            references: vec![],
-            deriver: None,
-            sigs: vec![],
-            ca: None,
-            index: None,
-        };
+        let mut info = narinfo_of(&sp, &url, compression, nar, Some(file));
         edit(&mut info);
         info.sigs.push(self.sk.sign(info.fingerprint().as_bytes()));
         std::fs::write(
@@ -845,23 +904,57 @@ impl SignedCache {
 
     /// The value of `field` in the narinfo of `basename`.
     pub fn field(&self, basename: &str, field: &str) -> String {
-        std::fs::read_to_string(self.dir.join(format!("{}.narinfo", &basename[..32])))
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{field}: ")).map(str::to_owned))
-            .unwrap_or_else(|| panic!("no {field} in the narinfo of {basename}"))
+        narinfo_field_in(&self.dir, basename, field)
     }
 
     pub fn put_good(&self, name: &str) -> String {
-        let nar = file_nar(b"good content\n");
+        self.put_nar(name, &file_nar(b"good content\n"))
+    }
+
+    /// Puts `nar` (uncompressed) with a signed narinfo; returns the basename.
+    pub fn put_nar(&self, name: &str, nar: &[u8]) -> String {
         self.put(
             name,
-            &nar,
+            nar,
             narfs::formats::narinfo::Compression::None,
-            &nar,
+            nar,
             |_| {},
         )
     }
+}
+
+/// An unsigned narinfo of `nar` for `sp`, with no references, kept at `url` as `file`
+/// compressed with `compression` (without `file`: no FileHash or FileSize).
+pub fn narinfo_of(
+    sp: &narfs::formats::store_path::StorePath,
+    url: &str,
+    compression: narfs::formats::narinfo::Compression,
+    nar: &[u8],
+    file: Option<&[u8]>,
+) -> narfs::formats::narinfo::NarInfo {
+    use narfs::formats::hash::Sha256;
+    narfs::formats::narinfo::NarInfo {
+        store_path: sp.clone(),
+        url: url.to_owned(),
+        compression,
+        file_hash: file.map(Sha256::digest),
+        file_size: file.map(|f| f.len() as u64),
+        nar_hash: Sha256::digest(nar),
+        nar_size: nar.len() as u64,
+        references: vec![],
+        deriver: None,
+        sigs: vec![],
+        ca: None,
+        index: None,
+    }
+}
+
+/// `text` without its lines that start with `prefix` (a narinfo without a field).
+pub fn without_lines(text: &str, prefix: &str) -> String {
+    text.lines()
+        .filter(|l| !l.starts_with(prefix))
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 /// The NAR of `dir` (a tree made for a test).
@@ -880,18 +973,16 @@ impl SignedCache {
 
     /// Puts the NAR of `dir` (uncompressed) with a signed narinfo; returns the basename.
     pub fn put_tree(&self, name: &str, dir: &Path) -> String {
-        let nar = nar_of(dir);
-        self.put(
-            name,
-            &nar,
-            narfs::formats::narinfo::Compression::None,
-            &nar,
-            |_| {},
-        )
+        self.put_nar(name, &nar_of(dir))
     }
 
     pub fn public_key(&self) -> String {
         self.sk.public().to_nix_string()
+    }
+
+    /// Mounts the cache `new` made on `s3`, trusting its key, with `extra` options.
+    pub fn mount(&self, s3: &S3Server, extra: &[&str]) -> Mounted {
+        Mounted::start(&s3.url(s3.port, "h"), &[&self.public_key()], None, extra)
     }
 }
 
@@ -1089,8 +1180,7 @@ pub fn push_closure(s3: &S3Server, dir: &Path) -> String {
 
 pub fn push_closure_with(s3: &S3Server, dir: &Path, compression: &str) -> String {
     let f = fixture();
-    let (sk, pk) = (dir.join("ix.sec"), dir.join("ix.pub"));
-    run(narfs().args(["keygen", "ix-1"]).arg(&sk).arg(&pk));
+    let (sk, pk) = keygen(dir, "ix-1");
     let (code, _, err) = out(narfs()
         .args([
             "push",
@@ -1104,5 +1194,30 @@ pub fn push_closure_with(s3: &S3Server, dir: &Path, compression: &str) -> String
         .arg(s3.url(s3.port, "ix"))
         .arg(format!("/nix/store/{}", f.path("narfs-test-app"))));
     assert_eq!(code, 0, "{err}");
-    std::fs::read_to_string(pk).unwrap().trim().to_owned()
+    pk
+}
+
+/// The fixture's closure pushed with `compression` as `push_closure_with` does, and
+/// mounted through a counting proxy with `extra` options.
+pub fn indexed_mount(compression: &str, extra: &[&str]) -> (S3Server, proxy::Proxy, Mounted) {
+    let s3 = S3Server::start();
+    let keys = tempfile::tempdir().unwrap();
+    let pk = push_closure_with(&s3, keys.path(), compression);
+    let proxy = proxy::Proxy::start(s3.port);
+    let m = Mounted::start(&s3.url(proxy.port, "ix"), &[&pk], None, extra);
+    (s3, proxy, m)
+}
+
+/// A signing key pair made by `narfs keygen NAME` in `dir`: the secret key's file and
+/// the public key.
+pub fn keygen(dir: &Path, name: &str) -> (String, String) {
+    let (sk, pk) = (
+        dir.join(format!("{name}.sec")),
+        dir.join(format!("{name}.pub")),
+    );
+    run(narfs().arg("keygen").arg(name).arg(&sk).arg(&pk));
+    (
+        sk.display().to_string(),
+        std::fs::read_to_string(pk).unwrap().trim().to_owned(),
+    )
 }

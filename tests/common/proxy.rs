@@ -112,11 +112,19 @@ impl Proxy {
         self.state.requests.lock().unwrap().clone()
     }
 
+    /// Requests seen so far whose `METHOD TARGET` contains `needle`.
+    pub fn requests_with(&self, needle: &str) -> Vec<String> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.contains(needle))
+            .collect()
+    }
+
     /// GETs whose target contains `needle` (query strings included).
     pub fn gets(&self, needle: &str) -> usize {
-        self.requests()
+        self.requests_with(needle)
             .iter()
-            .filter(|r| r.starts_with("GET ") && r.contains(needle))
+            .filter(|r| r.starts_with("GET "))
             .count()
     }
 

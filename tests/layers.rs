@@ -60,20 +60,29 @@ fn sources(src: &Path, dir: &Path, out: &mut Vec<Source>) {
 }
 
 /// The code of `text` without `//` comments (doc links are not imports) and, if
-/// `tests` is false, without its unit tests (`#[cfg(test)] mod ...` to the end).
+/// `tests` is false, without its unit test modules (`#[cfg(test)] mod ... { ... }`).
 fn code(text: &str, tests: bool) -> String {
     let mut out = Vec::new();
-    let mut lines = text.lines().peekable();
-    while let Some(l) = lines.next() {
-        if !tests
-            && l.trim() == "#[cfg(test)]"
-            && lines
-                .peek()
-                .is_some_and(|n| n.trim_start().starts_with("mod "))
-        {
-            break;
+    let lines = text.lines().map(|l| l.find("//").map_or(l, |i| &l[..i]));
+    let mut skipping: Option<i64> = None; // braces open in a test module
+    let mut test_attr = false;
+    for l in lines {
+        if let Some(depth) = &mut skipping {
+            *depth += l.matches('{').count() as i64 - l.matches('}').count() as i64;
+            if *depth <= 0 {
+                skipping = None;
+            }
+            continue;
         }
-        out.push(l.find("//").map_or(l, |i| &l[..i]));
+        if !tests && test_attr && l.trim_start().starts_with("mod ") && l.contains('{') {
+            let depth = l.matches('{').count() as i64 - l.matches('}').count() as i64;
+            skipping = (depth > 0).then_some(depth);
+            out.pop(); // the attribute
+            test_attr = false;
+            continue;
+        }
+        test_attr = l.trim() == "#[cfg(test)]";
+        out.push(l);
     }
     out.join("\n")
 }
@@ -291,7 +300,7 @@ fn the_scanner_sees_grouped_plain_and_relative_paths() {
     let c = code(
         "use crate::fetch::X; // crate::cli\nuse crate::{mount::{a, b::C}, cli};\n\
          use super::super::formats::nar;\nlet x = super::Fetcher::new();\n\
-         #[cfg(test)]\nmod tests {\n use crate::publish;\n}",
+         #[cfg(test)]\nmod tests {\n use crate::publish;\n}\nuse crate::storage::X;",
         false,
     );
     let got: Vec<String> = named(&c, &own).iter().map(|p| p.join("::")).collect();
@@ -303,7 +312,8 @@ fn the_scanner_sees_grouped_plain_and_relative_paths() {
             "mount::b::C",
             "cli",
             "formats::nar",
-            "fetch::Fetcher::new"
+            "fetch::Fetcher::new",
+            "storage::X"
         ]
     );
 }

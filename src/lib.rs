@@ -1,6 +1,6 @@
 //! narfs: a verified, lazily filled, read-only FUSE view of a Nix binary cache.
 //!
-//! The map: seven layers, in the order data flows through a mount. Each may use only
+//! The map: eight layers, in the order data flows through a mount. Each may use only
 //! the layers before it (`tests/layers.rs` checks it, and that no two modules name
 //! each other in a circle):
 //!
@@ -12,6 +12,7 @@
 //! | [`fetch`] | the read side's network: narinfos, indexes, listings, NARs and blocks, verified; pacing, retries, single-flight, decompression, counters | formats, storage, disk_cache |
 //! | [`mount`] | the file system: inodes, operations, the FUSE adapter (only it knows fuser), control socket, metrics endpoint | formats, storage, disk_cache, fetch |
 //! | [`publish`] | the write side: `narfs push`, `narfs index`, seekable NARs | formats, storage, fetch |
+//! | [`nixstore`] | nix itself on the mount: overlayfs over it, paths registered with nix | formats, storage, disk_cache, fetch, mount |
 //! | [`cli`] | the command line: one file per subcommand | all |
 //!
 //! A mount reads: cache URL → `storage` → `fetch` (verify, decompress, unpack) →
@@ -29,5 +30,7 @@ pub mod fetch;
 pub mod mount;
 
 pub mod publish;
+
+pub mod nixstore;
 
 pub mod cli;

@@ -14,6 +14,11 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("mount", &["formats", "storage", "disk_cache", "fetch"]),
     // the write side never needs a mount
     ("publish", &["formats", "storage", "fetch"]),
+    // nix itself on the mount
+    (
+        "nixstore",
+        &["formats", "storage", "disk_cache", "fetch", "mount"],
+    ),
     (
         "cli",
         &[
@@ -23,6 +28,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "fetch",
             "mount",
             "publish",
+            "nixstore",
         ],
     ),
 ];

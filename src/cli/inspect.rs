@@ -140,7 +140,7 @@ fn inspecting(
 }
 
 pub struct Session {
-    fetcher: Arc<Fetcher>,
+    pub fetcher: Arc<Fetcher>,
     _dir: tempfile::TempDir,
 }
 

@@ -7,6 +7,7 @@ mod index;
 mod inspect;
 mod keygen;
 mod mount;
+mod nix_store;
 mod prefetch;
 mod push;
 mod stats;
@@ -43,6 +44,16 @@ enum Cmd {
     /// every signature stays valid and nix still reads the cache. Paths already
     /// indexed are skipped; old NARs no narinfo names are removed at the end.
     Index(index::Args),
+    /// Make nix itself use the lazy store: mount narfs at a hidden directory, a
+    /// writable overlayfs over it at the store directory, and register the cache's
+    /// paths (their closures, or all) with nix from their verified narinfos, so
+    /// `nix-build` and friends use them, fetching files only as they are read. Runs
+    /// until SIGTERM; --daemon returns once nix can use the store. Needs root.
+    NixStore(nix_store::Args),
+    /// Print what `nix-store --load-db` reads to hold the closures of store paths (or
+    /// every path) of a cache as valid, from verified narinfos; --sigs DIR also
+    /// writes their narinfos for `nix store copy-sigs -s file://DIR`.
+    Register(nix_store::RegisterArgs),
     /// Fetch the closures of store paths into a mount's disk cache ahead of use.
     Prefetch(prefetch::Args),
     /// Print a running mount's counters (the same as its --metrics-addr serves).
@@ -210,6 +221,8 @@ pub fn main() -> ExitCode {
         Cmd::Keygen(a) => keygen::run(a),
         Cmd::Push(a) => push::run(a),
         Cmd::Index(a) => index::run(a),
+        Cmd::NixStore(a) => nix_store::run(a),
+        Cmd::Register(a) => nix_store::register(a),
         Cmd::Prefetch(a) => prefetch::run(a),
         Cmd::Stats(a) => stats::run(a),
         Cmd::Ls(a) => inspect::ls(a),

@@ -7,8 +7,9 @@ use clap::ArgAction;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// The options of a mount, shared by `narfs mount` and `narfs nix-store`.
 #[derive(clap::Args)]
-pub struct Args {
+pub struct MountFlags {
     /// A trusted key, NAME:BASE64, as in nix.conf's trusted-public-keys (repeatable).
     /// Also read from NARFS_TRUSTED_PUBLIC_KEYS (space-separated).
     #[arg(long = "trusted-public-key", value_name = "NAME:BASE64")]
@@ -35,9 +36,10 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 4)]
     jobs: usize,
     /// When a path is first opened, fetch its references in the background (its
-    /// closure is almost always read together).
-    #[arg(long, value_name = "BOOL", default_value_t = true, action = ArgAction::Set)]
-    prefetch_references: bool,
+    /// closure is almost always read together) [default: true; false for narfs
+    /// nix-store, where nix's sandbox looks into every input]
+    #[arg(long, value_name = "BOOL", action = ArgAction::Set)]
+    prefetch_references: Option<bool>,
     /// Serve reads with FUSE passthrough: at open narfs hands the kernel the unpacked
     /// file and reads bypass narfs (default: reads reach narfs once, then stay in the
     /// kernel's page cache).
@@ -60,10 +62,10 @@ pub struct Args {
     /// read fails with EIO and the next access tries afresh.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     timeout: u64,
-    /// Return once mounted and keep serving in the background (what mount(8) expects;
+    /// Return once serving and keep serving in the background (what mount(8) expects;
     /// the fstab form implies it). Logs go to --log-file.
     #[arg(long)]
-    daemon: bool,
+    pub daemon: bool,
     /// Write logs to FILE (appending) instead of stderr
     /// [default with --daemon: narfs.log in the cache directory].
     #[arg(long, value_name = "FILE")]
@@ -83,6 +85,12 @@ pub struct Args {
     /// More logging (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = ArgAction::Count)]
     verbose: u8,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    flags: MountFlags,
     /// s3://BUCKET[/PREFIX]?endpoint=HOST&scheme=http|https&region=R&profile=P, or file:///DIR
     cache_url: String,
     /// An existing, empty directory.
@@ -99,13 +107,77 @@ fn default_cache_dir() -> Option<PathBuf> {
 }
 
 pub fn run(a: Args) -> ExitCode {
+    serve(a.flags, |flags| {
+        let opts = flags.options(a.cache_url, a.mountpoint, true)?;
+        session::run(opts)
+    })
+}
+
+impl MountFlags {
+    /// The cache directory: given, or the user's default.
+    pub fn cache_dir(&self) -> Result<PathBuf, String> {
+        self.cache_dir
+            .clone()
+            .or_else(default_cache_dir)
+            .ok_or_else(|| "no --cache-dir given and neither XDG_CACHE_HOME nor HOME is set".into())
+    }
+
+    /// The options of a mount of `cache_url` at `mountpoint`; reference prefetch is
+    /// `prefetch` unless the flags say.
+    pub fn options(
+        self,
+        cache_url: String,
+        mountpoint: PathBuf,
+        prefetch: bool,
+    ) -> Result<MountOptions, session::MountError> {
+        let cache_dir = self.cache_dir().map_err(session::MountError::Usage)?;
+        let mut keys = self.trusted_public_keys;
+        if let Ok(env) = std::env::var("NARFS_TRUSTED_PUBLIC_KEYS") {
+            keys.extend(env.split_whitespace().map(str::to_owned));
+        }
+        Ok(MountOptions {
+            cache_url,
+            mountpoint,
+            trusted_public_keys: keys,
+            cache_dir,
+            allow_other: self.allow_other,
+            negative_ttl: std::time::Duration::from_secs(self.negative_ttl),
+            refresh_interval: std::time::Duration::from_secs(self.refresh_interval),
+            timeout: std::time::Duration::from_secs(self.timeout.max(1)),
+            cache_size: self.cache_size,
+            jobs: self.jobs.max(1),
+            prefetch_references: self.prefetch_references.unwrap_or(prefetch),
+            passthrough: self.passthrough,
+            no_open: self.no_open,
+            page_cache: self.page_cache,
+            noexec: self.noexec,
+            metrics_addr: self.metrics_addr,
+            netrc_file: self.netrc_file,
+            ssl_cert_file: self.ssl_cert_file,
+        })
+    }
+}
+
+/// Runs `work` in the foreground, or with `--daemon` in a background copy of this
+/// process that says when it serves (the foreground returns then, or fails with the
+/// end of its log): logging set up either way.
+pub fn serve(
+    flags: MountFlags,
+    work: impl FnOnce(MountFlags) -> Result<(), session::MountError>,
+) -> ExitCode {
     let child = std::env::var_os(crate::mount::session::READY_ENV).is_some();
-    if a.daemon && !child {
-        let Some(cache_dir) = a.cache_dir.clone().or_else(default_cache_dir) else {
-            eprintln!("narfs: no --cache-dir given and neither XDG_CACHE_HOME nor HOME is set");
-            return ExitCode::from(2);
+    if flags.daemon && !child {
+        let cache_dir = match flags.cache_dir() {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("narfs: {e}");
+                return ExitCode::from(2);
+            }
         };
-        let log = a.log_file.clone().unwrap_or(cache_dir.join("narfs.log"));
+        let log = flags
+            .log_file
+            .clone()
+            .unwrap_or(cache_dir.join("narfs.log"));
         return match crate::cli::fstab::daemon(&log) {
             Ok(()) => ExitCode::SUCCESS,
             Err((code, msg)) => {
@@ -115,36 +187,8 @@ pub fn run(a: Args) -> ExitCode {
         };
     }
     // a background mount's stderr already is its log file
-    init_logging(a.verbose, a.log_file.as_deref().filter(|_| !child));
-    let mut keys = a.trusted_public_keys.clone();
-    if let Ok(env) = std::env::var("NARFS_TRUSTED_PUBLIC_KEYS") {
-        keys.extend(env.split_whitespace().map(str::to_owned));
-    }
-    let Some(cache_dir) = a.cache_dir.clone().or_else(default_cache_dir) else {
-        eprintln!("narfs: no --cache-dir given and neither XDG_CACHE_HOME nor HOME is set");
-        return ExitCode::from(2);
-    };
-    let opts = MountOptions {
-        cache_url: a.cache_url,
-        mountpoint: a.mountpoint,
-        trusted_public_keys: keys,
-        cache_dir,
-        allow_other: a.allow_other,
-        negative_ttl: std::time::Duration::from_secs(a.negative_ttl),
-        refresh_interval: std::time::Duration::from_secs(a.refresh_interval),
-        timeout: std::time::Duration::from_secs(a.timeout.max(1)),
-        cache_size: a.cache_size,
-        jobs: a.jobs.max(1),
-        prefetch_references: a.prefetch_references,
-        passthrough: a.passthrough,
-        no_open: a.no_open,
-        page_cache: a.page_cache,
-        noexec: a.noexec,
-        metrics_addr: a.metrics_addr,
-        netrc_file: a.netrc_file,
-        ssl_cert_file: a.ssl_cert_file,
-    };
-    match session::run(opts) {
+    init_logging(flags.verbose, flags.log_file.as_deref().filter(|_| !child));
+    match work(flags) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("narfs: {e}");

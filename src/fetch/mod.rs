@@ -116,6 +116,8 @@ pub struct Fetcher {
     /// The cache's `nix-cache-info` says `NarfsIndexes: 1`: only then is a path's
     /// index asked for before its narinfo named one.
     indexes_announced: bool,
+    /// NarHashes store paths are pinned to, by hash part (see `pin`).
+    pins: std::sync::RwLock<std::collections::HashMap<String, Sha256>>,
 }
 
 type SpeculatedIndex =
@@ -166,6 +168,7 @@ impl Fetcher {
             demands: Default::default(),
             index_bytes: Arc::new(tokio::sync::Semaphore::new(INDEX_KIB)),
             indexes_announced: false,
+            pins: Default::default(),
         }
     }
 

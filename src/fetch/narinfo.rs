@@ -4,6 +4,7 @@
 
 use super::{FetchError, Fetcher, Lookup, SPECULATED_BYTES};
 use crate::fetch::metrics::Metrics;
+use crate::formats::hash::Sha256;
 use crate::formats::narinfo::{NarInfo, MAX_NARINFO_BYTES};
 use crate::formats::store_path::StorePath;
 use std::sync::Arc;
@@ -23,6 +24,7 @@ impl Fetcher {
                     .map_err(|e| e.to_string())
             });
         match checked {
+            Ok(info) if self.pin_refuses(&info) => None,
             Ok(info) => Some(Arc::new(info.compact())),
             Err(e) => {
                 tracing::warn!(
@@ -196,6 +198,7 @@ impl Fetcher {
             }
         };
         match info.verify(hash, &self.keys) {
+            Ok(_) if self.pin_refuses(&info) => Ok(Lookup::Rejected),
             Ok(signer) => {
                 Metrics::inc(&self.metrics.narinfo_fetched);
                 tracing::debug!(path = %info.store_path, signer = %signer.name, ms = t0.elapsed().as_millis() as u64, "narinfo verified");
@@ -213,5 +216,54 @@ impl Fetcher {
                 Ok(Lookup::Rejected)
             }
         }
+    }
+
+    /// Pins store paths to the NarHash nix registered them with (`narfs nix-store`):
+    /// nix believes a registered path has those contents, so a narinfo that says
+    /// otherwise (the path pushed again with other contents) is refused like an
+    /// untrusted one, and the path's reads fail rather than show other bytes.
+    pub fn pin(&self, pins: impl IntoIterator<Item = (String, Sha256)>) {
+        self.pins.write().unwrap().extend(pins);
+    }
+
+    /// Whether `info` contradicts a pin (and says so in the log).
+    fn pin_refuses(&self, info: &NarInfo) -> bool {
+        let pins = self.pins.read().unwrap();
+        match pins.get(info.store_path.hash_part()) {
+            Some(pinned) if *pinned != info.nar_hash => {
+                tracing::error!(
+                    "{}: the cache now has it with NarHash {}, but nix registered it with {}: refused (register it again to take the new contents)",
+                    info.store_path,
+                    info.nar_hash,
+                    pinned
+                );
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The verified narinfo of `hash` with all it says (signatures, deriver, CA), as
+    /// nix needs it to register the path; `None` if the cache has none that verifies.
+    pub async fn narinfo_whole(self: &Arc<Self>, hash: &str) -> Result<Option<NarInfo>, String> {
+        match self.narinfo(hash).await {
+            Ok(Lookup::Found(_)) => {}
+            Ok(_) => return Ok(None),
+            Err(e) => return Err(e.to_string()),
+        }
+        for id in &self.key_ids {
+            let whole = self.disk.load_narinfo(id, hash).and_then(|t| {
+                let i = NarInfo::parse(&t).ok()?;
+                i.verify(hash, &self.keys).ok()?;
+                Some(i)
+            });
+            if whole.is_some() {
+                return Ok(whole);
+            }
+        }
+        Err(format!(
+            "{hash}.narinfo verified, but its record in the cache directory {} cannot be read back",
+            self.disk.root().display()
+        ))
     }
 }

@@ -13,13 +13,19 @@ use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 /// `/run/narfs/` for root, else `$XDG_RUNTIME_DIR/narfs/` (or `/tmp/narfs-UID/`),
-/// plus a hash of the canonical mount point.
+/// plus a hash of the canonical mount point and the mount's device number: mounts at
+/// the same path in different mount namespaces (containers, `narfs nix-store`) each
+/// get their own socket.
 pub fn socket_path(mountpoint: &Path) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
     let canonical = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.into());
     let digest = crate::formats::hash::Sha256::digest(canonical.as_os_str().as_encoded_bytes());
+    let dev = std::fs::metadata(&canonical).map_or(0, |m| m.dev());
     let name = format!(
-        "{}.sock",
-        &crate::formats::nixbase32::encode(&digest.0)[..20]
+        "{}-{}-{}.sock",
+        &crate::formats::nixbase32::encode(&digest.0)[..20],
+        libc::major(dev),
+        libc::minor(dev)
     );
     let uid = unsafe { libc::getuid() };
     let dir = if uid == 0 {

@@ -78,7 +78,29 @@ fn parse_keys(keys: &[String]) -> Result<TrustedKeys, MountError> {
     Ok(t)
 }
 
+/// Mounts the cache and serves it until SIGTERM/SIGINT or until it is unmounted from
+/// outside (in every mount namespace).
 pub fn run(opts: MountOptions) -> Result<(), MountError> {
+    let serving = start(&opts)?;
+    announce_ready();
+    let ended = serving.wait(|| false);
+    serving.stop(ended);
+    Ok(())
+}
+
+/// A mount that serves: what `start` set up, until `stop`.
+pub struct Serving {
+    pub fs: Arc<Fs>,
+    pub rt: tokio::runtime::Runtime,
+    bg: fuser::BackgroundSession,
+    /// The mount's device number: how to find it in mount tables.
+    dev: Option<u64>,
+    mountpoint: PathBuf,
+    _control: Option<crate::mount::control::Listening>,
+}
+
+/// Checks the options and the cache, then mounts it; it serves from then on.
+pub fn start(opts: &MountOptions) -> Result<Serving, MountError> {
     let parsed = cache_url::parse(&opts.cache_url).map_err(|e| MountError::Usage(e.to_string()))?;
     for w in &parsed.warnings {
         tracing::warn!("{w}");
@@ -175,17 +197,6 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
         ));
         tracing::info!(addr, "serving metrics at /metrics");
     }
-    let _control = {
-        let _rt = rt.enter();
-        match crate::mount::control::listen(fs.clone(), &opts.mountpoint, opts.jobs) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                tracing::warn!("no control socket (narfs prefetch and stats will not work): {e}");
-                None
-            }
-        }
-    };
-
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::RO,
@@ -237,75 +248,114 @@ pub fn run(opts: MountOptions) -> Result<(), MountError> {
         .spawn()
         .map_err(|e| MountError::Failed(format!("cannot start the FUSE session: {e}")))?;
     tracing::info!(mountpoint = %opts.mountpoint.display(), ms = t0.elapsed().as_millis() as u64, "mounted");
-    sd_notify("READY=1");
-    if let Some(p) = std::env::var_os(READY_ENV) {
-        // the foreground half of `--daemon` waits for this
-        let _ = std::os::unix::net::UnixDatagram::unbound().and_then(|s| s.send_to(b"READY=1", p));
-    }
-
-    // the mount as the kernel knows it: how to find it in mount tables
     let dev = {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(&opts.mountpoint).map(|m| m.dev()).ok()
     };
-    let ended = rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut copies_told = false;
-        loop {
-            tokio::select! {
-                _ = int.recv() => return End::Signal,
-                _ = term.recv() => return End::Signal,
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {
-                    if bg.guard.is_finished() {
-                        return End::Gone;
-                    }
-                    let Some(dev) = dev else { continue };
-                    if mounted::here(dev) {
-                        continue;
-                    }
-                    // gone from this namespace: a copy in another (a container, an
-                    // `unshare -m` made while mounted) is still served
-                    if !mounted::anywhere(dev) {
-                        return End::Gone;
-                    }
-                    if !copies_told {
-                        copies_told = true;
-                        tracing::info!(
-                            "unmounted here, but another mount namespace holds a copy of the mount: serving it on (SIGTERM ends it)"
-                        );
-                    }
-                }
+    // after the mount: the socket's name has the mount's device number
+    let control = {
+        let _rt = rt.enter();
+        match crate::mount::control::listen(fs.clone(), &opts.mountpoint, opts.jobs) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!("no control socket (narfs prefetch and stats will not work): {e}");
+                None
             }
         }
-    });
-    sd_notify("STOPPING=1");
-    match ended {
-        End::Signal => {
-            tracing::info!("signal received: unmounting");
-            // detached here even if busy, then the session ends with the process
-            // (copies in other namespaces included: their users get ENOTCONN)
-            if dev.is_some_and(mounted::here) {
-                if let Err(e) = mounted::detach(&opts.mountpoint) {
-                    tracing::warn!("unmounting {}: {e}", opts.mountpoint.display());
-                }
-            }
-        }
-        End::Gone => tracing::info!("unmounted from outside"),
+    };
+    Ok(Serving {
+        fs,
+        rt,
+        bg,
+        dev,
+        mountpoint: opts.mountpoint.clone(),
+        _control: control,
+    })
+}
+
+/// Tells whoever waits for the mount that it serves: systemd (`Type=notify`), and the
+/// foreground half of `--daemon`.
+pub fn announce_ready() {
+    sd_notify("READY=1");
+    if let Some(p) = std::env::var_os(READY_ENV) {
+        let _ = std::os::unix::net::UnixDatagram::unbound().and_then(|s| s.send_to(b"READY=1", p));
     }
-    // The session's threads may wait on a connection a lazily detached mount keeps
-    // open: not joined (the connection ends when the process does), and not
-    // unmounted again by fuser (the mount point may hold another file system now).
-    std::mem::forget(bg);
-    rt.shutdown_timeout(Duration::from_secs(1));
-    Ok(())
+}
+
+impl Serving {
+    /// Serves until SIGTERM or SIGINT, until the mount is gone from every mount
+    /// namespace, or until `done()` says so (checked every 200 ms).
+    pub fn wait(&self, done: impl Fn() -> bool) -> End {
+        self.rt.block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            let mut copies_told = false;
+            loop {
+                tokio::select! {
+                    _ = int.recv() => return End::Signal,
+                    _ = term.recv() => return End::Signal,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                        if self.bg.guard.is_finished() {
+                            return End::Gone;
+                        }
+                        if done() {
+                            return End::Done;
+                        }
+                        let Some(dev) = self.dev else { continue };
+                        if mounted::here(dev) {
+                            continue;
+                        }
+                        // gone from this namespace: a copy in another (a container, an
+                        // `unshare -m` made while mounted) is still served
+                        if !mounted::anywhere(dev) {
+                            return End::Gone;
+                        }
+                        if !copies_told {
+                            copies_told = true;
+                            tracing::info!(
+                                "unmounted here, but another mount namespace holds a copy of the mount: serving it on (SIGTERM ends it)"
+                            );
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    /// Ends the mount: unmounted here (lazily: a busy mount is detached) unless it is
+    /// gone already, then the session ends with the process.
+    pub fn stop(self, ended: End) {
+        sd_notify("STOPPING=1");
+        match ended {
+            End::Signal | End::Done => {
+                if matches!(ended, End::Signal) {
+                    tracing::info!("signal received: unmounting");
+                }
+                // copies in other namespaces end too: their users get ENOTCONN
+                if self.dev.is_some_and(mounted::here) {
+                    if let Err(e) = mounted::detach(&self.mountpoint) {
+                        tracing::warn!("unmounting {}: {e}", self.mountpoint.display());
+                    }
+                }
+            }
+            End::Gone => tracing::info!("unmounted from outside"),
+        }
+        // The session's threads may wait on a connection a lazily detached mount
+        // keeps open: not joined (the connection ends when the process does), and not
+        // unmounted again by fuser (the mount point may hold another file system now).
+        std::mem::forget(self.bg);
+        drop(self._control);
+        self.rt.shutdown_timeout(Duration::from_secs(1));
+    }
 }
 
 /// Why a mount ends.
-enum End {
+pub enum End {
     /// SIGTERM or SIGINT.
     Signal,
+    /// What it served for is over (`Serving::wait`'s `done`).
+    Done,
     /// Unmounted from outside (`fusermount3 -u`, `umount`, `umount -l`), in every
     /// mount namespace.
     Gone,

@@ -12,6 +12,7 @@
 
 let
   cfg = config.services.narfs;
+  nixStore = cfg.nixStore;
   inherit (lib) mkEnableOption mkOption mkIf types optional optionals;
   # systemd splits ExecStart like a shell but expands % specifiers and $VARIABLES.
   escapeExec = args: lib.concatStringsSep " " (map (a:
@@ -98,7 +99,38 @@ in
       type = types.listOf types.str;
       default = [ ];
       example = [ "--jobs" "8" ];
-      description = "More arguments for narfs mount.";
+      description = "More arguments for narfs mount (or narfs nix-store).";
+    };
+
+    nixStore = {
+      enable = mkEnableOption ''
+        nix itself on the lazy store: instead of a read-only mount at mountPoint,
+        `narfs nix-store` mounts the cache below a writable overlayfs at storeDir and
+        registers its paths with nix (their closures, or all), so builds use them and
+        fetch only the files they read (docs/nix-store.md)'';
+
+      closures = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "/nix/store/...-ci-toolchain" ];
+        description = "Register the closures of these store paths (default: every path of the cache).";
+      };
+
+      storeDir = mkOption {
+        type = types.str;
+        default = "/nix/store";
+        description = "Where nix sees the store: overlayfs is mounted here.";
+      };
+
+      upper = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "tmpfs";
+        description = ''
+          Where nix's writes go (DIR/upper and DIR/work), or "tmpfs" for writes that
+          vanish with the service (default: overlay/ in cacheDir).
+        '';
+      };
     };
   };
 
@@ -120,21 +152,30 @@ in
       wantedBy = [ "multi-user.target" ];
       wants = [ "network-online.target" ];
       after = [ "network-online.target" ];
-      path = [ pkgs.fuse3 ];
+      # nix must see the registered store from its first build on
+      before = optional nixStore.enable "nix-daemon.service";
+      path = [ pkgs.fuse3 ] ++ optional nixStore.enable config.nix.package;
       environment.NARFS_TRUSTED_PUBLIC_KEYS = lib.concatStringsSep " " cfg.trustedPublicKeys;
       serviceConfig = {
         Type = "notify";
         NotifyAccess = "main";
         ExecStart = escapeExec (
-          [ "${cfg.package}/bin/narfs" "mount" "--cache-dir" cfg.cacheDir ]
+          [ "${cfg.package}/bin/narfs" (if nixStore.enable then "nix-store" else "mount") "--cache-dir" cfg.cacheDir ]
           ++ optionals (cfg.cacheSize != null) [ "--cache-size" cfg.cacheSize ]
           ++ optionals (cfg.netrcFile != null) [ "--netrc-file" cfg.netrcFile ]
           ++ optionals (cfg.sslCertFile != null) [ "--ssl-cert-file" cfg.sslCertFile ]
           ++ optional cfg.allowOther "--allow-other"
+          ++ optionals nixStore.enable (
+            [ "--store-dir" nixStore.storeDir ]
+            ++ builtins.concatMap (p: [ "--closure" p ]) nixStore.closures
+            ++ optionals (nixStore.upper != null) [ "--upper" nixStore.upper ]
+          )
           ++ cfg.extraArgs
-          ++ [ cfg.cacheUrl cfg.mountPoint ]
+          ++ [ cfg.cacheUrl ]
+          ++ optional (!nixStore.enable) cfg.mountPoint
         );
-        ExecStopPost = "-${pkgs.fuse3}/bin/fusermount3 -uz ${cfg.mountPoint}";
+        # nix-store unmounts its overlay and mount itself on SIGTERM
+        ExecStopPost = optional (!nixStore.enable) "-${pkgs.fuse3}/bin/fusermount3 -uz ${cfg.mountPoint}";
         EnvironmentFile = optional (cfg.environmentFile != null) cfg.environmentFile;
         Restart = "on-failure";
         RestartSec = 5;
@@ -149,7 +190,11 @@ in
         PrivateTmp = true;
         ProtectHome = true;
         ProtectSystem = "full";
-        ReadWritePaths = [ cfg.cacheDir cfg.mountPoint ];
+        ReadWritePaths = [ cfg.cacheDir ]
+          ++ (if nixStore.enable
+              # the overlay at the store, narfs beside it, nix's database
+              then [ (dirOf nixStore.storeDir) "/nix/var/nix" ]
+              else [ cfg.mountPoint ]);
         ProtectKernelTunables = true;
         ProtectKernelModules = true;
         ProtectControlGroups = true;

@@ -78,3 +78,29 @@ fn defaults_are_sane() {
     assert_eq!(sc["RuntimeDirectory"], "narfs");
     assert_eq!(sc["RuntimeDirectoryMode"], "0700");
 }
+
+#[test]
+fn nix_store_mode_runs_narfs_nix_store_before_the_nix_daemon() {
+    let unit = eval("nixStore.systemd.services.narfs");
+    let exec = unit["serviceConfig"]["ExecStart"].as_str().unwrap();
+    assert_eq!(
+        exec,
+        "'/nix/store/11111111111111111111111111111111-narfs/bin/narfs' 'nix-store' '--cache-dir' \
+         '/var/cache/narfs' '--allow-other' '--store-dir' '/nix/store' '--closure' \
+         '/nix/store/33333333333333333333333333333333-toolchain' '--upper' 'tmpfs' \
+         's3://ci-cache?region=eu-west-1'"
+    );
+    assert_eq!(unit["before"], serde_json::json!(["nix-daemon.service"]));
+    assert_eq!(unit["serviceConfig"]["ExecStopPost"], serde_json::json!([]));
+    assert_eq!(
+        unit["serviceConfig"]["ReadWritePaths"],
+        serde_json::json!(["/var/cache/narfs", "/nix", "/nix/var/nix"])
+    );
+    // the plain mount is as before
+    let plain = eval("minimal.systemd.services.narfs");
+    assert_eq!(plain["before"], serde_json::json!([]));
+    assert!(plain["serviceConfig"]["ExecStart"]
+        .as_str()
+        .unwrap()
+        .contains("'mount'"));
+}

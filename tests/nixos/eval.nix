@@ -17,13 +17,19 @@ let
     };
   };
   pkgs = { fuse3 = "/nix/store/00000000000000000000000000000000-fuse3"; };
-  defaults = opts: builtins.mapAttrs (_: o: o.default or null) opts;
+  # an option has a type; a set of options (services.narfs.nixStore) does not
+  defaults = opts: builtins.mapAttrs (_: o: if o ? type || o ? default then o.default or null else defaults o) opts;
   evalWith = settings:
     let
       module = import ../../nixos-module.nix;
       # fixed point: options' defaults overlaid with the settings under test
-      result = module { inherit lib pkgs; config.services.narfs = cfg; };
-      cfg = defaults result.options.services.narfs // settings;
+      result = module {
+        inherit lib pkgs;
+        config.services.narfs = cfg;
+        config.nix.package = "/nix/store/22222222222222222222222222222222-nix";
+      };
+      base = defaults result.options.services.narfs;
+      cfg = base // settings // { nixStore = base.nixStore // (settings.nixStore or { }); };
     in
     assert result.config._if == cfg.enable;
     result.config.content;
@@ -40,6 +46,17 @@ in
     netrcFile = "/run/secrets/netrc";
     sslCertFile = "/etc/ssl/company-ca.pem";
     extraArgs = [ "--jobs" "8" ];
+  };
+  nixStore = evalWith {
+    enable = true;
+    package = "/nix/store/11111111111111111111111111111111-narfs";
+    cacheUrl = "s3://ci-cache?region=eu-west-1";
+    trustedPublicKeys = [ "ci:AAAA" ];
+    nixStore = {
+      enable = true;
+      closures = [ "/nix/store/33333333333333333333333333333333-toolchain" ];
+      upper = "tmpfs";
+    };
   };
   minimal = evalWith {
     enable = true;

@@ -30,6 +30,9 @@ connections, jitter, per-packet header overhead, TLS (the benchmark's servers sp
 plain HTTP) and DNS. Delays are asyncio timers: about a millisecond of slack.
 
 --rtt-ms 0 --mbit 0 is a plain pass-through.
+
+With --count-file F, SIGUSR1 writes there (atomically) one "UPSTREAM DOWN UP" line per
+pair: the bytes that crossed the link so far towards the client and towards the server.
 """
 
 import argparse
@@ -83,8 +86,9 @@ def reset(writer):
 class Pipe:
     """One direction of one connection: src -> link -> dst."""
 
-    def __init__(self, link, src, dst, limit):
+    def __init__(self, link, src, dst, limit, counts, way):
         self.link, self.src, self.dst, self.limit = link, src, dst, limit
+        self.counts, self.way = counts, way  # counts[way] += bytes that crossed
         self.queue = collections.deque()  # (arrival time, chunk | EOF | RESET)
         self.queued = 0  # bytes in the queue
         self.last = 0.0  # arrival time of the last item queued
@@ -111,6 +115,7 @@ class Pipe:
                 data = await self.src.read(CHUNK)
                 if not data:
                     break
+                self.counts[self.way] += len(data)
                 self.put(self.link.arrival(loop.time(), len(data)), data)
             self.put(loop.time() + self.link.delay, EOF)
         except OSError:  # ConnectionResetError and the like
@@ -159,6 +164,7 @@ class Net:
         self.down = Link(rate, rtt / 2)  # server -> client
         self.limit = int(rate * rtt) + SLACK
         self.tasks = set()  # open connections, cancelled at shutdown
+        self.counts = collections.defaultdict(lambda: [0, 0])  # upstream: [down, up]
 
 
 async def connection(net, upstream, client_r, client_w):
@@ -175,8 +181,9 @@ async def connection(net, upstream, client_r, client_w):
             reset(client_w)
             return
         await asyncio.sleep(max(0.0, accepted + net.rtt - loop.time()))  # the handshake
-        up = Pipe(net.up, client_r, up_w, net.limit)
-        down = Pipe(net.down, up_r, client_w, net.limit)
+        counts = net.counts[upstream]
+        up = Pipe(net.up, client_r, up_w, net.limit, counts, 1)
+        down = Pipe(net.down, up_r, client_w, net.limit, counts, 0)
         # a TaskGroup: should one of the four fail unexpectedly, the others are cancelled
         async with asyncio.TaskGroup() as tg:
             tg.create_task(up.read())
@@ -192,6 +199,14 @@ async def connection(net, upstream, client_r, client_w):
             if w is not None:
                 w.close()
         net.tasks.discard(me)
+
+
+def write_counts(net, path):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        for upstream, (down, up) in sorted(net.counts.items()):
+            f.write(f"{upstream} {down} {up}\n")
+    os.rename(tmp, path)
 
 
 def pair(s):
@@ -221,6 +236,8 @@ async def main(args):
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if args.count_file:
+        loop.add_signal_handler(signal.SIGUSR1, write_counts, net, args.count_file)
     await stop.wait()
     for server in servers:
         server.close()
@@ -234,5 +251,6 @@ if __name__ == "__main__":
     p.add_argument("--rtt-ms", type=float, default=0, help="round-trip time (default 0)")
     p.add_argument("--mbit", type=float, default=0, help="link rate each way, Mbit/s (0: no cap)")
     p.add_argument("--ready-file", help='write "LISTEN UPSTREAM" lines here once listening')
+    p.add_argument("--count-file", help="on SIGUSR1, write the bytes each pair carried here")
     p.add_argument("pairs", nargs="+", type=pair, metavar="LISTEN:UPSTREAM")
     asyncio.run(main(p.parse_args()))

@@ -643,7 +643,7 @@ except (ConnectionResetError, BrokenPipeError):
 print("other user got", n, "bytes")' "$sock"
         # a socket whose directory others may write to is not trusted by the client
         chmod 777 /run/narfs
-        "$NARFS" stats "$MNT" 2>&1 | head -1
+        "$NARFS" stats "$MNT" 2>&1 | head -1 | sed "s|$sock|SOCK|"
         chmod 700 /run/narfs
         "$NARFS" stats "$MNT" >/dev/null && echo "stats ok again"
         fusermount3 -u "$MNT"
@@ -669,10 +669,8 @@ print("other user got", n, "bytes")' "$sock"
             "dir 700 sock 600",
             "stats ok",
             "other user got 0 bytes",
-            &*format!(
-                "narfs: refusing to talk to {}: /run/narfs may be written by group or others (mode 0777)",
-                narfs::mount::control::socket_path(&mnt).display()
-            ),
+            // the socket's name holds the mount's device number, known only inside
+            "narfs: refusing to talk to SOCK: /run/narfs may be written by group or others (mode 0777)",
             "stats ok again",
         ],
         "{err}"

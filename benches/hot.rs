@@ -47,6 +47,7 @@ fn main() {
                 sigs: vec![],
                 ca: None,
                 index: None,
+                profile: None,
             };
             info.sigs.push(sk.sign(info.fingerprint().as_bytes()));
             (sp.hash_part().to_owned(), info.to_text())

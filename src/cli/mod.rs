@@ -9,6 +9,7 @@ mod keygen;
 mod mount;
 mod nix_store;
 mod prefetch;
+mod profile;
 mod push;
 mod stats;
 
@@ -56,6 +57,9 @@ enum Cmd {
     Register(nix_store::RegisterArgs),
     /// Fetch the closures of store paths into a mount's disk cache ahead of use.
     Prefetch(prefetch::Args),
+    /// Record a program's start-up reads on a mount, and push them to a cache as a
+    /// pack that later mounts fetch in one request when the program starts cold.
+    Profile(profile::Args),
     /// Print a running mount's counters (the same as its --metrics-addr serves).
     Stats(stats::Args),
     /// List a store path in a cache without mounting (like `nix store ls --store`).
@@ -224,6 +228,7 @@ pub fn main() -> ExitCode {
         Cmd::NixStore(a) => nix_store::run(a),
         Cmd::Register(a) => nix_store::register(a),
         Cmd::Prefetch(a) => prefetch::run(a),
+        Cmd::Profile(a) => profile::run(a),
         Cmd::Stats(a) => stats::run(a),
         Cmd::Ls(a) => inspect::ls(a),
         Cmd::Cat(a) => inspect::cat(a),

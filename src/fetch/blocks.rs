@@ -77,8 +77,13 @@ impl Blocks {
         }
     }
 
+    /// Every chunk of every file, by NAR offset.
+    pub fn chunks(&self) -> &[ChunkAt] {
+        &self.chunks
+    }
+
     /// The blocks holding NAR bytes `[start, end)`.
-    fn covering(&self, start: u64, end: u64) -> std::ops::Range<usize> {
+    pub fn covering(&self, start: u64, end: u64) -> std::ops::Range<usize> {
         let first = self
             .blocks
             .partition_point(|b| b.nar_offset + b.nar_len as u64 <= start);
@@ -123,6 +128,8 @@ pub struct BlockReader {
     slots: Arc<tokio::sync::Semaphore>,
     /// Readers waiting, for reference prefetches to make way.
     demands: crate::fetch::pace::Demands,
+    /// Chunks start-up profile replays are bringing.
+    replays: crate::fetch::pending::Replays,
 }
 
 /// Runs at once: each holds at most a few blocks of at most 8 MiB decoded.
@@ -142,9 +149,34 @@ impl BlockReader {
             policy,
             metrics,
             demands,
+            replays: Default::default(),
             inflight: Arc::default(),
             slots: Arc::new(tokio::sync::Semaphore::new(RUNS)),
         }
+    }
+
+    pub(super) fn replays(&self) -> &crate::fetch::pending::Replays {
+        &self.replays
+    }
+
+    pub(super) fn disk(&self) -> &Arc<DiskCache> {
+        &self.disk
+    }
+
+    pub(super) fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    pub(super) fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub(super) fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    pub(super) fn location(&self, key: &str) -> String {
+        self.storage.location(key)
     }
 
     /// Makes chunk `c` of `b` a blob in the disk cache (and every other chunk that
@@ -155,6 +187,11 @@ impl BlockReader {
         c: ChunkAt,
         priority: Priority,
     ) -> Result<(), String> {
+        if self.disk.has_blob(&c.hash) {
+            return Ok(());
+        }
+        // a replay that brings it soon brings it no later than its block would
+        self.replays.wait(&c.hash).await;
         if self.disk.has_blob(&c.hash) {
             return Ok(());
         }

@@ -33,6 +33,12 @@ pub struct Metrics {
     pub index_fetched: AtomicU64,
     pub index_refused: AtomicU64,
     pub evictions: AtomicU64,
+    /// Start-up profiles: packs fetched (Range GETs), refused (manifest or bytes),
+    /// their compressed bytes, and the chunks they stored.
+    pub profile_requests: AtomicU64,
+    pub profile_refused: AtomicU64,
+    pub profile_bytes: AtomicU64,
+    pub profile_chunks: AtomicU64,
     pub inflight: AtomicI64,
     fetch_buckets: [AtomicU64; BUCKETS.len()],
     fetch_count: AtomicU64,
@@ -182,6 +188,27 @@ impl Metrics {
             "counter",
             "compressed bytes of blocks downloaded",
             &[("", get(&self.block_bytes))],
+        );
+        metric(
+            "profile_requests_total",
+            "counter",
+            "start-up profile packs fetched, and profiles refused (manifest or bytes)",
+            &[
+                ("{result=\"fetched\"}", get(&self.profile_requests)),
+                ("{result=\"refused\"}", get(&self.profile_refused)),
+            ],
+        );
+        metric(
+            "profile_bytes_total",
+            "counter",
+            "compressed bytes of start-up profile packs downloaded",
+            &[("", get(&self.profile_bytes))],
+        );
+        metric(
+            "profile_chunks_total",
+            "counter",
+            "chunks stored from start-up profile packs (each verified)",
+            &[("", get(&self.profile_chunks))],
         );
         metric(
             "file_indexes_total",

@@ -14,6 +14,8 @@ pub mod metrics;
 mod nar;
 mod narinfo;
 pub mod pace;
+pub mod pending;
+pub mod replay;
 pub mod retry;
 pub mod singleflight;
 pub mod stream;

@@ -196,6 +196,7 @@ mod tests {
             sigs: vec![],
             ca: None,
             index: None,
+            profile: None,
         }
     }
 

@@ -10,4 +10,5 @@ pub mod nar;
 pub mod narinfo;
 pub mod nixbase32;
 pub mod object_key;
+pub mod profile;
 pub mod store_path;

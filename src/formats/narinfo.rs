@@ -71,6 +71,9 @@ pub struct NarInfo {
     /// path's signed file index. Unsigned, a hint of where to look: the index itself
     /// must verify.
     pub index: Option<String>,
+    /// `NarfsProfile:`, another unsigned hint: the key of a start-up profile's signed
+    /// manifest (docs/profiles.md).
+    pub profile: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -155,6 +158,7 @@ impl NarInfo {
         let mut deriver = None;
         let mut ca = None;
         let mut index = None;
+        let mut profile = None;
         let mut sigs = Vec::new();
         for (i, line) in text.lines().enumerate() {
             if line.is_empty() {
@@ -210,6 +214,9 @@ impl NarInfo {
                 "NarfsIndex" if super::object_key::unsafe_key(value).is_none() => {
                     set(&mut index, "NarfsIndex", value.to_owned())?
                 }
+                "NarfsProfile" if super::object_key::unsafe_key(value).is_none() => {
+                    set(&mut profile, "NarfsProfile", value.to_owned())?
+                }
                 _ => {}
             }
         }
@@ -226,6 +233,7 @@ impl NarInfo {
             sigs,
             ca,
             index,
+            profile,
         })
     }
 
@@ -313,6 +321,9 @@ impl NarInfo {
         }
         if let Some(index) = &self.index {
             s += &format!("NarfsIndex: {index}\n");
+        }
+        if let Some(p) = &self.profile {
+            s += &format!("NarfsProfile: {p}\n");
         }
         s
     }

@@ -4,7 +4,9 @@
 //!
 //! - `metrics` → the Prometheus text, then the connection closes;
 //! - `prefetch BASENAME...` → `closure N BYTES`, then `ok BASENAME` or
-//!   `failed BASENAME WHY` per path, then `end FAILED`.
+//!   `failed BASENAME WHY` per path, then `end FAILED`;
+//! - `record PGID` → `recording`; after the client's `end`, the chunks the group read
+//!   first (the record file's lines), then `end N`.
 
 use crate::mount::fs::Fs;
 use std::io::{BufRead, BufReader, Write};
@@ -145,6 +147,10 @@ pub fn listen(fs: Arc<Fs>, mountpoint: &Path, jobs: usize) -> std::io::Result<Li
                         let roots: Vec<String> = words.map(str::to_owned).collect();
                         prefetch(&fs, roots, jobs, &mut w).await;
                     }
+                    Some("record") => {
+                        let pgid = words.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+                        record(fs, pgid, r, &mut w).await;
+                    }
                     _ => {
                         let _ = w.write_all(b"error unknown request\n").await;
                     }
@@ -192,6 +198,41 @@ async fn prefetch(
         let _ = w.write_all(line.as_bytes()).await;
     }
     let _ = w.write_all(format!("end {failed}\n").as_bytes()).await;
+}
+
+/// `record PGID`: `recording` once the mount records the process group's reads, then,
+/// when the client says `end`, one line per chunk (the record file's lines) and
+/// `end N`. A client that goes away ends the recording.
+async fn record(
+    fs: Arc<Fs>,
+    pgid: i32,
+    mut r: tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+) {
+    let f = fs.clone();
+    let started = tokio::task::spawn_blocking(move || f.record_start(pgid)).await;
+    match started {
+        Ok(Ok(())) => {}
+        Ok(Err(why)) => {
+            let _ = w.write_all(format!("error {why}\n").as_bytes()).await;
+            return;
+        }
+        Err(_) => return,
+    }
+    let _ = w.write_all(b"recording\n").await;
+    let mut line = String::new();
+    let asked = matches!(r.read_line(&mut line).await, Ok(n) if n > 0 && line.trim() == "end");
+    let chunks = fs.record_end(pgid);
+    if !asked {
+        return;
+    }
+    let text = crate::formats::profile::record_to_text(&chunks);
+    // the record file's lines, without its first
+    let body = text.split_once('\n').map_or("", |(_, b)| b);
+    let _ = w.write_all(body.as_bytes()).await;
+    let _ = w
+        .write_all(format!("end {}\n", chunks.len()).as_bytes())
+        .await;
 }
 
 /// Sends one request to the mount at `mountpoint`; the answer is read line by line.

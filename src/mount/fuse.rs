@@ -153,6 +153,11 @@ impl crate::mount::fs::Invalidator for KernelInvalidator {
             tracing::debug!("invalidating {}: {e}", String::from_utf8_lossy(name));
         }
     }
+
+    fn data(&self, ino: u64) {
+        // an inode the kernel does not hold answers ENOENT: nothing to drop
+        let _ = self.0.inval_inode(INodeNo(ino), 0, 0);
+    }
 }
 
 fn errno(e: Errno) -> fuser::Errno {
@@ -264,7 +269,7 @@ impl fuser::Filesystem for NarFuse {
         );
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         tracing::trace!(ino = ino.0, "open");
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
             return reply.error(fuser::Errno::EROFS);
@@ -286,7 +291,7 @@ impl fuser::Filesystem for NarFuse {
                     },
                 );
             }
-            OpenMode::Passthrough => {}
+            OpenMode::Passthrough => self.fs.record_open(req.pid(), ino.0),
         }
         let pt = self.passthrough.clone();
         self.run(
@@ -300,7 +305,7 @@ impl fuser::Filesystem for NarFuse {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -311,6 +316,7 @@ impl fuser::Filesystem for NarFuse {
     ) {
         tracing::trace!(ino = ino.0, offset, size, "read");
         let _ = fh;
+        self.fs.record_read(req.pid(), ino.0, offset, size as u64);
         self.run(
             move |fs| fs.read_ino(ino.0, offset, size),
             move |r| match r {

@@ -275,6 +275,7 @@ mod tests {
             sigs: vec![],
             ca: None,
             index: None,
+            profile: None,
         };
         let mut no_deriver = info.clone();
         no_deriver.deriver = None;

@@ -281,6 +281,7 @@ pub fn pack(
             ca: info.ca.clone(),
             index: with_index
                 .then(|| crate::formats::file_index::object_key(info.path.hash_part())),
+            profile: None,
         },
         index,
     })

@@ -685,6 +685,7 @@ pub fn generate_cache(dir: &Path, n: usize, ls_every: usize) -> String {
             sigs: vec![],
             ca: None,
             index: None,
+            profile: None,
         };
         info.references.sort();
         info.references.dedup();
@@ -780,6 +781,7 @@ pub fn generate_nar_cache_refs(
             sigs: vec![],
             ca: None,
             index: None,
+            profile: None,
         };
         info.sigs.push(sk.sign(info.fingerprint().as_bytes()));
         std::fs::write(
@@ -946,6 +948,7 @@ pub fn narinfo_of(
         sigs: vec![],
         ca: None,
         index: None,
+        profile: None,
     }
 }
 

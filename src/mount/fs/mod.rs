@@ -13,6 +13,8 @@
 mod handles;
 mod needs;
 mod prefetch;
+mod record;
+mod replay;
 mod scan;
 
 pub use handles::Opened;
@@ -58,6 +60,8 @@ pub enum Need {
 /// Tells the kernel to forget cached entries; the FUSE adapter provides it.
 pub trait Invalidator: Send + Sync + 'static {
     fn entry(&self, parent: u64, name: &[u8]);
+    /// Drops the cached pages (and attributes) of file `ino`.
+    fn data(&self, ino: u64);
 }
 
 #[derive(Debug)]
@@ -140,6 +144,10 @@ pub struct Fs {
     listed: tokio::sync::watch::Sender<bool>,
     /// What a traversal of many paths looks like so far (see `Fs::walked`).
     walk: std::sync::Mutex<Walk>,
+    /// Programs whose first reads are being recorded (`narfs profile record`).
+    recorder: record::Recorder,
+    /// Paths whose start-up profile was replayed (or tried): once per mount.
+    replayed: std::sync::Mutex<std::collections::HashSet<PathId>>,
 }
 
 /// Paths looked into from their listings, in that order, and the last paths whose
@@ -207,6 +215,8 @@ impl Fs {
             indexed: Default::default(),
             listed: tokio::sync::watch::Sender::new(true),
             walk: Default::default(),
+            recorder: Default::default(),
+            replayed: Default::default(),
         })
     }
 

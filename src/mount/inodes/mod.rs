@@ -511,6 +511,29 @@ impl Index {
         }
     }
 
+    /// Every file inode of the paths read through their file index: what a recording
+    /// must see read again (the kernel may hold their pages from earlier reads).
+    pub fn indexed_files(&self) -> Vec<u64> {
+        let g = self.inner.read().unwrap();
+        let mut out = Vec::new();
+        for e in g
+            .paths
+            .iter()
+            .filter(|e| e.source == Some(TreeSource::Index))
+        {
+            let tree = &g.trees[e.tree as usize - 1];
+            for (pos, n) in tree.nodes.iter().enumerate() {
+                if matches!(n.kind, NodeKind::File { .. }) {
+                    out.push(match pos {
+                        0 => g.root_order[e.root_pos as usize],
+                        _ => tree.ino_below(pos as u32),
+                    });
+                }
+            }
+        }
+        out
+    }
+
     /// Nodes held in live trees (for memory checks and `statfs`).
     pub fn node_count(&self) -> usize {
         self.inner.read().unwrap().live_nodes

@@ -1,0 +1,249 @@
+//! Replaying start-up profiles (docs/profiles.md): a pack of the chunks a program read
+//! first, fetched with one Range GET and decoded as it arrives; each chunk is stored
+//! only if a signed file index holds it and its bytes hash to it. Readers whose chunk
+//! the pack brings soon wait for it; any other reader fetches its block at once.
+
+use super::blocks::{BlockReader, Blocks};
+use super::metrics::Metrics;
+use crate::formats::hash::Sha256;
+use crate::formats::profile::Manifest;
+use crate::formats::store_path::StorePath;
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::sync::Arc;
+
+/// What a replay did.
+#[derive(Debug, Default)]
+pub struct Replayed {
+    pub stored: usize,
+    pub already: usize,
+    /// Chunks no verified index of their path holds (or paths not indexed).
+    pub dropped: usize,
+    pub bytes: u64,
+}
+
+impl BlockReader {
+    /// Replays `m`: `indexed` holds the verified block tables of the paths it names
+    /// that are indexed. `Err` names the store path, the pack and the fault; what was
+    /// stored before it stays (every stored chunk was verified).
+    pub async fn replay(
+        self: &Arc<Self>,
+        m: &Manifest,
+        indexed: &HashMap<StorePath, Arc<Blocks>>,
+    ) -> Result<Replayed, String> {
+        let mut done = Replayed::default();
+        let sets: HashMap<&StorePath, HashSet<(Sha256, u64)>> = indexed
+            .iter()
+            .map(|(p, b)| (p, b.chunks().iter().map(|c| (c.hash, c.len)).collect()))
+            .collect();
+        // each chunk: where it starts in the decoded pack, and whether it is wanted
+        let mut wanted = Vec::with_capacity(m.chunks.len());
+        let mut at = 0u64;
+        for c in &m.chunks {
+            let known = sets
+                .get(&c.path)
+                .is_some_and(|s| s.contains(&(c.hash, c.len)));
+            let want = known && !self.disk().has_blob(&c.hash);
+            match (known, want) {
+                (false, _) => done.dropped += 1,
+                (true, false) => done.already += 1,
+                (true, true) => {}
+            }
+            wanted.push((at, want));
+            at += c.len;
+        }
+        // the frames from the first to the last holding a wanted chunk
+        let mut frames = Vec::with_capacity(m.frames.len());
+        let (mut raw, mut comp) = (0u64, 0u64);
+        for f in &m.frames {
+            frames.push((raw, comp, *f));
+            raw += f.raw_len;
+            comp += f.comp_len;
+        }
+        let holds = |(r, _, f): &(u64, u64, crate::formats::profile::Frame)| {
+            m.chunks
+                .iter()
+                .zip(&wanted)
+                .any(|(c, (start, want))| *want && *start < r + f.raw_len && start + c.len > *r)
+        };
+        let (Some(first), Some(last)) = (
+            frames.iter().position(holds),
+            frames.iter().rposition(holds),
+        ) else {
+            return Ok(done);
+        };
+        let (raw_start, comp_start, _) = frames[first];
+        let (raw_last, comp_last, f) = frames[last];
+        let (raw_end, comp_end) = (raw_last + f.raw_len, comp_last + f.comp_len);
+        let (progress_tx, progress) = tokio::sync::watch::channel(raw_start);
+        let _registered = self.replays().register(
+            m.chunks
+                .iter()
+                .zip(&wanted)
+                .filter(|(c, (start, want))| {
+                    *want && *start >= raw_start && start + c.len <= raw_end
+                })
+                .map(|(c, (start, _))| (c.hash, start + c.len)),
+            progress,
+        );
+        let what = format!("{}: profile pack {}", m.store_path, self.location(&m.pack));
+        let body = match self
+            .storage()
+            .get_range(&m.pack, comp_start, comp_end - comp_start)
+            .await
+        {
+            Ok(Some(b)) => b,
+            Ok(None) => return Err(format!("{what}: no such object")),
+            Err(e) => return Err(format!("{}: {e}", m.store_path)),
+        };
+        Metrics::inc(&self.metrics().profile_requests);
+        self.metrics()
+            .profile_bytes
+            .fetch_add(comp_end - comp_start, std::sync::atomic::Ordering::Relaxed);
+        let policy = self.policy();
+        let guarded = crate::fetch::retry::Guarded::new(
+            body,
+            policy.stall,
+            std::time::Instant::now() + policy.budget,
+        );
+        let reader = crate::fetch::stream::read_ahead(tokio::io::AsyncReadExt::take(
+            guarded,
+            comp_end - comp_start,
+        ));
+        let me = self.clone();
+        let m2 = m.clone();
+        let frames: Vec<_> = frames[first..=last].to_vec();
+        let stored = tokio::task::spawn_blocking(move || {
+            let mut input = reader;
+            let mut chunk = 0usize; // the chunk being filled
+            let mut buf: Vec<u8> = Vec::new();
+            let mut out = (0usize, 0u64);
+            let mut out_of_room = false;
+            // skip the chunks before the first frame fetched
+            while chunk < m2.chunks.len() && wanted[chunk].0 < raw_start {
+                chunk += 1;
+            }
+            let mut pos = raw_start;
+            let mut tmp = vec![0u8; 256 << 10];
+            for (k, (_, _, f)) in frames.iter().enumerate() {
+                let fault = |e: String| format!("{what}: frame {}: {e}", first + k);
+                let mut framed = (&mut input).take(f.comp_len);
+                let mut plain = zstd::stream::read::Decoder::new(&mut framed)
+                    .map_err(|e| fault(e.to_string()))?
+                    .single_frame()
+                    .take(f.raw_len + 1);
+                let frame_end = pos + f.raw_len;
+                loop {
+                    let n = plain
+                        .read(&mut tmp)
+                        .map_err(|e| fault(format!("does not decode: {e}")))?;
+                    if n == 0 {
+                        break;
+                    }
+                    if pos + n as u64 > frame_end {
+                        return Err(fault(format!("decodes to more than {} bytes", f.raw_len)));
+                    }
+                    let mut bytes = &tmp[..n];
+                    while !bytes.is_empty() && chunk < m2.chunks.len() {
+                        let c = &m2.chunks[chunk];
+                        let (start, want) = wanted[chunk];
+                        let need = (start + c.len - pos) as usize;
+                        let take = need.min(bytes.len());
+                        if want {
+                            buf.extend_from_slice(&bytes[..take]);
+                        }
+                        bytes = &bytes[take..];
+                        pos += take as u64;
+                        if take < need {
+                            break;
+                        }
+                        if want {
+                            if Sha256::digest(&buf) != c.hash {
+                                return Err(format!(
+                                    "{what}: the bytes named {} of {} do not hash to it",
+                                    c.hash.to_nix_string(),
+                                    c.path
+                                ));
+                            }
+                            if !out_of_room && !me.disk().has_blob(&c.hash) {
+                                let mut w = me.disk().writer(me.disk().no_reservation());
+                                match w.put(&c.hash, &buf) {
+                                    Ok(_) => {
+                                        w.keep();
+                                        out.0 += 1;
+                                        out.1 += c.len;
+                                    }
+                                    Err(e)
+                                        if e.get_ref().is_some_and(|e| {
+                                            e.is::<crate::disk_cache::NoRoom>()
+                                        }) =>
+                                    {
+                                        out_of_room = true
+                                    }
+                                    Err(e) => return Err(format!("{}: {e}", m2.store_path)),
+                                }
+                            }
+                            buf.clear();
+                        }
+                        chunk += 1;
+                        progress_tx.send_replace(pos);
+                    }
+                }
+                drop(plain);
+                // whatever follows the frame inside its length: read past, so the next
+                // frame starts where the manifest says
+                std::io::copy(&mut framed, &mut std::io::sink())
+                    .map_err(|e| fault(e.to_string()))?;
+                if pos != frame_end {
+                    return Err(fault(format!(
+                        "decodes to {} bytes, not {}",
+                        f.raw_len - (frame_end - pos),
+                        f.raw_len
+                    )));
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| format!("{}: the replay failed: {e}", m.store_path))?;
+        match stored {
+            Ok((n, bytes)) => {
+                done.stored = n;
+                done.bytes = bytes;
+                self.metrics()
+                    .profile_chunks
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                Ok(done)
+            }
+            Err(e) => {
+                Metrics::inc(&self.metrics().profile_refused);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl super::Fetcher {
+    /// The verified manifest of the start-up profile `info` names, if it names one.
+    /// `Err` says why it is refused (the program then starts from blocks).
+    pub async fn profile_manifest(
+        &self,
+        info: &crate::formats::narinfo::NarInfo,
+    ) -> Result<Option<Manifest>, String> {
+        let Some(key) = &info.profile else {
+            return Ok(None);
+        };
+        let max = crate::formats::profile::MAX_MANIFEST_BYTES;
+        let bytes = self
+            .get_small_retrying(key, max)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("{}: no such object", self.storage.location(key)))?;
+        Manifest::parse_verified(&bytes, &info.store_path, &self.keys)
+            .map(Some)
+            .map_err(|e| {
+                Metrics::inc(&self.metrics.profile_refused);
+                format!("{}: {e}", self.storage.location(key))
+            })
+    }
+}

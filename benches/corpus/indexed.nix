@@ -4,6 +4,7 @@
 #   bench-stdlibs:    Python's and Perl's standard libraries (about 75 MB, ~5,000 files)
 #   bench-stdlibs-p1: the same with one file patched, as a rebuild that changed one file:
 #                     everything else is byte for byte the same
+#   bench-py:         bin/py10 runs Python importing ten packages of bench-stdlibs
 #   bench-app:        bin/run reads the header of the big library (as a dlopen would) and
 #                     three modules of bench-stdlibs; bin/py runs Python on bench-stdlibs
 { rustlib }:
@@ -27,6 +28,17 @@ let
     cp ${rustlib}/rustlib/components ${rustlib}/rustlib/multirust-channel-manifest.toml $out/share/rustlib/
     ln -s $(cd $out/lib && ls librustc_driver-*.so) $out/lib/librustc_driver.so
   '';
+  # a program of its own path, so that its start-up profile is its alone: Python
+  # importing ten packages of bench-stdlibs (its start-up opens ~200 files)
+  py = mk "bench-py" ''
+    set -e
+    mkdir -p $out/bin
+    cat > $out/bin/py10 <<EOS
+  #!/bin/sh
+  PYTHONHOME=${a} PYTHONDONTWRITEBYTECODE=1 exec /usr/bin/python3 -c 'import json, email.parser, http.client, argparse, asyncio, decimal, logging, xml.dom.minidom, unittest, sqlite3; print("ok")'
+  EOS
+    chmod +x $out/bin/py10
+  '';
 in
 mk "bench-app" ''
   set -e
@@ -35,7 +47,7 @@ mk "bench-app" ''
   # (as a dlopen starts) and three modules of the standard library
   cat > $out/bin/run <<EOS
   #!/bin/sh
-  # ${b} is a rebuild of ${a}
+  # ${b} is a rebuild of ${a}; ${py}/bin/py10 starts Python
   set -e
   head -c 4096 ${rustc}/lib/librustc_driver.so | od -An -c -N4
   cat ${a}/lib/python3.11/json/__init__.py ${a}/lib/python3.11/email/parser.py ${a}/lib/python3.11/http/client.py | wc -l

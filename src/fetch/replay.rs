@@ -1,14 +1,13 @@
 //! Replaying start-up profiles (docs/profiles.md): a pack of the chunks a program read
 //! first, fetched with one Range GET and decoded as it arrives; each chunk is stored
-//! only if a signed file index holds it and its bytes hash to it. Readers whose chunk
-//! the pack brings soon wait for it; any other reader fetches its block at once.
+//! only if its bytes hash to it. Readers whose chunk the pack brings soon wait for it;
+//! any other reader fetches its block at once.
 
-use super::blocks::{BlockReader, Blocks};
+use super::blocks::BlockReader;
 use super::metrics::Metrics;
 use crate::formats::hash::Sha256;
 use crate::formats::profile::Manifest;
-use crate::formats::store_path::StorePath;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::io::Read;
 use std::sync::Arc;
 
@@ -17,48 +16,52 @@ use std::sync::Arc;
 pub struct Replayed {
     pub stored: usize,
     pub already: usize,
-    /// Chunks no verified index of their path holds (or paths not indexed).
-    pub dropped: usize,
+    /// Chunks whose bytes did not hash to the hash named (not stored): the first, and
+    /// how many.
+    pub mismatch: Option<String>,
     pub bytes: u64,
 }
 
 impl BlockReader {
-    /// Replays `m`: `indexed` holds the verified block tables of the paths it names
-    /// that are indexed. `Err` names the store path, the pack and the fault; what was
-    /// stored before it stays (every stored chunk was verified).
+    /// Replays frames `within` of `m`: streams those holding chunks not on disk (and,
+    /// with `known`, named by a signed index) and stores each chunk whose bytes hash to
+    /// the hash named (content-addressed: a blob is only ever served under a hash a
+    /// signed index or NAR gave). `Err` names the store path, the pack and the fault;
+    /// what was stored before it stays.
     pub async fn replay(
         self: &Arc<Self>,
         m: &Manifest,
-        indexed: &HashMap<StorePath, Arc<Blocks>>,
+        within: std::ops::Range<usize>,
+        known: Option<&HashSet<(Sha256, u64)>>,
     ) -> Result<Replayed, String> {
         let mut done = Replayed::default();
-        let sets: HashMap<&StorePath, HashSet<(Sha256, u64)>> = indexed
-            .iter()
-            .map(|(p, b)| (p, b.chunks().iter().map(|c| (c.hash, c.len)).collect()))
-            .collect();
-        // each chunk: where it starts in the decoded pack, and whether it is wanted
-        let mut wanted = Vec::with_capacity(m.chunks.len());
-        let mut at = 0u64;
-        for c in &m.chunks {
-            let known = sets
-                .get(&c.path)
-                .is_some_and(|s| s.contains(&(c.hash, c.len)));
-            let want = known && !self.disk().has_blob(&c.hash);
-            match (known, want) {
-                (false, _) => done.dropped += 1,
-                (true, false) => done.already += 1,
-                (true, true) => {}
-            }
-            wanted.push((at, want));
-            at += c.len;
-        }
-        // the frames from the first to the last holding a wanted chunk
         let mut frames = Vec::with_capacity(m.frames.len());
         let (mut raw, mut comp) = (0u64, 0u64);
         for f in &m.frames {
             frames.push((raw, comp, *f));
             raw += f.raw_len;
             comp += f.comp_len;
+        }
+        let Some((lo, hi)) = frames.get(within.start).map(|(r, _, _)| *r).zip(
+            frames
+                .get(within.end.wrapping_sub(1))
+                .map(|(r, _, f)| r + f.raw_len),
+        ) else {
+            return Ok(done);
+        };
+        // each chunk: where it starts in the decoded pack, and whether it is wanted:
+        // whole within the frames, not on disk, and known
+        let mut wanted = Vec::with_capacity(m.chunks.len());
+        let mut at = 0u64;
+        for c in &m.chunks {
+            let inside = at >= lo && at + c.len <= hi;
+            let mut want = inside && known.is_none_or(|k| k.contains(&(c.hash, c.len)));
+            if want && self.disk().has_blob(&c.hash) {
+                done.already += 1;
+                want = false;
+            }
+            wanted.push((at, want));
+            at += c.len;
         }
         let holds = |(r, _, f): &(u64, u64, crate::formats::profile::Frame)| {
             m.chunks
@@ -67,8 +70,14 @@ impl BlockReader {
                 .any(|(c, (start, want))| *want && *start < r + f.raw_len && start + c.len > *r)
         };
         let (Some(first), Some(last)) = (
-            frames.iter().position(holds),
-            frames.iter().rposition(holds),
+            frames[within.clone()]
+                .iter()
+                .position(holds)
+                .map(|i| i + within.start),
+            frames[within.clone()]
+                .iter()
+                .rposition(holds)
+                .map(|i| i + within.start),
         ) else {
             return Ok(done);
         };
@@ -117,9 +126,10 @@ impl BlockReader {
             let mut input = reader;
             let mut chunk = 0usize; // the chunk being filled
             let mut buf: Vec<u8> = Vec::new();
-            let mut out = (0usize, 0u64);
+            // stored, their bytes, the first mismatch, mismatches
+            let mut out = (0usize, 0u64, None::<String>, 0usize);
             let mut out_of_room = false;
-            // skip the chunks before the first frame fetched
+            // skip the chunks that start before the first frame fetched
             while chunk < m2.chunks.len() && wanted[chunk].0 < raw_start {
                 chunk += 1;
             }
@@ -147,6 +157,13 @@ impl BlockReader {
                     while !bytes.is_empty() && chunk < m2.chunks.len() {
                         let c = &m2.chunks[chunk];
                         let (start, want) = wanted[chunk];
+                        if pos < start {
+                            // the tail of a chunk begun before these frames
+                            let skip = ((start - pos) as usize).min(bytes.len());
+                            bytes = &bytes[skip..];
+                            pos += skip as u64;
+                            continue;
+                        }
                         let need = (start + c.len - pos) as usize;
                         let take = need.min(bytes.len());
                         if want {
@@ -159,13 +176,14 @@ impl BlockReader {
                         }
                         if want {
                             if Sha256::digest(&buf) != c.hash {
-                                return Err(format!(
+                                // not stored; the others may still be good
+                                out.2.get_or_insert(format!(
                                     "{what}: the bytes named {} of {} do not hash to it",
                                     c.hash.to_nix_string(),
                                     c.path
                                 ));
-                            }
-                            if !out_of_room && !me.disk().has_blob(&c.hash) {
+                                out.3 += 1;
+                            } else if !out_of_room && !me.disk().has_blob(&c.hash) {
                                 let mut w = me.disk().writer(me.disk().no_reservation());
                                 match w.put(&c.hash, &buf) {
                                     Ok(_) => {
@@ -207,9 +225,10 @@ impl BlockReader {
         .await
         .map_err(|e| format!("{}: the replay failed: {e}", m.store_path))?;
         match stored {
-            Ok((n, bytes)) => {
+            Ok((n, bytes, mismatch, mismatched)) => {
                 done.stored = n;
                 done.bytes = bytes;
+                done.mismatch = mismatch.map(|e| format!("{e} ({mismatched} chunks so)"));
                 self.metrics()
                     .profile_chunks
                     .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);

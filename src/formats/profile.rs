@@ -300,8 +300,13 @@ impl Manifest {
                     let (Some(comp_len), Some(raw_len)) = (num(c), num(r)) else {
                         return Err(err(n, "a frame's lengths are not positive numbers").into());
                     };
-                    if raw_len > MAX_FRAME || comp_len > MAX_FRAME * 2 {
-                        return Err(err(n, format!("a frame over {MAX_FRAME} bytes")).into());
+                    // zstd never needs more than this for what does not compress
+                    if raw_len > MAX_FRAME || comp_len > raw_len + raw_len / 128 + 1024 {
+                        return Err(err(
+                            n,
+                            format!("a frame over {MAX_FRAME} bytes, or larger than it decodes to"),
+                        )
+                        .into());
                     }
                     frames.push(Frame { comp_len, raw_len });
                     if frames.len() > MAX_FRAMES {

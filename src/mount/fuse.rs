@@ -238,10 +238,18 @@ impl fuser::Filesystem for NarFuse {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = name.as_bytes().to_vec();
         tracing::trace!(parent = parent.0, name = %String::from_utf8_lossy(&name), "lookup");
+        let (fs, rt) = (self.fs.clone(), self.rt.clone());
         self.run(
             move |fs| fs.lookup(parent.0, &name),
             move |r| match r {
-                Ok(a) => reply.entry(&ttl_for(&a), &to_attr(&a), Generation(0)),
+                Ok(a) => {
+                    reply.entry(&ttl_for(&a), &to_attr(&a), Generation(0));
+                    if parent.0 == crate::mount::inodes::ROOT {
+                        if let Some(replay) = fs.first_use(a.ino) {
+                            rt.spawn(replay);
+                        }
+                    }
+                }
                 Err(e) => reply.error(errno(e)),
             },
         );

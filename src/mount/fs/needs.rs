@@ -77,7 +77,6 @@ impl Fs {
                     return Ok(());
                 }
                 let info = self.info(id).await?;
-                self.maybe_replay(id, &info);
                 // a signed file index: the verified tree, and chunks on demand
                 if let Ok(Some(index)) = self.fetcher.file_index(info.clone()).await {
                     let blocks = Arc::new(crate::fetch::blocks::Blocks::new(&index));

@@ -4,23 +4,30 @@
 //! program. Off the request loop; a profile that cannot be used costs a warning.
 
 use super::{Fs, Need};
+use crate::formats::hash::Sha256;
 use crate::formats::narinfo::NarInfo;
 use crate::formats::store_path::StorePath;
-use crate::mount::inodes::PathId;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 impl Fs {
-    /// Starts the replay of the profile `info` names, once per path per mount.
-    pub(super) fn maybe_replay(&self, id: PathId, info: &Arc<NarInfo>) {
-        if info.profile.is_none() || !self.replayed.lock().unwrap().insert(id) {
-            return;
+    /// Store path inode `ino` was looked up by name (a program uses it): the first
+    /// time in this mount, the replay of its profile, if it has one, to be run on the
+    /// runtime. Reference prefetches and replays load paths without a lookup, so they
+    /// start none.
+    pub fn first_use(&self, ino: u64) -> Option<impl std::future::Future<Output = ()> + Send> {
+        let id = self.index.path_of(ino)?;
+        if !self.replayed.lock().unwrap().insert(id) {
+            return None;
         }
-        let Some(me) = self.me.upgrade() else {
-            return;
-        };
-        let info = info.clone();
-        tokio::spawn(async move { me.replay(info).await });
+        let me = self.me.upgrade()?;
+        Some(async move {
+            if let Ok(info) = me.info(id).await {
+                if info.profile.is_some() {
+                    me.replay(info).await;
+                }
+            }
+        })
     }
 
     async fn replay(self: Arc<Self>, info: Arc<NarInfo>) {
@@ -39,8 +46,12 @@ impl Fs {
                 paths.push(&c.path);
             }
         }
+        // the paths it names are looked up and their indexes loaded (the program will
+        // want them) while the pack streams: every chunk in it is checked against its
+        // own hash, and only ever served by a hash a signed index or NAR gave
         let loads = paths.iter().map(|p| {
             let me = self.clone();
+            let p = (*p).clone();
             async move {
                 let name = p.basename();
                 if me.index.path_by_basename(name).is_none() {
@@ -51,30 +62,70 @@ impl Fs {
                 me.replayed.lock().unwrap().insert(id);
                 me.satisfy(Need::Tree(id)).await.ok()?;
                 let b = me.indexed.lock().unwrap().get(&id).cloned()?;
-                Some(((*p).clone(), b))
+                Some((p, b))
             }
         });
-        let indexed: HashMap<_, _> = futures::future::join_all(loads)
+        let loads = tokio::spawn(futures::future::join_all(loads));
+        // the frames of the first PRIME bytes at once, the rest once the indexes say
+        // which of its chunks anything here could ever read
+        let mut raw = 0;
+        let split = m
+            .frames
+            .iter()
+            .position(|f| {
+                raw += f.raw_len;
+                raw - f.raw_len >= PRIME
+            })
+            .unwrap_or(m.frames.len());
+        let blocks = self.fetcher.blocks();
+        let first = blocks.replay(&m, 0..split, None).await;
+        let indexed: HashMap<StorePath, Arc<crate::fetch::blocks::Blocks>> = loads
             .await
+            .unwrap_or_default()
             .into_iter()
             .flatten()
             .collect();
-        match self.fetcher.blocks().replay(&m, &indexed).await {
-            Ok(r) => tracing::info!(
-                path = %sp,
-                stored = r.stored,
-                already = r.already,
-                dropped = r.dropped,
-                bytes = r.bytes,
-                "replayed its start-up profile"
-            ),
-            Err(e) => tracing::warn!("{e}; reads go on from the blocks"),
-        }
-        if indexed.len() < paths.len() {
+        let known: HashSet<(Sha256, u64)> = indexed
+            .values()
+            .flat_map(|b| b.chunks().iter().map(|c| (c.hash, c.len)))
+            .collect();
+        let unindexed = m
+            .chunks
+            .iter()
+            .filter(|c| !known.contains(&(c.hash, c.len)))
+            .count();
+        if unindexed > 0 {
             tracing::warn!(
-                "{sp}: its start-up profile names {} paths that are not indexed or not trusted here: their chunks come from their blocks or NARs",
-                paths.len() - indexed.len()
+                "{sp}: its start-up profile names {unindexed} chunks that no signed index here holds (paths not indexed or not trusted, or pushed anew since): they are not used"
             );
+        }
+        let rest = match first {
+            Ok(_) if split < m.frames.len() => {
+                Some(blocks.replay(&m, split..m.frames.len(), Some(&known)).await)
+            }
+            _ => None,
+        };
+        for r in std::iter::once(first).chain(rest) {
+            match r {
+                Ok(r) => {
+                    tracing::info!(
+                        path = %sp,
+                        stored = r.stored,
+                        already = r.already,
+                        bytes = r.bytes,
+                        "replayed its start-up profile"
+                    );
+                    if let Some(e) = r.mismatch {
+                        tracing::warn!("{e}: not stored; their reads go to the blocks");
+                    }
+                }
+                Err(e) => tracing::warn!("{e}; reads go on from the blocks"),
+            }
         }
     }
 }
+
+/// Decoded pack bytes replayed before the paths' indexes are in: a start-up's worth
+/// (Python importing ten packages reads ~7 MB), fetched at once; beyond it, only chunks
+/// a signed index holds.
+const PRIME: u64 = 8 << 20;

@@ -107,6 +107,79 @@ fn no_extended_attributes_as_on_a_disk() {
     assert!(root.starts_with(". [] user.narfs=ENODATA"), "{root}");
 }
 
+/// What `getxattr` of the two POSIX ACL names answers for every entry below `root`
+/// (sorted, relative; symlinks not followed).
+fn acls(root: &Path) -> String {
+    let py = r#"
+import errno, os, sys
+root = sys.argv[1]
+names = [root] + [os.path.join(d, x) for d, ds, fs in os.walk(root) for x in ds + fs]
+out = []
+for n in names:
+    r = [os.path.relpath(n, root)]
+    for a in ("system.posix_acl_access", "system.posix_acl_default"):
+        try:
+            os.getxattr(n, a, follow_symlinks=False)
+            r.append(a + "=found")
+        except OSError as e:
+            r.append(a + "=" + errno.errorcode[e.errno])
+    out.append(" ".join(r))
+print("\n".join(sorted(out)))
+"#;
+    run(Command::new("python3").args(["-c", py]).arg(root))
+}
+
+/// `ls -l` asks for both ACLs of every entry each time; the kernel keeps the answer
+/// (none) once it has it, so a second pass costs no round trip, while what the
+/// mount answers stays what a disk answers, and permissions stay the mode bits.
+#[test]
+fn the_kernel_keeps_that_no_file_has_an_acl() {
+    let f = fixture();
+    let (_e, m) = mounted_and_read(&["--allow-other"]);
+    for (name, base) in &f.paths {
+        let seen = acls(&m.p(base));
+        assert_eq!(seen, acls(&f.real(name)), "{name}");
+        assert!(!seen.contains("found"), "{seen}");
+    }
+    let before = m.stat("xattr_requests_total");
+    for base in f.paths.values() {
+        acls(&m.p(base));
+    }
+    assert_eq!(
+        m.stat("xattr_requests_total"),
+        before,
+        "ACLs asked for again"
+    );
+    // no ACL can be set; another user reads by the mode bits, as before
+    let file = m.p(f.path("narfs-test-app")).join("bin/app");
+    let py = "import os, sys; os.setxattr(sys.argv[1], 'system.posix_acl_access', b'')";
+    let (code, _, err) = out(Command::new("python3").args(["-c", py]).arg(&file));
+    assert!(code != 0 && err.contains("Read-only file system"), "{err}");
+    std::fs::set_permissions(
+        m.mnt.parent().unwrap(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let (code, text, err) = out(Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+        ])
+        .arg("test -r \"$1\" && test -x \"$1\" && ! test -w \"$1\" && cat \"$1\" | wc -c")
+        .args(["sh"])
+        .arg(&file));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        text.trim().parse::<u64>().unwrap(),
+        std::fs::metadata(f.real("narfs-test-app").join("bin/app"))
+            .unwrap()
+            .len()
+    );
+}
+
 #[test]
 fn the_mount_table_shows_fuse_narfs_and_the_cache_without_secrets() {
     let f = fixture();

@@ -39,6 +39,9 @@ pub struct Metrics {
     pub profile_refused: AtomicU64,
     pub profile_bytes: AtomicU64,
     pub profile_chunks: AtomicU64,
+    /// getxattr and listxattr requests from the kernel (answered by the mount, not
+    /// the fetcher, but counted with the rest).
+    pub xattr_requests: AtomicU64,
     pub inflight: AtomicI64,
     fetch_buckets: [AtomicU64; BUCKETS.len()],
     fetch_count: AtomicU64,
@@ -260,6 +263,12 @@ impl Metrics {
             "counter",
             "file contents (blobs) evicted from the cache directory",
             &[("", get(&self.evictions))],
+        );
+        metric(
+            "xattr_requests_total",
+            "counter",
+            "getxattr and listxattr requests the kernel sent (each a round trip)",
+            &[("", get(&self.xattr_requests))],
         );
         metric(
             "cache_bytes",

@@ -214,10 +214,15 @@ impl fuser::Filesystem for NarFuse {
         // download; symlinks never change, so the kernel may cache them.
         // READDIRPLUS: `ls -l` and `find` get attributes with the names, not one
         // lookup per entry.
+        // POSIX_ACL: the kernel asks for an inode's ACLs once and caches the "none"
+        // (`ls -l` asks for both of every file, each time); it changes no permission
+        // check, since a file without ACLs is checked by its mode bits alone, and
+        // the mount is read-only, so no ACL can be set.
         for cap in [
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_CACHE_SYMLINKS,
             InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_POSIX_ACL,
         ] {
             if config.add_capabilities(cap).is_err() {
                 tracing::debug!("kernel does not offer {cap:?}");

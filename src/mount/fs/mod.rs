@@ -412,8 +412,10 @@ impl Fs {
     }
 
     /// Whether `ino` may be asked for extended attributes. NARs carry none, so no
-    /// file has any: there is nothing else to look up.
+    /// file has any: there is nothing else to look up. Counted: each is a round trip
+    /// the kernel could not answer from its caches.
     pub fn xattr_target(&self, ino: u64) -> Result<(), Errno> {
+        crate::fetch::metrics::Metrics::inc(&self.fetcher.metrics().xattr_requests);
         match self.index.node(ino) {
             Some(n) if n.kind == Kind::Stale => Err(Errno::ESTALE),
             Some(_) => Ok(()),

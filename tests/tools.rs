@@ -180,6 +180,31 @@ fn the_kernel_keeps_that_no_file_has_an_acl() {
     );
 }
 
+/// `ls -l` asks for each entry's SELinux label (coreutils' `getfilecon`) until a file
+/// system says it has none: a round trip per file on each run otherwise.
+#[test]
+fn ls_asks_for_selinux_labels_once_per_run() {
+    let f = fixture();
+    let (_e, m) = mounted_and_read(&[]);
+    let ls = || run(Command::new("ls").arg("-lR").arg(&m.mnt));
+    ls();
+    let before = m.stat("xattr_requests_total");
+    ls();
+    let asked = m.stat("xattr_requests_total") - before;
+    // one label, and the ACLs of the root and of the store paths, whose attributes
+    // the kernel keeps a second at most (and forgets their ACLs with them)
+    let entries = run(Command::new("find").arg(&m.mnt)).lines().count() as u64;
+    let bound = 1 + 2 * (1 + f.paths.len() as u64);
+    assert!(entries > 2 * bound, "{entries} entries");
+    assert!(asked <= bound, "{asked} getxattr requests for one ls -lR");
+    let py = "import os, sys; os.getxattr(sys.argv[1], 'security.selinux')";
+    let (code, _, err) = out(Command::new("python3").args(["-c", py]).arg(&m.mnt));
+    assert!(
+        code != 0 && err.contains("Operation not supported"),
+        "{err}"
+    );
+}
+
 #[test]
 fn the_mount_table_shows_fuse_narfs_and_the_cache_without_secrets() {
     let f = fixture();

@@ -475,8 +475,14 @@ impl fuser::Filesystem for NarFuse {
     // No extended attributes: ENODATA and an empty list, as a disk answers for a file
     // without any (the default ENOSYS makes the kernel answer EOPNOTSUPP, and
     // `getfattr`, `cp -a` and `rsync -X` report errors).
-    fn getxattr(&self, _req: &Request, ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+    // SELinux labels alone are not supported: the request reaches the mount only
+    // when no security module answers it, and `ls -l` asks for every entry on each
+    // run (a round trip the kernel cannot cache) unless told so, once.
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, _size: u32, reply: ReplyXattr) {
         match self.fs.xattr_target(ino.0) {
+            Ok(()) if name.as_bytes() == b"security.selinux" => {
+                reply.error(fuser::Errno::EOPNOTSUPP)
+            }
             Ok(()) => reply.error(fuser::Errno::NO_XATTR),
             Err(e) => reply.error(errno(e)),
         }

@@ -200,8 +200,11 @@ pub fn parse<R: Read>(r: &mut R, sink: &mut dyn Sink, chunk_shift: u8) -> Result
         pos: 0,
         buf: Vec::with_capacity(64),
     };
-    rd.string(MAGIC.len(), "magic")
-        .map_err(|_| NarError::Magic)?;
+    // the reader's own failure (a decoder's, say) is not the archive's
+    rd.string(MAGIC.len(), "magic").map_err(|e| match e {
+        NarError::Io(e) => NarError::Io(e),
+        _ => NarError::Magic,
+    })?;
     if rd.buf != MAGIC {
         return Err(NarError::Magic);
     }
@@ -516,6 +519,14 @@ mod tests {
         v
     }
 
+    struct FailingReader;
+
+    impl Read for FailingReader {
+        fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            Err(io::Error::other("corrupt xz data"))
+        }
+    }
+
     fn try_unpack(data: &[u8]) -> Result<Entry, NarError> {
         let d = tempfile::tempdir().unwrap();
         unpack(&mut &data[..], &d.path().join("out"))
@@ -629,6 +640,11 @@ mod tests {
             Err(NarError::Magic)
         ));
         assert!(matches!(try_unpack(b""), Err(NarError::Magic)));
+        // the reader's own error, before the magic, is reported as it is
+        let d = tempfile::tempdir().unwrap();
+        let mut failing = (&[1u8; 4][..]).chain(FailingReader);
+        let e = unpack(&mut failing, &d.path().join("out")).unwrap_err();
+        assert_eq!(e.to_string(), "corrupt xz data");
         // unknown tags and types
         let e = try_unpack(&nar(&[b"nix-archive-1", b"(", b"type", b"fifo"])).unwrap_err();
         assert!(matches!(e, NarError::Tag { .. }), "{e}");

@@ -214,15 +214,15 @@ impl fuser::Filesystem for NarFuse {
         // download; symlinks never change, so the kernel may cache them.
         // READDIRPLUS: `ls -l` and `find` get attributes with the names, not one
         // lookup per entry.
-        // POSIX_ACL: the kernel asks for an inode's ACLs once and caches the "none"
-        // (`ls -l` asks for both of every file, each time); it changes no permission
-        // check, since a file without ACLs is checked by its mode bits alone, and
-        // the mount is read-only, so no ACL can be set.
+        // Not POSIX_ACL: the kernel would cache that a file has no ACL, but forget it
+        // whenever it refreshes attributes to check a permission, and ask for it on
+        // every such check by another user than the owner: a round trip more per
+        // path component of a path not yet verified (whose attributes it keeps not
+        // at all). `getxattr` tells ACL readers once instead.
         for cap in [
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_CACHE_SYMLINKS,
             InitFlags::FUSE_DO_READDIRPLUS,
-            InitFlags::FUSE_POSIX_ACL,
         ] {
             if config.add_capabilities(cap).is_err() {
                 tracing::debug!("kernel does not offer {cap:?}");
@@ -475,12 +475,18 @@ impl fuser::Filesystem for NarFuse {
     // No extended attributes: ENODATA and an empty list, as a disk answers for a file
     // without any (the default ENOSYS makes the kernel answer EOPNOTSUPP, and
     // `getfattr`, `cp -a` and `rsync -X` report errors).
-    // SELinux labels alone are not supported: the request reaches the mount only
-    // when no security module answers it, and `ls -l` asks for every entry on each
-    // run (a round trip the kernel cannot cache) unless told so, once.
+    // SELinux labels and POSIX ACLs are not supported, as a file system without
+    // them answers: `ls -l` asks every entry for both on each run (round trips the
+    // kernel cannot cache) until a file system says so, and then asks it no more.
+    // A label request reaches the mount only when no security module answers it.
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, _size: u32, reply: ReplyXattr) {
+        const UNSUPPORTED: [&[u8]; 3] = [
+            b"security.selinux",
+            b"system.posix_acl_access",
+            b"system.posix_acl_default",
+        ];
         match self.fs.xattr_target(ino.0) {
-            Ok(()) if name.as_bytes() == b"security.selinux" => {
+            Ok(()) if UNSUPPORTED.contains(&name.as_bytes()) => {
                 reply.error(fuser::Errno::EOPNOTSUPP)
             }
             Ok(()) => reply.error(fuser::Errno::NO_XATTR),

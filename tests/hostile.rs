@@ -75,6 +75,74 @@ fn bomb() -> Vec<u8> {
     e.finish().unwrap()
 }
 
+/// `nar` as xz streams (one per part, split at `cuts`) of 256 KiB blocks with their
+/// sizes in the headers, as Nix's `parallel-compression` writes them, so that the
+/// blocks are decoded side by side.
+fn xz_blocks(nar: &[u8], cuts: &[usize]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    for &to in cuts.iter().chain([&nar.len()]) {
+        // xz(1) in threaded mode writes each block's sizes into its header
+        let mut xz = std::process::Command::new("xz")
+            .args([
+                "-z",
+                "-c",
+                "-1",
+                "-T2",
+                "--block-size=262144",
+                "--check=crc64",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = xz.stdin.take().unwrap();
+        let part = nar[from..to].to_vec();
+        let feeder = std::thread::spawn(move || stdin.write_all(&part).unwrap());
+        let o = xz.wait_with_output().unwrap();
+        feeder.join().unwrap();
+        assert!(o.status.success());
+        out.extend(o.stdout);
+        from = to;
+    }
+    out
+}
+
+/// Where the second block of an xz stream starts: after the stream header (12
+/// bytes) and the first block (its header, its compressed size from that header,
+/// padding to 4 bytes, its CRC64).
+fn second_block(xz: &[u8]) -> usize {
+    let header = (xz[12] as usize + 1) * 4;
+    assert!(xz[13] & 0x40 != 0, "no compressed size in the block header");
+    let (mut size, mut shift, mut i) = (0usize, 0, 14);
+    loop {
+        size |= ((xz[i] & 0x7f) as usize) << shift;
+        shift += 7;
+        i += 1;
+        if xz[i - 1] & 0x80 == 0 {
+            break;
+        }
+    }
+    12 + header + size.div_ceil(4) * 4 + 8
+}
+
+#[test]
+fn nars_of_many_xz_blocks_and_streams_are_served() {
+    let s3 = S3Server::start();
+    let cache = SignedCache::new(&s3);
+    let contents = noise(3 << 20, 7);
+    let nar = file_nar(&contents);
+    let base = cache.put(
+        "blocks",
+        &nar,
+        Compression::Xz,
+        &xz_blocks(&nar, &[1 << 20]),
+        |_| {},
+    );
+    let m = cache.mount(&s3, &["--refresh-interval", "0", "--timeout", "5"]);
+    assert!(std::fs::read(m.p(&base)).unwrap() == contents);
+}
+
 #[test]
 fn hostile_nars_are_refused_and_repairs_picked_up() {
     let s3 = S3Server::start();
@@ -107,11 +175,25 @@ fn hostile_nars_are_refused_and_repairs_picked_up() {
         (good, Compression::None, l)
     };
     let bomb_file = bomb();
+    // xz of several blocks: the second block's header damaged, or the stream cut
+    let blocks = |seed: u64, edit: &dyn Fn(&mut Vec<u8>)| {
+        let nar = file_nar(&noise(1 << 20, seed));
+        let mut xz = xz_blocks(&nar, &[]);
+        edit(&mut xz);
+        (nar, Compression::Xz, xz)
+    };
+    let bad_header = blocks(1, &|xz| {
+        let second = second_block(xz);
+        xz[second + 2] ^= 0x55;
+    });
+    let cut = blocks(2, &|xz| xz.truncate(xz.len() * 2 / 3));
     let tiny = file_nar(b"tiny");
     type Case = (&'static str, (Vec<u8>, Compression, Vec<u8>), &'static str);
     let cases: Vec<Case> = vec![
         ("one-byte-flipped", flipped, "NarHash mismatch"),
         ("truncated", truncated, "truncated"),
+        ("xz-block-header", bad_header, "data error"),
+        ("xz-blocks-cut", cut, "truncated"),
         ("longer-than-narsize", longer, "longer than"),
         (
             "bomb",

@@ -173,7 +173,9 @@ impl Fs {
             return Wait(Need::Content(plan.path));
         };
         let end = offset.saturating_add(size as u64).min(plan.size);
-        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+        // one buffer, read into in place: a read is one allocation, not one per chunk
+        let mut out = vec![0u8; end.saturating_sub(offset) as usize];
+        let mut filled = 0;
         for c in chunks {
             let crate::mount::inodes::PlannedChunk { at, len, hash, .. } = c;
             let f = match self.blob(&hash) {
@@ -189,22 +191,24 @@ impl Fs {
             self.fetcher.disk().touch(&hash);
             let from = offset.max(at) - at;
             let to = end.min(at + len) - at;
-            match pread_exact(&f, from, (to - from) as usize) {
-                Ok(b) => out.extend_from_slice(&b),
+            let want = (to - from) as usize;
+            match pread_exact(&f, from, &mut out[filled..filled + want]) {
+                Ok(n) => filled += n,
                 Err(e) => {
                     tracing::error!("reading blob {}: {e}", hash.to_nix_string());
                     return Ready(Err(Errno::EIO));
                 }
             }
         }
+        out.truncate(filled);
         Ready(Ok(out))
     }
 }
 
-/// `len` bytes at `offset` (fewer only at the end of the file).
-fn pread_exact(f: &std::fs::File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+/// Fills `buf` from `offset` (less only at the end of the file); how much it read.
+fn pread_exact(f: &std::fs::File, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
     use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; len];
+    let len = buf.len();
     let mut done = 0;
     while done < len {
         match f.read_at(&mut buf[done..], offset + done as u64) {
@@ -214,6 +218,5 @@ fn pread_exact(f: &std::fs::File, offset: u64, len: usize) -> std::io::Result<Ve
             Err(e) => return Err(e),
         }
     }
-    buf.truncate(done);
-    Ok(buf)
+    Ok(done)
 }

@@ -150,18 +150,7 @@ fn nix_uses_registered_paths_lazily_builds_copies_and_collects_garbage() {
     let app = format!("/nix/store/{}", f.path("narfs-test-app"));
     let keep = tempfile::tempdir().unwrap();
     let kept = keep.path().join("cache");
-    let ns = Ns::start_with(
-        "",
-        Some(&kept),
-        &[
-            "--trusted-public-key",
-            &f.public_key,
-            "--closure",
-            &app,
-            &e.url,
-        ],
-    )
-    .unwrap_or_else(|(st, log)| panic!("{st:?}\n{log}"));
+    let ns = start_kept(&kept, &app, &e.url);
 
     // nix knows the closure, references and signatures, and no NAR was fetched
     let refs = ns.ok(&format!("nix-store -q --references {app}"));
@@ -257,18 +246,7 @@ fn nix_uses_registered_paths_lazily_builds_copies_and_collects_garbage() {
         ))
         .contains("greet"));
     assert!(ns.stop().success());
-    let ns = Ns::start_with(
-        "",
-        Some(&kept),
-        &[
-            "--trusted-public-key",
-            &f.public_key,
-            "--closure",
-            &app,
-            &e.url,
-        ],
-    )
-    .unwrap_or_else(|(st, log)| panic!("{st:?}\n{log}"));
+    let ns = start_kept(&kept, &app, &e.url);
     assert_eq!(
         ns.ok(&format!("nix-store -q --requisites {app}"))
             .lines()
@@ -553,4 +531,20 @@ fn narfs_register_output_is_what_nix_dump_db_prints() {
         closure.len(),
         "{shown}"
     );
+}
+
+/// `narfs nix-store` of the closure of `app`, its cache directory at `kept`.
+fn start_kept(kept: &Path, app: &str, url: &str) -> Ns {
+    Ns::start_with(
+        "",
+        Some(kept),
+        &[
+            "--trusted-public-key",
+            &fixture().public_key,
+            "--closure",
+            app,
+            url,
+        ],
+    )
+    .unwrap_or_else(|(st, log)| panic!("{st:?}\n{log}"))
 }

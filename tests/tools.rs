@@ -67,17 +67,19 @@ print(u.total, u.used, u.free)
     assert_eq!(used, n(2), "{text}");
 }
 
-/// For every entry below `root` (sorted, relative): what `listxattr` and `getxattr`
-/// of a few names answer, without following symlinks.
-fn xattrs(root: &Path) -> String {
+/// For every entry below `root` (sorted, relative; symlinks not followed): what
+/// `listxattr` (with `list`) and `getxattr` of each of `names` answer.
+fn xattr_answers(root: &Path, names: &[&str], list: bool) -> String {
     let py = r#"
 import errno, os, sys
-root = sys.argv[1]
+root, list_too, attrs = sys.argv[1], sys.argv[2] == "1", sys.argv[3:]
 names = [root] + [os.path.join(d, x) for d, ds, fs in os.walk(root) for x in ds + fs]
 out = []
 for n in names:
-    r = [os.path.relpath(n, root), repr(os.listxattr(n, follow_symlinks=False))]
-    for a in ("user.narfs", "security.capability", "trusted.overlay.opaque"):
+    r = [os.path.relpath(n, root)]
+    if list_too:
+        r.append(repr(os.listxattr(n, follow_symlinks=False)))
+    for a in attrs:
         try:
             os.getxattr(n, a, follow_symlinks=False)
             r.append(a + "=found")
@@ -86,7 +88,23 @@ for n in names:
     out.append(" ".join(r))
 print("\n".join(sorted(set(out))))
 "#;
-    run(Command::new("python3").args(["-c", py]).arg(root))
+    run(Command::new("python3")
+        .args(["-c", py])
+        .arg(root)
+        .arg(if list { "1" } else { "0" })
+        .args(names))
+}
+
+fn xattrs(root: &Path) -> String {
+    xattr_answers(
+        root,
+        &[
+            "user.narfs",
+            "security.capability",
+            "trusted.overlay.opaque",
+        ],
+        true,
+    )
 }
 
 #[test]
@@ -107,26 +125,12 @@ fn no_extended_attributes_as_on_a_disk() {
     assert!(root.starts_with(". [] user.narfs=ENODATA"), "{root}");
 }
 
-/// What `getxattr` of the two POSIX ACL names answers for every entry below `root`
-/// (sorted, relative; symlinks not followed).
 fn acls(root: &Path) -> String {
-    let py = r#"
-import errno, os, sys
-root = sys.argv[1]
-names = [root] + [os.path.join(d, x) for d, ds, fs in os.walk(root) for x in ds + fs]
-out = []
-for n in names:
-    r = [os.path.relpath(n, root)]
-    for a in ("system.posix_acl_access", "system.posix_acl_default"):
-        try:
-            os.getxattr(n, a, follow_symlinks=False)
-            r.append(a + "=found")
-        except OSError as e:
-            r.append(a + "=" + errno.errorcode[e.errno])
-    out.append(" ".join(r))
-print("\n".join(sorted(out)))
-"#;
-    run(Command::new("python3").args(["-c", py]).arg(root))
+    xattr_answers(
+        root,
+        &["system.posix_acl_access", "system.posix_acl_default"],
+        false,
+    )
 }
 
 /// No file has an ACL and none can be set: the ACL names answer EOPNOTSUPP, as on a

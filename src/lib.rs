@@ -6,12 +6,12 @@
 //!
 //! | layer | owns | may use |
 //! |---|---|---|
-//! | [`formats`] | Nix's formats and narfs's file index: parse, verify, write; no network | — |
+//! | [`formats`] | Nix's formats, narfs's file index and start-up profiles: parse, verify, write; no network | — |
 //! | [`storage`] | everything that speaks a protocol: cache URLs, S3, http(s), files, netrc, TLS, `nix-cache-info` | formats |
 //! | [`disk_cache`] | the cache directory: blobs by hash, the quota, trees and records | formats |
-//! | [`fetch`] | the read side's network: narinfos, indexes, listings, NARs and blocks, verified; pacing, retries, single-flight, decompression, counters | formats, storage, disk_cache |
-//! | [`mount`] | the file system: inodes, operations, the FUSE adapter (only it knows fuser), control socket, metrics endpoint | formats, storage, disk_cache, fetch |
-//! | [`publish`] | the write side: `narfs push`, `narfs index`, seekable NARs | formats, storage, fetch |
+//! | [`fetch`] | the read side's network: narinfos, indexes, listings, NARs, blocks and profile packs, verified; pacing, retries, single-flight, decompression, counters | formats, storage, disk_cache |
+//! | [`mount`] | the file system: inodes, operations, recordings and replays, the FUSE adapter (only it knows fuser), control socket, metrics endpoint | formats, storage, disk_cache, fetch |
+//! | [`publish`] | the write side: `narfs push`, `narfs index`, `narfs profile push`, seekable NARs | formats, storage, fetch |
 //! | [`nixstore`] | nix itself on the mount: overlayfs over it, paths registered with nix | formats, storage, disk_cache, fetch, mount |
 //! | [`cli`] | the command line: one file per subcommand | all |
 //!

@@ -1,5 +1,5 @@
 //! The read side's network: narinfos, file indexes, listings and NARs fetched from a
-//! `storage`, verified, and kept in the `disk_cache`; blocks, pacing, retries and
+//! `storage`, verified, and kept in the `disk_cache`; blocks, profile packs, pacing, retries and
 //! single-flight around them. May use `formats`, `storage` and `disk_cache`.
 //!
 //! Nothing reaches the disk cache unless every check passed (narinfo: signature and

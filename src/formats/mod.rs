@@ -1,6 +1,6 @@
-//! Nix's formats and narfs's file index, each in its own strict module; uses no other
-//! layer. No network here: everything parses from bytes or streams (the NAR reader
-//! may unpack into a directory) so that it is tested against fixtures the real Nix wrote.
+//! Nix's formats, narfs's file index and start-up profiles, each in its own strict
+//! module; uses no other layer. No network here: everything parses from bytes or
+//! streams (the NAR reader may unpack into a directory), tested against what the real Nix wrote.
 
 pub mod file_index;
 pub mod hash;

@@ -187,6 +187,32 @@ fn a_recorded_profile_is_replayed_in_one_request_and_its_reads_need_no_block() {
     assert_eq!(block_gets(&c.proxy), 0);
 }
 
+/// A reader whose chunk the pack is bringing waits for the pack rather than fetching
+/// its block: here the indexes are slow, so the program reads while the pack (slower
+/// still) is on its way, and its reads cost no block at all.
+#[test]
+fn readers_wait_for_a_pack_that_brings_their_chunks() {
+    let c = cache();
+    record_and_push(&c);
+    c.proxy.clear();
+    c.proxy
+        .delay(".narfs-index", std::time::Duration::from_millis(300));
+    c.proxy
+        .delay("/profile/", std::time::Duration::from_millis(800));
+    let m = c.mount();
+    let t = std::time::Instant::now();
+    run(Command::new("sh").arg("-c").arg(program(&m.mnt)));
+    let took = t.elapsed();
+    reads_right(&m);
+    assert_eq!(block_gets(&c.proxy), 0, "{:?}", c.proxy.requests());
+    assert_eq!(c.proxy.gets("/profile/"), 1);
+    assert!(
+        took >= std::time::Duration::from_millis(800),
+        "the program did not wait for the pack: {took:?}"
+    );
+    m.wait_log("replayed its start-up profile");
+}
+
 /// The manifest `bytes` (as pushed), re-signed after `edit`.
 fn resigned(c: &Cache, bytes: &[u8], edit: impl FnOnce(&mut Manifest)) -> Vec<u8> {
     let sp = StorePath::from_basename(&app()).unwrap();

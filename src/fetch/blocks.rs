@@ -155,7 +155,7 @@ impl BlockReader {
         }
     }
 
-    pub(super) fn replays(&self) -> &crate::fetch::pending::Replays {
+    pub fn replays(&self) -> &crate::fetch::pending::Replays {
         &self.replays
     }
 

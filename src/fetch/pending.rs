@@ -16,9 +16,30 @@ const WAIT_AT_MOST: Duration = Duration::from_secs(2);
 
 /// Chunks replays are bringing: where each ends in its pack's decoded bytes, and how
 /// far that replay has got.
-#[derive(Default)]
 pub struct Replays {
     pending: Arc<Mutex<HashMap<Sha256, Pending>>>,
+    /// Replays whose manifest is on its way: until it is in, nobody knows which chunks
+    /// they bring, so readers wait for it (a round trip, as a block would cost).
+    starting: Arc<tokio::sync::watch::Sender<usize>>,
+}
+
+impl Default for Replays {
+    fn default() -> Self {
+        Replays {
+            pending: Default::default(),
+            starting: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
+}
+
+/// A replay starting: held from before its manifest is fetched until its chunks are
+/// registered (or it ends).
+pub struct Starting(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
 }
 
 #[derive(Clone)]
@@ -31,6 +52,10 @@ impl Replays {
     /// Waits (bounded) for chunk `hash` if a replay brings it soon; returns at once
     /// otherwise. The caller then finds it on disk or fetches its block.
     pub async fn wait(&self, hash: &Sha256) {
+        if *self.starting.borrow() > 0 {
+            let mut starting = self.starting.subscribe();
+            let _ = tokio::time::timeout(WAIT_AT_MOST, starting.wait_for(|&n| n == 0)).await;
+        }
         let Some(p) = self.pending.lock().unwrap().get(hash).cloned() else {
             return;
         };
@@ -59,6 +84,12 @@ impl Drop for Registered {
 }
 
 impl Replays {
+    /// A replay starts: readers wait for its manifest until the guard goes.
+    pub fn starting(&self) -> Starting {
+        self.starting.send_modify(|n| *n += 1);
+        Starting(self.starting.clone())
+    }
+
     /// Registers chunks (hash, where it ends in the decoded pack) that a replay whose
     /// decoded position is `progress` brings. A chunk another replay already brings
     /// stays its.

@@ -33,6 +33,7 @@ impl BlockReader {
         m: &Manifest,
         within: std::ops::Range<usize>,
         known: Option<&HashSet<(Sha256, u64)>>,
+        starting: Option<crate::fetch::pending::Starting>,
     ) -> Result<Replayed, String> {
         let mut done = Replayed::default();
         let mut frames = Vec::with_capacity(m.frames.len());
@@ -95,6 +96,8 @@ impl BlockReader {
                 .map(|(c, (start, _))| (c.hash, start + c.len)),
             progress,
         );
+        // its chunks are known now: readers wait for them, not for the manifest
+        drop(starting);
         let what = format!("{}: profile pack {}", m.store_path, self.location(&m.pack));
         let body = match self
             .storage()

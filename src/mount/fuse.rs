@@ -248,12 +248,12 @@ impl fuser::Filesystem for NarFuse {
             move |fs| fs.lookup(parent.0, &name),
             move |r| match r {
                 Ok(a) => {
-                    reply.entry(&ttl_for(&a), &to_attr(&a), Generation(0));
                     if parent.0 == crate::mount::inodes::ROOT {
                         if let Some(replay) = fs.first_use(a.ino) {
                             rt.spawn(replay);
                         }
                     }
+                    reply.entry(&ttl_for(&a), &to_attr(&a), Generation(0));
                 }
                 Err(e) => reply.error(errno(e)),
             },

@@ -21,16 +21,23 @@ impl Fs {
             return None;
         }
         let me = self.me.upgrade()?;
+        // taken before the kernel has the lookup's answer, so no read of the program
+        // can slip past the replay before it says which chunks it brings
+        let starting = self.fetcher.blocks().replays().starting();
         Some(async move {
             if let Ok(info) = me.info(id).await {
                 if info.profile.is_some() {
-                    me.replay(info).await;
+                    me.replay(info, starting).await;
                 }
             }
         })
     }
 
-    async fn replay(self: Arc<Self>, info: Arc<NarInfo>) {
+    async fn replay(
+        self: Arc<Self>,
+        info: Arc<NarInfo>,
+        starting: crate::fetch::pending::Starting,
+    ) {
         let sp = &info.store_path;
         let m = match self.fetcher.profile_manifest(&info).await {
             Ok(Some(m)) => m,
@@ -78,7 +85,7 @@ impl Fs {
             })
             .unwrap_or(m.frames.len());
         let blocks = self.fetcher.blocks();
-        let first = blocks.replay(&m, 0..split, None).await;
+        let first = blocks.replay(&m, 0..split, None, Some(starting)).await;
         let indexed: HashMap<StorePath, Arc<crate::fetch::blocks::Blocks>> = loads
             .await
             .unwrap_or_default()
@@ -100,9 +107,11 @@ impl Fs {
             );
         }
         let rest = match first {
-            Ok(_) if split < m.frames.len() => {
-                Some(blocks.replay(&m, split..m.frames.len(), Some(&known)).await)
-            }
+            Ok(_) if split < m.frames.len() => Some(
+                blocks
+                    .replay(&m, split..m.frames.len(), Some(&known), None)
+                    .await,
+            ),
             _ => None,
         };
         for r in std::iter::once(first).chain(rest) {

@@ -64,21 +64,20 @@ impl BlockReader {
             wanted.push((at, want));
             at += c.len;
         }
-        let holds = |(r, _, f): &(u64, u64, crate::formats::profile::Frame)| {
-            m.chunks
-                .iter()
-                .zip(&wanted)
-                .any(|(c, (start, want))| *want && *start < r + f.raw_len && start + c.len > *r)
-        };
+        // the frames holding a wanted chunk: chunks and frames both run in pack order,
+        // so each chunk's frames are found by bisection (no chunks × frames walk)
+        let starts: Vec<u64> = frames.iter().map(|(r, _, _)| *r).collect();
+        let mut holds = vec![false; frames.len()];
+        for (c, (start, want)) in m.chunks.iter().zip(&wanted) {
+            if *want {
+                let a = starts.partition_point(|&r| r <= *start).saturating_sub(1);
+                let b = starts.partition_point(|&r| r < start + c.len);
+                holds[a..b.max(a)].iter_mut().for_each(|h| *h = true);
+            }
+        }
         let (Some(first), Some(last)) = (
-            frames[within.clone()]
-                .iter()
-                .position(holds)
-                .map(|i| i + within.start),
-            frames[within.clone()]
-                .iter()
-                .rposition(holds)
-                .map(|i| i + within.start),
+            within.clone().find(|&i| holds[i]),
+            within.clone().rev().find(|&i| holds[i]),
         ) else {
             return Ok(done);
         };

@@ -47,12 +47,13 @@ impl Fs {
                 return;
             }
         };
-        let mut paths: Vec<&StorePath> = Vec::new();
-        for c in &m.chunks {
-            if !paths.contains(&&c.path) {
-                paths.push(&c.path);
-            }
-        }
+        let mut seen = HashSet::new();
+        let paths: Vec<&StorePath> = m
+            .chunks
+            .iter()
+            .map(|c| &c.path)
+            .filter(|p| seen.insert(*p))
+            .collect();
         // the paths it names are looked up and their indexes loaded (the program will
         // want them) while the pack streams: every chunk in it is checked against its
         // own hash, and only ever served by a hash a signed index or NAR gave

@@ -140,6 +140,10 @@ fn record(a: &RecordArgs) -> Result<ExitCode, String> {
     conn.get_mut()
         .write_all(b"end\n")
         .map_err(|e| format!("{}: {e}", a.mount.display()))?;
+    // the answer is in memory at the mount: a mount that does not send it is stuck
+    let _ = conn
+        .get_ref()
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)));
     let mut text = format!("{}\n", crate::formats::profile::RECORD_MAGIC);
     let mut ended = None;
     for l in crate::mount::control::lines(conn) {
@@ -206,9 +210,20 @@ fn push(a: &PushArgs) -> Result<(), String> {
         }
         None => None,
     };
+    // the chunks are fetched and verified as a mount does, into a scratch cache
+    let scratch = tempfile::tempdir().map_err(|e| format!("a scratch directory: {e}"))?;
+    let disk = std::sync::Arc::new(
+        crate::disk_cache::DiskCache::open(scratch.path()).map_err(|e| e.to_string())?,
+    );
     runtime().block_on(async {
         let storage = crate::storage::open(&url.url, None, a.keys.ssl_cert_file.as_deref()).await?;
-        let p = crate::publish::profile::push(&*storage, &record, root, &key, &trusted).await?;
+        let fetcher = std::sync::Arc::new(crate::fetch::Fetcher::new(
+            storage,
+            trusted.clone(),
+            disk,
+            std::time::Duration::ZERO,
+        ));
+        let p = crate::publish::profile::push(&fetcher, &record, root, &key, &trusted).await?;
         for w in &p.warnings {
             eprintln!("narfs: warning: {w}");
         }

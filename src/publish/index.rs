@@ -161,16 +161,7 @@ async fn index_one(
     tmp: &std::path::Path,
 ) -> Outcome {
     let narinfo_key = format!("{hash}.narinfo");
-    let text = get_small(&**storage, &narinfo_key, MAX_NARINFO_BYTES)
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("{}: no such narinfo", storage.location(&narinfo_key)))?;
-    let text = String::from_utf8(text)
-        .map_err(|_| format!("{}: not UTF-8 text", storage.location(&narinfo_key)))?;
-    let info =
-        NarInfo::parse(&text).map_err(|e| format!("{}: {e}", storage.location(&narinfo_key)))?;
-    info.verify(hash, trusted)
-        .map_err(|e| format!("{}: {e}", storage.location(&narinfo_key)))?;
+    let (text, info) = verified_narinfo(&**storage, hash, trusted).await?;
     let sp = info.store_path.to_string();
     // already indexed, and the index verifies: nothing to do
     if let Some(key) = &info.index {
@@ -366,6 +357,26 @@ async fn index_one(
             blocks: packed.blocks.len(),
         },
     ))
+}
+
+/// The narinfo `<hash>.narinfo` as stored (its text, for a rewrite of its unsigned
+/// lines) and parsed, verified with `trusted`. `Err` names the object and the fault.
+pub async fn verified_narinfo(
+    storage: &dyn Storage,
+    hash: &str,
+    trusted: &TrustedKeys,
+) -> Result<(String, NarInfo), String> {
+    let key = format!("{hash}.narinfo");
+    let at = || storage.location(&key);
+    let text = get_small(storage, &key, MAX_NARINFO_BYTES)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("{}: no such narinfo", at()))?;
+    let text = String::from_utf8(text).map_err(|_| format!("{}: not UTF-8 text", at()))?;
+    let info = NarInfo::parse(&text).map_err(|e| format!("{}: {e}", at()))?;
+    info.verify(hash, trusted)
+        .map_err(|e| format!("{}: {e}", at()))?;
+    Ok((text, info))
 }
 
 /// Whether the object at `key` is `size` bytes with SHA-256 `hash` (`None`: there is

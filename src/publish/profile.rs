@@ -1,17 +1,20 @@
 //! `narfs profile push`: a recorded start-up profile becomes a pack (the chunks it
 //! read, in that order, as independent zstd frames) and a signed manifest next to the
 //! profile's store path (docs/profiles.md). The chunks' bytes come from the cache
-//! itself, each checked against its path's signed file index before it is packed.
+//! itself, through the read side's fetcher (narinfos, indexes and blocks verified as a
+//! mount verifies them).
 
 use crate::fetch::blocks::{Blocks, ChunkAt};
-use crate::formats::file_index::FileIndex;
+use crate::fetch::pace::Priority;
+use crate::fetch::{Fetcher, Lookup};
 use crate::formats::hash::Sha256;
 use crate::formats::keys::{SecretKey, TrustedKeys};
-use crate::formats::narinfo::{NarInfo, MAX_NARINFO_BYTES};
+use crate::formats::narinfo::NarInfo;
 use crate::formats::profile::{Frame, Manifest, PackChunk, Recorded, MAX_FRAME};
 use crate::formats::store_path::StorePath;
-use crate::storage::{get_small, Storage, Upload};
+use crate::storage::Upload;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// A frame is cut after the chunk that brings it to this many bytes: small enough
 /// that a replay skips what is already on disk, large enough to compress well.
@@ -30,107 +33,54 @@ pub struct Pushed {
     pub warnings: Vec<String>,
 }
 
-/// A path's verified narinfo (and its text, to rewrite) and index.
-struct Source {
-    text: String,
-    index: Option<(FileIndex, Blocks)>,
-}
-
-async fn source(
-    storage: &dyn Storage,
-    sp: &StorePath,
-    trusted: &TrustedKeys,
-) -> Result<Source, String> {
-    let key = format!("{}.narinfo", sp.hash_part());
-    let text = get_small(storage, &key, MAX_NARINFO_BYTES)
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("{sp}: not in the cache ({})", storage.location(&key)))?;
-    let text = String::from_utf8(text).map_err(|_| format!("{key}: not UTF-8 text"))?;
-    let info = NarInfo::parse(&text).map_err(|e| format!("{}: {e}", storage.location(&key)))?;
-    info.verify(sp.hash_part(), trusted)
-        .map_err(|e| format!("{}: {e}", storage.location(&key)))?;
-    if info.store_path != *sp {
-        return Err(format!("{key} describes {}, not {sp}", info.store_path));
-    }
-    let Some(ikey) = &info.index else {
-        return Ok(Source { text, index: None });
-    };
-    let bytes = get_small(
-        storage,
-        ikey,
-        crate::formats::file_index::MAX_BODY as usize + (16 << 10),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    let index = match bytes {
-        Some(b) => {
-            let (index, _) =
-                FileIndex::parse_verified(&b, sp, &info.nar_hash, info.nar_size, trusted)
-                    .map_err(|e| format!("{}: {e}", storage.location(ikey)))?;
-            let blocks = Blocks::new(&index);
-            Some((index, blocks))
-        }
-        None => None,
-    };
-    Ok(Source { text, index })
-}
-
-/// The bytes of `wanted` chunks of one indexed path, fetched block by block (each
-/// block once), each checked against its hash.
-async fn chunk_bytes(
-    storage: &dyn Storage,
-    sp: &StorePath,
-    index: &FileIndex,
-    blocks: &Blocks,
-    mut wanted: Vec<ChunkAt>,
-    out: &mut HashMap<Sha256, Vec<u8>>,
-) -> Result<(), String> {
-    wanted.sort_by_key(|c| c.nar_offset);
-    let mut decoded: HashMap<usize, Vec<u8>> = HashMap::new();
-    for c in wanted {
-        let range = blocks.covering(c.nar_offset, c.nar_offset + c.len);
-        // blocks before this chunk are done with: the chunks come in NAR order
-        decoded.retain(|&i, _| i >= range.start);
-        let mut bytes = Vec::with_capacity(c.len as usize);
-        for i in range {
-            let b = index.blocks[i];
-            if let std::collections::hash_map::Entry::Vacant(slot) = decoded.entry(i) {
-                let loc = storage.location(&index.url);
-                let body = storage
-                    .get_range(&index.url, b.comp_offset, b.comp_len as u64)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .ok_or_else(|| format!("{sp}: its NAR {loc} is missing"))?;
-                let mut comp = Vec::with_capacity(b.comp_len as usize);
-                tokio::io::AsyncReadExt::read_to_end(
-                    &mut tokio::io::AsyncReadExt::take(body, b.comp_len as u64 + 1),
-                    &mut comp,
-                )
-                .await
-                .map_err(|e| format!("GET {loc}: {e}"))?;
-                let nar =
-                    crate::fetch::decompress::decode_block(index.compression, &comp, b.nar_len)
-                        .map_err(|e| format!("{sp}: block {i} of {loc}: {e}"))?;
-                slot.insert(nar);
+/// The verified block tables of the record's paths, by path; paths that are not in the
+/// cache, not trusted or not indexed are left out with a warning (the root must be in
+/// the cache).
+async fn indexed_paths(
+    fetcher: &Arc<Fetcher>,
+    paths: &[StorePath],
+    root: &StorePath,
+    warnings: &mut Vec<String>,
+) -> Result<HashMap<StorePath, Arc<Blocks>>, String> {
+    let mut out = HashMap::new();
+    for sp in paths {
+        let info = match fetcher.narinfo(sp.hash_part()).await {
+            Ok(Lookup::Found(i)) if i.store_path == *sp => i,
+            Ok(_) if sp == root => return Err(format!("{sp}: not in the cache or not trusted")),
+            Err(e) if sp == root => return Err(format!("{sp}: {e}")),
+            _ => {
+                warnings.push(format!(
+                    "{sp}: not in the cache or not trusted: its chunks are left out"
+                ));
+                continue;
             }
-            let nar = &decoded[&i];
-            let from = c.nar_offset.max(b.nar_offset);
-            let to = (c.nar_offset + c.len).min(b.nar_offset + b.nar_len as u64);
-            bytes.extend_from_slice(
-                &nar[(from - b.nar_offset) as usize..(to - b.nar_offset) as usize],
-            );
+        };
+        match fetcher.file_index(info).await {
+            Ok(Some(index)) => {
+                out.insert(sp.clone(), Arc::new(Blocks::new(&index)));
+            }
+            _ if sp == root => {}
+            _ => warnings.push(format!("{sp}: no file index: its chunks are left out")),
         }
-        if Sha256::digest(&bytes) != c.hash {
-            return Err(format!(
-                "{sp}: NAR bytes {}..{} do not match their hash in the signed index",
-                c.nar_offset,
-                c.nar_offset + c.len
-            ));
-        }
-        out.insert(c.hash, bytes);
     }
-    Ok(())
+    Ok(out)
+}
+
+/// Chunk `c`'s bytes, fetched through its blocks into the fetcher's disk cache (checked
+/// against its hash there) and read back.
+async fn chunk_bytes(
+    fetcher: &Arc<Fetcher>,
+    b: &Arc<Blocks>,
+    c: ChunkAt,
+) -> Result<Vec<u8>, String> {
+    fetcher.blocks().chunk(b, c, Priority::Demand).await?;
+    let mut bytes = Vec::with_capacity(c.len as usize);
+    fetcher
+        .disk()
+        .open_blob(&c.hash)
+        .and_then(|mut f| std::io::Read::read_to_end(&mut f, &mut bytes))
+        .map_err(|e| format!("{}: {e}", b.store_path))?;
+    Ok(bytes)
 }
 
 /// The pack of `chunks` (in order) and its frames.
@@ -165,13 +115,15 @@ fn pack(chunks: &[(PackChunk, &[u8])]) -> Result<(Vec<u8>, Vec<Frame>), String> 
 }
 
 /// Pushes the profile `record` for `root` (by default the first path recorded).
+/// `fetcher` verifies with `trusted` and stores what it fetches in a scratch disk cache.
 pub async fn push(
-    storage: &dyn Storage,
+    fetcher: &Arc<Fetcher>,
     record: &[Recorded],
     root: Option<StorePath>,
     key: &SecretKey,
     trusted: &TrustedKeys,
 ) -> Result<Pushed, String> {
+    let storage = &**fetcher.storage();
     let root = root
         .or_else(|| record.first().map(|r| r.path.clone()))
         .ok_or("the record holds no chunk: nothing to push")?;
@@ -186,73 +138,35 @@ pub async fn push(
     if !paths.contains(&root) {
         paths.insert(0, root.clone());
     }
-    let mut sources = HashMap::new();
-    for sp in &paths {
-        match source(storage, sp, trusted).await {
-            Ok(s) => {
-                if s.index.is_none() && *sp != root {
-                    warnings.push(format!("{sp}: no file index: its chunks are left out"));
-                }
-                sources.insert(sp.clone(), s);
-            }
-            Err(e) if *sp == root => return Err(e),
-            Err(e) => warnings.push(format!("{e}: its chunks are left out")),
-        }
-    }
-    // the chunks each index holds at the length recorded, each once
-    let mut wanted: HashMap<StorePath, Vec<ChunkAt>> = HashMap::new();
+    let indexed = indexed_paths(fetcher, &paths, &root, &mut warnings).await?;
+    // the chunks each index holds at the length recorded, each once, in record order
     let mut kept: Vec<PackChunk> = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for sp in &paths {
-        let Some(Source {
-            index: Some((_, blocks)),
-            ..
-        }) = sources.get(sp)
-        else {
-            continue;
-        };
-        let by_hash: HashMap<(Sha256, u64), ChunkAt> = blocks
-            .chunks()
-            .iter()
-            .map(|c| ((c.hash, c.len), *c))
-            .collect();
-        let mut missing = 0;
-        for r in record.iter().filter(|r| r.path == *sp) {
-            match by_hash.get(&(r.hash, r.len)) {
-                Some(c) if r.len <= MAX_FRAME => {
-                    if seen.insert(r.hash) {
-                        wanted.entry(sp.clone()).or_default().push(*c);
-                    }
-                }
-                _ => missing += 1,
-            }
-        }
-        if missing > 0 {
-            warnings.push(format!(
-                "{sp}: {missing} recorded chunks are not in its signed index (pushed anew since?): left out"
-            ));
-        }
-    }
     let mut bytes: HashMap<Sha256, Vec<u8>> = HashMap::new();
-    for (sp, chunks) in wanted {
-        let Some(Source {
-            index: Some((index, blocks)),
-            ..
-        }) = sources.get(&sp)
-        else {
-            continue;
-        };
-        chunk_bytes(storage, &sp, index, blocks, chunks, &mut bytes).await?;
-    }
-    let mut packed = std::collections::HashSet::new();
+    let mut missing: HashMap<&StorePath, usize> = HashMap::new();
+    let by_hash: HashMap<(Sha256, u64), (&StorePath, ChunkAt)> = indexed
+        .iter()
+        .flat_map(|(sp, b)| b.chunks().iter().map(move |c| ((c.hash, c.len), (sp, *c))))
+        .collect();
     for r in record {
-        if bytes.contains_key(&r.hash) && packed.insert(r.hash) {
-            kept.push(PackChunk {
-                path: r.path.clone(),
-                hash: r.hash,
-                len: r.len,
-            });
+        if !indexed.contains_key(&r.path) || bytes.contains_key(&r.hash) {
+            continue;
         }
+        match by_hash.get(&(r.hash, r.len)) {
+            Some((sp, c)) if r.len <= MAX_FRAME => {
+                bytes.insert(r.hash, chunk_bytes(fetcher, &indexed[*sp], *c).await?);
+                kept.push(PackChunk {
+                    path: r.path.clone(),
+                    hash: r.hash,
+                    len: r.len,
+                });
+            }
+            _ => *missing.entry(&r.path).or_default() += 1,
+        }
+    }
+    for (sp, n) in missing {
+        warnings.push(format!(
+            "{sp}: {n} recorded chunks are not in its signed index (pushed anew since?): left out"
+        ));
     }
     if kept.is_empty() {
         return Err(format!(
@@ -286,9 +200,10 @@ pub async fn push(
             .map_err(|e| e.to_string())?;
     }
     // the narinfo names the manifest: every other line as it was
-    let text = &sources[&root].text;
+    let (text, _) =
+        crate::publish::index::verified_narinfo(storage, root.hash_part(), trusted).await?;
     let rewritten =
-        crate::publish::index::rewrite_unsigned(text, &[("NarfsProfile", manifest_key.clone())]);
+        crate::publish::index::rewrite_unsigned(&text, &[("NarfsProfile", manifest_key.clone())]);
     let check = NarInfo::parse(&rewritten).map_err(|e| format!("{root}: {e}"))?;
     check
         .verify(root.hash_part(), trusted)

@@ -24,6 +24,33 @@ fn out(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Under umask 000 too: the scratch cache a command uses is its own, never one
+/// others may write to (which narfs would refuse).
+#[test]
+fn cat_works_under_umask_000() {
+    let f = fixture();
+    let (_s3, url) = env();
+    let file = format!("/nix/store/{}/bin/app", f.path("narfs-test-app"));
+    let mut cmd = narfs();
+    // umask(2) is async-signal-safe: sound between fork and exec
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    let o = cmd
+        .env_remove("RUST_LOG")
+        .args(["cat", "--trusted-public-key", &f.public_key, &url, &file])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        o.stdout,
+        std::fs::read(f.real("narfs-test-app").join("bin/app")).unwrap()
+    );
+}
+
 #[test]
 fn ls_and_cat_without_mounting() {
     let f = fixture();

@@ -154,8 +154,8 @@ pub async fn session(url: &str, keys: &Keys) -> Result<Session, String> {
     if trusted.is_empty() {
         return Err("no trusted public key given: pass --trusted-public-key NAME:BASE64 (or set NARFS_TRUSTED_PUBLIC_KEYS)".into());
     }
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let disk = Arc::new(DiskCache::open(dir.path()).map_err(|e| e.to_string())?);
+    let (dir, disk) = DiskCache::scratch()?;
+    let disk = Arc::new(disk);
     let netrc =
         crate::storage::load_netrc(keys.netrc_file.as_deref()).map_err(|e| e.to_string())?;
     let storage =

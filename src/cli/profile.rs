@@ -211,10 +211,8 @@ fn push(a: &PushArgs) -> Result<(), String> {
         None => None,
     };
     // the chunks are fetched and verified as a mount does, into a scratch cache
-    let scratch = tempfile::tempdir().map_err(|e| format!("a scratch directory: {e}"))?;
-    let disk = std::sync::Arc::new(
-        crate::disk_cache::DiskCache::open(scratch.path()).map_err(|e| e.to_string())?,
-    );
+    let (_scratch, disk) = crate::disk_cache::DiskCache::scratch()?;
+    let disk = std::sync::Arc::new(disk);
     runtime().block_on(async {
         let storage = crate::storage::open(&url.url, None, a.keys.ssl_cert_file.as_deref()).await?;
         let fetcher = std::sync::Arc::new(crate::fetch::Fetcher::new(

@@ -84,6 +84,20 @@ const SUBDIRS: [&str; 7] = [
 const OLD_SUBDIRS: [&str; 2] = ["store", "verified"];
 
 impl DiskCache {
+    /// A disk cache for one command (`narfs cat`, `narfs profile push`), in a new
+    /// directory created 0700 whatever the umask (a cache directory others may write to
+    /// is refused), removed with the returned guard.
+    pub fn scratch() -> Result<(tempfile::TempDir, Self), String> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new()
+            .prefix("narfs-")
+            .permissions(fs::Permissions::from_mode(0o700))
+            .tempdir()
+            .map_err(|e| format!("a scratch directory: {e}"))?;
+        let disk = Self::open(dir.path()).map_err(|e| e.to_string())?;
+        Ok((dir, disk))
+    }
+
     pub fn open(root: &Path) -> Result<Self, DiskCacheError> {
         // Nothing narfs creates in here may be writable by group or others, whatever
         // the umask it was started with (the mount is the whole process).

@@ -115,6 +115,16 @@ fn ls_and_cat_without_mounting() {
     assert_eq!(code, 0, "{err}");
     assert!(text.starts_with("#!/bin/sh"), "{text}");
     assert!(err.contains("INFO") && err.contains(&app), "{err}");
+    // an empty RUST_LOG (as `RUST_LOG= cmd` leaves it) does not silence -v
+    let o = narfs()
+        .env("RUST_LOG", "")
+        .args(["cat", "-v", "--trusted-public-key", &f.public_key, &url])
+        .arg(format!("{app}/bin/app"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("INFO") && err.contains(&app), "{err}");
     let (code, _, err) = out(&[
         "ls",
         "-lR",

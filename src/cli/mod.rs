@@ -156,8 +156,17 @@ fn init_logging_at(level: u8, file: Option<&std::path::Path>) {
         2 => "narfs=debug",
         _ => "narfs=trace,fuser=debug",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // an empty RUST_LOG (`RUST_LOG= narfs …`) is as good as none: it must not
+    // silence `-v`
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => {
+            tracing_subscriber::EnvFilter::try_new(&v).unwrap_or_else(|e| {
+                eprintln!("narfs: RUST_LOG={v}: {e}; logging at {default}");
+                tracing_subscriber::EnvFilter::new(default)
+            })
+        }
+        _ => tracing_subscriber::EnvFilter::new(default),
+    };
     let b = tracing_subscriber::fmt().with_env_filter(filter);
     let opened = file.map(|f| {
         crate::disk_cache::open_private_file(f)

@@ -717,7 +717,8 @@ fn a_traversal_of_many_paths_fetches_what_it_listed_and_nothing_else() {
     // `find` looks into every path, from their listings: no NAR yet
     run(Command::new("find").arg(&m.mnt));
     assert_eq!(e.proxy.downloads("/nar/"), 0);
-    // one path read (it references nothing): its NAR alone
+    // one path read (it references nothing) well after the look around: its NAR alone
+    std::thread::sleep(Duration::from_millis(3500));
     let big = m.p(f.path("narfs-test-big"));
     assert_eq!(
         std::fs::read_to_string(big.join("data/small.txt")).unwrap(),
@@ -758,6 +759,45 @@ fn a_traversal_of_many_paths_fetches_what_it_listed_and_nothing_else() {
     while e.proxy.downloads(&lib_nar) == before {
         assert!(t.elapsed() < Duration::from_secs(20), "{}", m.log_text());
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_traversal_that_looked_into_a_whole_closure_fetches_all_of_it_at_its_first_read() {
+    let f = fixture();
+    let e = env();
+    let nar = |name: &str| f.narinfo_field(name, "URL");
+    // `find` looks into big and lib only, and big is read at once: no closure holding
+    // big was looked into whole but big's own, so nothing else comes
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &[]);
+    m.wait_root(f.paths.len());
+    for name in ["narfs-test-big", "narfs-test-lib"] {
+        run(Command::new("find").arg(m.p(f.path(name))));
+    }
+    let small = m.p(f.path("narfs-test-big")).join("data/small.txt");
+    assert_eq!(std::fs::read_to_string(&small).unwrap(), "small\n");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(e.proxy.downloads(&nar("narfs-test-big")), 1);
+    assert_eq!(e.proxy.downloads("/nar/"), 1, "{}", m.log_text());
+    drop(m);
+    // `find` of every path and a read at once (`find | xargs cat`): app's closure
+    // (app, lib, big, single) was looked into whole and holds big, so all of it is
+    // fetched before anyone asks, each NAR once
+    let m = Mounted::start(&e.url, &[&f.public_key], None, &[]);
+    m.wait_root(f.paths.len());
+    let before = e.proxy.downloads("/nar/");
+    run(Command::new("find").arg(&m.mnt));
+    let small = m.p(f.path("narfs-test-big")).join("data/small.txt");
+    assert_eq!(std::fs::read_to_string(&small).unwrap(), "small\n");
+    let t = Instant::now();
+    while e.proxy.downloads("/nar/") < before + f.paths.len() {
+        assert!(t.elapsed() < Duration::from_secs(20), "{}", m.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(e.proxy.downloads("/nar/"), before + f.paths.len());
+    for name in ["narfs-test-app", "narfs-test-lib", "narfs-test-single.txt"] {
+        assert_eq!(e.proxy.downloads(&nar(name)), 1, "{name}");
     }
 }
 

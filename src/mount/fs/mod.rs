@@ -159,6 +159,12 @@ struct Walk {
     listed: std::collections::VecDeque<PathId>,
     /// The last path whose contents a reader waited for, and when.
     last_demand: Option<(PathId, std::time::Instant)>,
+    /// Paths readers waited for while they walked, newest last.
+    demanded: std::collections::VecDeque<PathId>,
+    /// Paths sent ahead because a traversal looked into their whole closure.
+    sent: std::collections::HashSet<PathId>,
+    /// When the last path was looked into.
+    last_looked: Option<std::time::Instant>,
 }
 
 /// How `Fs` fetches beyond what is asked for.

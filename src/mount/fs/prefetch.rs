@@ -7,10 +7,17 @@ use crate::fetch::pace::Priority;
 use crate::formats::store_path::StorePath;
 use crate::mount::inodes::{PathId, TreeSource};
 use futures::StreamExt;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 /// Paths remembered as looked into by a traversal, at most.
 const WALK_LISTED: usize = 4096;
+/// Looked-into paths examined for a closure looked into whole, at most.
+const CERTAIN_PATHS: usize = 1024;
+/// A reader waiting this soon after a path was looked into is part of a traversal
+/// still looking (`find | xargs cat`), not someone reading one file after a look
+/// around.
+const CERTAIN_WINDOW: std::time::Duration = std::time::Duration::from_secs(3);
 /// Readers waiting for two paths' contents this close together are walking many.
 const WALK_WINDOW: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -72,24 +79,45 @@ impl Fs {
     /// a moment ago, this is a traversal of many paths: the paths it looked into (by
     /// their listings) and has not read yet are fetched in parallel, as `nix copy`
     /// fetches a closure, within the prefetch slots. Paths nobody looked into are not.
+    /// If a traversal still looking (a path looked into within `CERTAIN_WINDOW`) has
+    /// looked into every path of a closure that holds `id`, the rest of that closure
+    /// is certain to be read: it is fetched at once (`fetch_certain`).
     pub(super) fn walked(&self, id: PathId) {
         let now = std::time::Instant::now();
-        let ahead: Vec<PathId> = {
+        let (ahead, looked) = {
             let mut walk = self.walk.lock().unwrap();
             let before = walk.last_demand.replace((id, now));
             let walking = before.is_some_and(|(p, t)| p != id && now - t < WALK_WINDOW);
-            walk.listed.retain(|p| *p != id);
             if !walking {
-                return;
+                walk.demanded.clear();
+                walk.sent.clear();
             }
-            walk.listed.drain(..).collect()
+            if !walk.demanded.contains(&id) {
+                if walk.demanded.len() >= WALK_LISTED {
+                    walk.demanded.pop_front();
+                }
+                walk.demanded.push_back(id);
+            }
+            walk.listed.retain(|p| *p != id);
+            let looking = walk.last_looked.is_some_and(|t| now - t < CERTAIN_WINDOW);
+            let looked = looking.then(|| Looked::of(&walk));
+            let ahead = if walking {
+                walk.listed.drain(..).collect()
+            } else {
+                Vec::new()
+            };
+            (ahead, looked)
         };
         self.fetch_ahead(ahead);
+        if let Some(looked) = looked {
+            self.fetch_certain(looked);
+        }
     }
 
     /// Path `id` was looked into (its tree came from its listing). While another path
     /// is being read, that is a traversal moving on (`find | xargs cat` looks ahead
-    /// of its reader): it is fetched at once. Otherwise it is remembered for `walked`.
+    /// of its reader): it is fetched at once, with the rest of any closure the
+    /// traversal has now looked into whole. Otherwise it is remembered for `walked`.
     pub(super) fn looked_into(&self, id: PathId) {
         let now = std::time::Instant::now();
         let reading_another = {
@@ -97,19 +125,90 @@ impl Fs {
             let reading = walk
                 .last_demand
                 .is_some_and(|(p, t)| p != id && now - t < WALK_WINDOW);
+            walk.last_looked = Some(now);
             if !reading {
                 if walk.listed.len() >= WALK_LISTED {
                     walk.listed.pop_front();
                 }
                 walk.listed.push_back(id);
             }
-            reading
+            reading.then(|| {
+                let mut looked = Looked::of(&walk);
+                looked.all.insert(id);
+                looked
+            })
         };
-        if reading_another {
+        if let Some(looked) = reading_another {
             self.fetch_ahead(vec![id]);
+            self.fetch_certain(looked);
         }
     }
 
+    /// Fetches, in parallel, every path of each closure that the traversal looked
+    /// into whole (each member looked into, read, or on disk) and that holds a path a
+    /// reader waited for: `find | xargs cat` reads all of it, so waiting for the
+    /// reader to reach each path only leaves the link idle. A reader's own fetches
+    /// still come first (priority `Ahead`), and a closure with any member nobody
+    /// looked into is left alone (`ls` of one path says nothing about its references).
+    fn fetch_certain(&self, looked: Looked) {
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        if self.prefetch.is_none() || looked.demanded.is_empty() || looked.all.len() < 2 {
+            return;
+        }
+        tokio::spawn(async move {
+            let certain = me.certain_closures(&looked).await;
+            let fresh: Vec<PathId> = {
+                let mut walk = me.walk.lock().unwrap();
+                walk.listed.retain(|p| !certain.contains(p));
+                certain
+                    .into_iter()
+                    .filter(|p| walk.sent.insert(*p))
+                    .collect()
+            };
+            for p in fresh {
+                let me = me.clone();
+                tokio::spawn(async move { walk_fetch(&me, p).await });
+            }
+        });
+    }
+
+    /// The members of closures looked into whole that hold a path in
+    /// `looked.demanded`, less those read or on disk.
+    async fn certain_closures(&self, looked: &Looked) -> HashSet<PathId> {
+        // each looked-into path's references; None: one of them was not looked into
+        let mut refs: HashMap<PathId, Option<Vec<PathId>>> = HashMap::new();
+        for &p in looked.all.iter().take(CERTAIN_PATHS) {
+            let Ok(info) = self.info(p).await else {
+                refs.insert(p, None);
+                continue;
+            };
+            let mut rs = Vec::new();
+            let mut whole = true;
+            for r in info.references.iter().filter(|r| **r != info.store_path) {
+                match self.index.path_by_basename(r.basename()) {
+                    Some(id) if looked.all.contains(&id) => rs.push(id),
+                    Some(id) if self.index.is_unpacked(id) => {}
+                    _ => whole = false,
+                }
+            }
+            refs.insert(p, whole.then_some(rs));
+        }
+        let mut out = HashSet::new();
+        let mut whole_memo: HashMap<PathId, bool> = HashMap::new();
+        for &root in refs.keys() {
+            if !closure_whole(root, &refs, &mut whole_memo) {
+                continue;
+            }
+            let members = closure_of(root, &refs);
+            if members.iter().any(|m| looked.demanded.contains(m)) {
+                out.extend(members);
+            }
+        }
+        out.retain(|p| !looked.demanded.contains(p) && !self.index.is_unpacked(*p));
+        out
+    }
     /// Fetches `paths` (looked into by a traversal, not read yet) within the prefetch
     /// slots, as priority `Ahead`.
     fn fetch_ahead(&self, paths: Vec<PathId>) {
@@ -122,11 +221,7 @@ impl Fs {
                 let Ok(_permit) = sem.acquire().await else {
                     return;
                 };
-                if me.index.is_unpacked(p) || me.index.tree_source(p) != Some(TreeSource::Listing) {
-                    return;
-                }
-                tracing::debug!(path = %me.index.store_path(p), "prefetching a path the traversal listed");
-                let _ = me.fetch_content(p, Priority::Ahead).await;
+                walk_fetch(&me, p).await;
             });
         }
     }
@@ -211,5 +306,117 @@ impl Fs {
             .collect()
             .await;
         failed + results.iter().filter(|(_, r)| r.is_err()).count()
+    }
+}
+
+/// What a traversal has looked into: every path it listed or read, and those read.
+struct Looked {
+    all: HashSet<PathId>,
+    demanded: HashSet<PathId>,
+}
+
+impl Looked {
+    fn of(walk: &super::Walk) -> Looked {
+        let demanded: HashSet<PathId> = walk.demanded.iter().copied().collect();
+        let mut all = demanded.clone();
+        all.extend(walk.listed.iter().copied());
+        all.extend(walk.sent.iter().copied());
+        Looked { all, demanded }
+    }
+}
+
+/// Fetches path `p` for a traversal, unless it is on disk or has a verified tree.
+async fn walk_fetch(me: &Arc<Fs>, p: PathId) {
+    if me.index.is_unpacked(p) || me.index.tree_source(p) != Some(TreeSource::Listing) {
+        return;
+    }
+    tracing::debug!(path = %me.index.store_path(p), "prefetching a path the traversal listed");
+    let _ = me.fetch_content(p, Priority::Ahead).await;
+}
+
+/// Whether every path in the closure of `root` was looked into (`refs` has `None`
+/// for a path with a reference that was not, and no entry for one not examined).
+fn closure_whole(
+    root: PathId,
+    refs: &HashMap<PathId, Option<Vec<PathId>>>,
+    memo: &mut HashMap<PathId, bool>,
+) -> bool {
+    // iterative, children before parents: store paths reference no cycle but their own
+    let mut stack = vec![(root, false)];
+    while let Some((p, expanded)) = stack.pop() {
+        if memo.contains_key(&p) {
+            continue;
+        }
+        let Some(Some(rs)) = refs.get(&p) else {
+            memo.insert(p, false);
+            continue;
+        };
+        if expanded {
+            let whole = rs.iter().all(|r| memo.get(r).copied().unwrap_or(false));
+            memo.insert(p, whole);
+        } else {
+            stack.push((p, true));
+            stack.extend(
+                rs.iter()
+                    .filter(|r| !memo.contains_key(r))
+                    .map(|r| (*r, false)),
+            );
+        }
+    }
+    memo[&root]
+}
+
+/// The closure of `root` within `refs`.
+fn closure_of(root: PathId, refs: &HashMap<PathId, Option<Vec<PathId>>>) -> HashSet<PathId> {
+    let mut seen = HashSet::from([root]);
+    let mut todo = vec![root];
+    while let Some(p) = todo.pop() {
+        for r in refs.get(&p).and_then(Option::as_ref).into_iter().flatten() {
+            if seen.insert(*r) {
+                todo.push(*r);
+            }
+        }
+    }
+    seen
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refs(edges: &[(PathId, Option<&[PathId]>)]) -> HashMap<PathId, Option<Vec<PathId>>> {
+        edges
+            .iter()
+            .map(|(p, r)| (*p, r.map(<[PathId]>::to_vec)))
+            .collect()
+    }
+
+    #[test]
+    fn a_closure_is_whole_only_when_every_member_was_looked_into() {
+        // 0 -> {1, 2}, 2 -> {3}; 4 -> {5} where 5 has a reference nobody looked into
+        let r = refs(&[
+            (0, Some(&[1, 2])),
+            (1, Some(&[])),
+            (2, Some(&[3])),
+            (3, Some(&[])),
+            (4, Some(&[5])),
+            (5, None),
+        ]);
+        let mut memo = HashMap::new();
+        for (p, whole) in [
+            (0, true),
+            (2, true),
+            (3, true),
+            (4, false),
+            (5, false),
+            (9, false),
+        ] {
+            assert_eq!(closure_whole(p, &r, &mut memo), whole, "path {p}");
+        }
+        assert_eq!(closure_of(0, &r), HashSet::from([0, 1, 2, 3]));
+        assert_eq!(closure_of(2, &r), HashSet::from([2, 3]));
+        // a reference not examined (beyond CERTAIN_PATHS) leaves its closure not whole
+        let r = refs(&[(0, Some(&[1]))]);
+        assert!(!closure_whole(0, &r, &mut HashMap::new()));
     }
 }

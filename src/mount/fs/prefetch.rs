@@ -144,12 +144,13 @@ impl Fs {
         }
     }
 
-    /// Fetches, in parallel, every path of each closure that the traversal looked
-    /// into whole (each member looked into, read, or on disk) and that holds a path a
-    /// reader waited for: `find | xargs cat` reads all of it, so waiting for the
-    /// reader to reach each path only leaves the link idle. A reader's own fetches
-    /// still come first (priority `Ahead`), and a closure with any member nobody
-    /// looked into is left alone (`ls` of one path says nothing about its references).
+    /// Fetches every path of each closure that the traversal looked into whole (each
+    /// member looked into, read, or on disk) and that holds a path a reader waited
+    /// for: `find | xargs cat` reads all of it, so waiting for the reader to reach each
+    /// path only leaves the link idle. They go through the prefetch slots, largest
+    /// first (decoders beyond the CPUs only cost memory); a reader's own fetches still
+    /// come first (priority `Ahead`), and a closure with any member nobody looked into
+    /// is left alone (`ls` of one path says nothing about its references).
     fn fetch_certain(&self, looked: Looked) {
         let Some(me) = self.me.upgrade() else {
             return;
@@ -167,23 +168,23 @@ impl Fs {
                     .filter(|p| walk.sent.insert(*p))
                     .collect()
             };
-            for p in fresh {
-                let me = me.clone();
-                tokio::spawn(async move { walk_fetch(&me, p).await });
-            }
+            me.fetch_ahead(fresh);
         });
     }
 
     /// The members of closures looked into whole that hold a path in
-    /// `looked.demanded`, less those read or on disk.
-    async fn certain_closures(&self, looked: &Looked) -> HashSet<PathId> {
+    /// `looked.demanded`, less those read or on disk; the largest NAR first, as it
+    /// takes longest to decode.
+    async fn certain_closures(&self, looked: &Looked) -> Vec<PathId> {
         // each looked-into path's references; None: one of them was not looked into
         let mut refs: HashMap<PathId, Option<Vec<PathId>>> = HashMap::new();
+        let mut sizes: HashMap<PathId, u64> = HashMap::new();
         for &p in looked.all.iter().take(CERTAIN_PATHS) {
             let Ok(info) = self.info(p).await else {
                 refs.insert(p, None);
                 continue;
             };
+            sizes.insert(p, info.nar_size);
             let mut rs = Vec::new();
             let mut whole = true;
             for r in info.references.iter().filter(|r| **r != info.store_path) {
@@ -207,23 +208,31 @@ impl Fs {
             }
         }
         out.retain(|p| !looked.demanded.contains(p) && !self.index.is_unpacked(*p));
+        let mut out: Vec<PathId> = out.into_iter().collect();
+        out.sort_by_key(|p| std::cmp::Reverse(sizes.get(p).copied().unwrap_or(0)));
         out
     }
     /// Fetches `paths` (looked into by a traversal, not read yet) within the prefetch
-    /// slots, as priority `Ahead`.
+    /// slots, in their order, as priority `Ahead`.
     fn fetch_ahead(&self, paths: Vec<PathId>) {
         let (Some(sem), Some(me)) = (self.prefetch.clone(), self.me.upgrade()) else {
             return;
         };
-        for p in paths {
-            let (me, sem) = (me.clone(), sem.clone());
-            tokio::spawn(async move {
-                let Ok(_permit) = sem.acquire().await else {
+        if paths.is_empty() {
+            return;
+        }
+        tokio::spawn(async move {
+            for p in paths {
+                let Ok(permit) = sem.clone().acquire_owned().await else {
                     return;
                 };
-                walk_fetch(&me, p).await;
-            });
-        }
+                let me = me.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    walk_fetch(&me, p).await;
+                });
+            }
+        });
     }
 
     /// A closure member's verified narinfo, or the path and why it cannot be had.

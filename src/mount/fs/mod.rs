@@ -144,6 +144,8 @@ pub struct Fs {
     listed: tokio::sync::watch::Sender<bool>,
     /// What a traversal of many paths looks like so far (see `Fs::walked`).
     walk: std::sync::Mutex<Walk>,
+    /// NAR fetches under way, so that prefetches start no decoder beyond the CPUs.
+    decoders: prefetch::Decoders,
     /// Programs whose first reads are being recorded (`narfs profile record`).
     recorder: record::Recorder,
     /// Paths whose start-up profile was replayed (or tried): once per mount.
@@ -221,6 +223,7 @@ impl Fs {
             indexed: Default::default(),
             listed: tokio::sync::watch::Sender::new(true),
             walk: Default::default(),
+            decoders: Default::default(),
             recorder: Default::default(),
             replayed: Default::default(),
         })

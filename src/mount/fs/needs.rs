@@ -159,6 +159,17 @@ impl Fs {
             let _ = self.fetcher.narinfo_from_cache(sp.hash_part()).await;
         }
         let info = self.info(id).await?;
+        let _decoding = match priority {
+            Priority::Demand => self.decoders.reader(),
+            Priority::Ahead | Priority::Prefetch => {
+                let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+                let d = self.decoders.prefetch(cpus).await;
+                if self.index.is_unpacked(id) {
+                    return Ok(());
+                }
+                d
+            }
+        };
         match self.fetcher.content(info.clone(), priority).await {
             Ok(c) => {
                 self.index.set_failed(id, false);

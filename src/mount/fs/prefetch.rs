@@ -147,8 +147,8 @@ impl Fs {
     /// Fetches every path of each closure that the traversal looked into whole (each
     /// member looked into, read, or on disk) and that holds a path a reader waited
     /// for: `find | xargs cat` reads all of it, so waiting for the reader to reach each
-    /// path only leaves the link idle. They go through the prefetch slots, largest
-    /// first (decoders beyond the CPUs only cost memory); a reader's own fetches still
+    /// path only leaves the link idle. They go through the prefetch slots in the order
+    /// they were looked into (the reader's next path first); a reader's own fetches still
     /// come first (priority `Ahead`), and a closure with any member nobody looked into
     /// is left alone (`ls` of one path says nothing about its references).
     fn fetch_certain(&self, looked: Looked) {
@@ -173,18 +173,16 @@ impl Fs {
     }
 
     /// The members of closures looked into whole that hold a path in
-    /// `looked.demanded`, less those read or on disk; the largest NAR first, as it
-    /// takes longest to decode.
+    /// `looked.demanded`, less those read or on disk, in the order they were looked
+    /// into: the order the traversal will read them in.
     async fn certain_closures(&self, looked: &Looked) -> Vec<PathId> {
         // each looked-into path's references; None: one of them was not looked into
         let mut refs: HashMap<PathId, Option<Vec<PathId>>> = HashMap::new();
-        let mut sizes: HashMap<PathId, u64> = HashMap::new();
         for &p in looked.all.iter().take(CERTAIN_PATHS) {
             let Ok(info) = self.info(p).await else {
                 refs.insert(p, None);
                 continue;
             };
-            sizes.insert(p, info.nar_size);
             let mut rs = Vec::new();
             let mut whole = true;
             for r in info.references.iter().filter(|r| **r != info.store_path) {
@@ -209,7 +207,7 @@ impl Fs {
         }
         out.retain(|p| !looked.demanded.contains(p) && !self.index.is_unpacked(*p));
         let mut out: Vec<PathId> = out.into_iter().collect();
-        out.sort_by_key(|p| std::cmp::Reverse(sizes.get(p).copied().unwrap_or(0)));
+        out.sort_by_key(|p| looked.order.get(p).copied().unwrap_or(usize::MAX));
         out
     }
     /// Fetches `paths` (looked into by a traversal, not read yet) within the prefetch
@@ -318,10 +316,70 @@ impl Fs {
     }
 }
 
-/// What a traversal has looked into: every path it listed or read, and those read.
+/// NAR fetches under way, readers' and prefetches': a prefetch starts no decoder
+/// beyond the CPUs (each holds its dictionary, 8 MiB for nix's xz, and adds no speed
+/// while the others keep the CPUs busy). Readers are never held back.
+#[derive(Default)]
+pub(super) struct Decoders {
+    /// (readers', prefetches') fetches under way
+    running: std::sync::Mutex<(usize, usize)>,
+    ended: tokio::sync::Notify,
+}
+
+/// One fetch counted in [`Decoders`] while it lives.
+pub(super) struct Decoding<'a> {
+    of: &'a Decoders,
+    prefetch: bool,
+}
+
+impl Decoders {
+    pub(super) fn reader(&self) -> Decoding<'_> {
+        self.running.lock().unwrap().0 += 1;
+        Decoding {
+            of: self,
+            prefetch: false,
+        }
+    }
+
+    /// Waits until fewer than `cpus` fetches are under way, and counts this one.
+    pub(super) async fn prefetch(&self, cpus: usize) -> Decoding<'_> {
+        loop {
+            let ended = self.ended.notified();
+            {
+                let mut r = self.running.lock().unwrap();
+                if r.0 + r.1 < cpus {
+                    r.1 += 1;
+                    return Decoding {
+                        of: self,
+                        prefetch: true,
+                    };
+                }
+            }
+            ended.await;
+        }
+    }
+}
+
+impl Drop for Decoding<'_> {
+    fn drop(&mut self) {
+        {
+            let mut r = self.of.running.lock().unwrap();
+            if self.prefetch {
+                r.1 -= 1;
+            } else {
+                r.0 -= 1;
+            }
+        }
+        self.of.ended.notify_waiters();
+    }
+}
+
+/// What a traversal has looked into: every path it listed or read, those read, and
+/// the order it looked into those not read yet.
 struct Looked {
     all: HashSet<PathId>,
     demanded: HashSet<PathId>,
+    order: HashMap<PathId, usize>,
 }
 
 impl Looked {
@@ -330,7 +388,17 @@ impl Looked {
         let mut all = demanded.clone();
         all.extend(walk.listed.iter().copied());
         all.extend(walk.sent.iter().copied());
-        Looked { all, demanded }
+        let order = walk
+            .listed
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (*p, i))
+            .collect();
+        Looked {
+            all,
+            demanded,
+            order,
+        }
     }
 }
 

@@ -496,4 +496,34 @@ mod tests {
         let r = refs(&[(0, Some(&[1]))]);
         assert!(!closure_whole(0, &r, &mut HashMap::new()));
     }
+
+    #[tokio::test]
+    async fn prefetches_wait_for_a_decoder_below_the_cpus_and_readers_never_wait() {
+        let d = Arc::new(Decoders::default());
+        let reader = d.reader();
+        let first = d.prefetch(2).await;
+        // two under way on two CPUs: another prefetch waits, a reader does not
+        let d2 = d.clone();
+        let waiting = tokio::spawn(async move {
+            let _decoding = d2.prefetch(2).await;
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished(), "a third decoder started");
+        let another_reader = d.reader();
+        assert_eq!(*d.running.lock().unwrap(), (2, 1));
+        drop(another_reader);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(
+            !waiting.is_finished(),
+            "started with two readers' fetches under way"
+        );
+        // the reader's fetch ended: the waiting prefetch goes on
+        drop(reader);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("the waiting prefetch went on")
+            .unwrap();
+        drop(first);
+        assert_eq!(*d.running.lock().unwrap(), (0, 0));
+    }
 }

@@ -210,6 +210,7 @@ impl Fs {
         out.sort_by_key(|p| looked.order.get(p).copied().unwrap_or(usize::MAX));
         out
     }
+
     /// Fetches `paths` (looked into by a traversal, not read yet) within the prefetch
     /// slots, in their order, as priority `Ahead`.
     fn fetch_ahead(&self, paths: Vec<PathId>) {

@@ -178,7 +178,15 @@ impl Fs {
     async fn certain_closures(&self, looked: &Looked) -> Vec<PathId> {
         // each looked-into path's references; None: one of them was not looked into
         let mut refs: HashMap<PathId, Option<Vec<PathId>>> = HashMap::new();
-        for &p in looked.all.iter().take(CERTAIN_PATHS) {
+        // the paths read first, then the others in the order they were looked into
+        let mut examine: Vec<PathId> = looked.all.iter().copied().collect();
+        examine.sort_by_key(|p| {
+            (
+                !looked.demanded.contains(p),
+                looked.order.get(p).copied().unwrap_or(usize::MAX),
+            )
+        });
+        for &p in examine.iter().take(CERTAIN_PATHS) {
             let Ok(info) = self.info(p).await else {
                 refs.insert(p, None);
                 continue;

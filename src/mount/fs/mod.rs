@@ -167,6 +167,11 @@ struct Walk {
     sent: std::collections::HashSet<PathId>,
     /// When the last path was looked into.
     last_looked: Option<std::time::Instant>,
+    /// The references of paths a closure check examined, kept while the walk lasts.
+    references: HashMap<PathId, Arc<[StorePath]>>,
+    /// A closure check runs; one more is wanted after it.
+    checking: bool,
+    check_again: bool,
 }
 
 /// How `Fs` fetches beyond what is asked for.
@@ -223,7 +228,9 @@ impl Fs {
             indexed: Default::default(),
             listed: tokio::sync::watch::Sender::new(true),
             walk: Default::default(),
-            decoders: Default::default(),
+            decoders: prefetch::Decoders::new(
+                std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
+            ),
             recorder: Default::default(),
             replayed: Default::default(),
         })

@@ -162,8 +162,7 @@ impl Fs {
         let _decoding = match priority {
             Priority::Demand => self.decoders.reader(),
             Priority::Ahead | Priority::Prefetch => {
-                let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-                let d = self.decoders.prefetch(cpus).await;
+                let d = self.decoders.prefetch().await;
                 if self.index.is_unpacked(id) {
                     return Ok(());
                 }

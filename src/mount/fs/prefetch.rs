@@ -84,13 +84,14 @@ impl Fs {
     /// is certain to be read: it is fetched at once (`fetch_certain`).
     pub(super) fn walked(&self, id: PathId) {
         let now = std::time::Instant::now();
-        let (ahead, looked) = {
+        let (ahead, looking) = {
             let mut walk = self.walk.lock().unwrap();
             let before = walk.last_demand.replace((id, now));
             let walking = before.is_some_and(|(p, t)| p != id && now - t < WALK_WINDOW);
             if !walking {
                 walk.demanded.clear();
                 walk.sent.clear();
+                walk.references.clear();
             }
             if !walk.demanded.contains(&id) {
                 if walk.demanded.len() >= WALK_LISTED {
@@ -100,17 +101,16 @@ impl Fs {
             }
             walk.listed.retain(|p| *p != id);
             let looking = walk.last_looked.is_some_and(|t| now - t < CERTAIN_WINDOW);
-            let looked = looking.then(|| Looked::of(&walk));
             let ahead = if walking {
                 walk.listed.drain(..).collect()
             } else {
                 Vec::new()
             };
-            (ahead, looked)
+            (ahead, looking)
         };
         self.fetch_ahead(ahead);
-        if let Some(looked) = looked {
-            self.fetch_certain(looked);
+        if looking {
+            self.fetch_certain();
         }
     }
 
@@ -132,15 +132,14 @@ impl Fs {
                 }
                 walk.listed.push_back(id);
             }
-            reading.then(|| {
-                let mut looked = Looked::of(&walk);
-                looked.all.insert(id);
-                looked
-            })
+            if reading {
+                walk.sent.insert(id);
+            }
+            reading
         };
-        if let Some(looked) = reading_another {
+        if reading_another {
             self.fetch_ahead(vec![id]);
-            self.fetch_certain(looked);
+            self.fetch_certain();
         }
     }
 
@@ -151,24 +150,46 @@ impl Fs {
     /// they were looked into (the reader's next path first); a reader's own fetches still
     /// come first (priority `Ahead`), and a closure with any member nobody looked into
     /// is left alone (`ls` of one path says nothing about its references).
-    fn fetch_certain(&self, looked: Looked) {
+    /// One check runs at a time: a look-into during it asks for one more afterwards
+    /// (a `find` of many paths asks once per path).
+    fn fetch_certain(&self) {
         let Some(me) = self.me.upgrade() else {
             return;
         };
-        if self.prefetch.is_none() || looked.demanded.is_empty() || looked.all.len() < 2 {
+        if self.prefetch.is_none() {
             return;
         }
+        {
+            let mut walk = self.walk.lock().unwrap();
+            if walk.checking {
+                walk.check_again = true;
+                return;
+            }
+            walk.checking = true;
+        }
         tokio::spawn(async move {
-            let certain = me.certain_closures(&looked).await;
-            let fresh: Vec<PathId> = {
+            loop {
+                let looked = Looked::of(&me.walk.lock().unwrap());
+                let certain = if looked.demanded.is_empty() || looked.all.len() < 2 {
+                    Vec::new()
+                } else {
+                    me.certain_closures(&looked).await
+                };
+                let fresh: Vec<PathId> = {
+                    let mut walk = me.walk.lock().unwrap();
+                    walk.listed.retain(|p| !certain.contains(p));
+                    certain
+                        .into_iter()
+                        .filter(|p| walk.sent.insert(*p))
+                        .collect()
+                };
+                me.fetch_ahead(fresh);
                 let mut walk = me.walk.lock().unwrap();
-                walk.listed.retain(|p| !certain.contains(p));
-                certain
-                    .into_iter()
-                    .filter(|p| walk.sent.insert(*p))
-                    .collect()
-            };
-            me.fetch_ahead(fresh);
+                if !std::mem::take(&mut walk.check_again) {
+                    walk.checking = false;
+                    return;
+                }
+            }
         });
     }
 
@@ -187,13 +208,13 @@ impl Fs {
             )
         });
         for &p in examine.iter().take(CERTAIN_PATHS) {
-            let Ok(info) = self.info(p).await else {
+            let Some(references) = self.references_of(p).await else {
                 refs.insert(p, None);
                 continue;
             };
             let mut rs = Vec::new();
             let mut whole = true;
-            for r in info.references.iter().filter(|r| **r != info.store_path) {
+            for r in references.iter() {
                 match self.index.path_by_basename(r.basename()) {
                     Some(id) if looked.all.contains(&id) => rs.push(id),
                     Some(id) if self.index.is_unpacked(id) => {}
@@ -205,7 +226,8 @@ impl Fs {
         let mut out = HashSet::new();
         let mut whole_memo: HashMap<PathId, bool> = HashMap::new();
         for &root in refs.keys() {
-            if !closure_whole(root, &refs, &mut whole_memo) {
+            // a member's closure is within the closure that brought it in
+            if out.contains(&root) || !closure_whole(root, &refs, &mut whole_memo) {
                 continue;
             }
             let members = closure_of(root, &refs);
@@ -217,6 +239,27 @@ impl Fs {
         let mut out: Vec<PathId> = out.into_iter().collect();
         out.sort_by_key(|p| looked.order.get(p).copied().unwrap_or(usize::MAX));
         out
+    }
+
+    /// The references of `p` but itself, from its verified narinfo, kept for the
+    /// traversal: each check examines every path looked into.
+    async fn references_of(&self, p: PathId) -> Option<Arc<[StorePath]>> {
+        if let Some(r) = self.walk.lock().unwrap().references.get(&p) {
+            return Some(r.clone());
+        }
+        let info = self.info(p).await.ok()?;
+        let r: Arc<[StorePath]> = info
+            .references
+            .iter()
+            .filter(|r| **r != info.store_path)
+            .cloned()
+            .collect();
+        let mut walk = self.walk.lock().unwrap();
+        if walk.references.len() >= WALK_LISTED {
+            walk.references.clear();
+        }
+        walk.references.insert(p, r.clone());
+        Some(r)
     }
 
     /// Fetches `paths` (looked into by a traversal, not read yet) within the prefetch
@@ -328,8 +371,8 @@ impl Fs {
 /// NAR fetches under way, readers' and prefetches': a prefetch starts no decoder
 /// beyond the CPUs (each holds its dictionary, 8 MiB for nix's xz, and adds no speed
 /// while the others keep the CPUs busy). Readers are never held back.
-#[derive(Default)]
 pub(super) struct Decoders {
+    cpus: usize,
     /// (readers', prefetches') fetches under way
     running: std::sync::Mutex<(usize, usize)>,
     ended: tokio::sync::Notify,
@@ -342,6 +385,14 @@ pub(super) struct Decoding<'a> {
 }
 
 impl Decoders {
+    pub(super) fn new(cpus: usize) -> Self {
+        Decoders {
+            cpus: cpus.max(1),
+            running: Default::default(),
+            ended: Default::default(),
+        }
+    }
+
     pub(super) fn reader(&self) -> Decoding<'_> {
         self.running.lock().unwrap().0 += 1;
         Decoding {
@@ -350,13 +401,13 @@ impl Decoders {
         }
     }
 
-    /// Waits until fewer than `cpus` fetches are under way, and counts this one.
-    pub(super) async fn prefetch(&self, cpus: usize) -> Decoding<'_> {
+    /// Waits until fewer fetches than CPUs are under way, and counts this one.
+    pub(super) async fn prefetch(&self) -> Decoding<'_> {
         loop {
             let ended = self.ended.notified();
             {
                 let mut r = self.running.lock().unwrap();
-                if r.0 + r.1 < cpus {
+                if r.0 + r.1 < self.cpus {
                     r.1 += 1;
                     return Decoding {
                         of: self,
@@ -508,13 +559,13 @@ mod tests {
 
     #[tokio::test]
     async fn prefetches_wait_for_a_decoder_below_the_cpus_and_readers_never_wait() {
-        let d = Arc::new(Decoders::default());
+        let d = Arc::new(Decoders::new(2));
         let reader = d.reader();
-        let first = d.prefetch(2).await;
+        let first = d.prefetch().await;
         // two under way on two CPUs: another prefetch waits, a reader does not
         let d2 = d.clone();
         let waiting = tokio::spawn(async move {
-            let _decoding = d2.prefetch(2).await;
+            let _decoding = d2.prefetch().await;
         });
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         assert!(!waiting.is_finished(), "a third decoder started");
